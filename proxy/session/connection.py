@@ -1,0 +1,329 @@
+"""Per-connection protocol state of the proxy. Pure: bytes in, bytes and effects out.
+
+Theory of operation
+-------------------
+One `ProxySession` per client connection. The shell feeds it what the client
+sent (`client_data`) and what the upstream sent (`server_data`); after each
+call it drains `to_server`, `to_client` (lists of byte strings to write, in
+order) and `effects` (the few things only the shell can do: upgrade the
+client socket to TLS, connect the upstream, forward a cancel, close).
+
+Phases and what moves between them (the table `_TRANSITIONS` is the whole
+machine; handlers only ever move along an edge listed there):
+
+    STARTUP ──SSLRequest/GSSENCRequest──▶ STARTUP (answer 'S'+TLS or 'N')
+    STARTUP ──CancelRequest──▶ CLOSED (effect ForwardCancel)
+    STARTUP ──StartupMessage──▶ CONNECTING (effect ConnectUpstream)
+    CONNECTING ──upstream_connected()──▶ AUTHENTICATING (startup sent upstream)
+    AUTHENTICATING ──AuthenticationOk──▶ READY ; ──ErrorResponse──▶ CLOSED
+    READY ──client Terminate / either side EOF──▶ CLOSED
+
+In READY, messages nobody needs to change travel as received slices (see
+wire/framing.py). Sync/Query from the client (each owes a ReadyForQuery) and
+ReadyForQuery from the server are only counted as they pass ("watched");
+ParameterStatus, BackendKeyData and Terminate are held and decoded.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from proxy.wire import messages as m
+from proxy.wire.framing import (
+    FRONTEND_TYPES,
+    Frame,
+    FrameBuffer,
+    ProtocolViolation,
+    held_table,
+    next_startup_packet,
+)
+
+
+class Phase(enum.Enum):
+    STARTUP = "startup"
+    CONNECTING = "connecting"
+    AUTHENTICATING = "authenticating"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.STARTUP: frozenset({Phase.STARTUP, Phase.CONNECTING, Phase.CLOSED}),
+    Phase.CONNECTING: frozenset({Phase.AUTHENTICATING, Phase.CLOSED}),
+    Phase.AUTHENTICATING: frozenset({Phase.READY, Phase.CLOSED}),
+    Phase.READY: frozenset({Phase.CLOSED}),
+    Phase.CLOSED: frozenset(),
+}
+
+# Server messages looked at, per phase. Everything else passes through as slices.
+_SERVER_HELD_AUTH = held_table(b"RSKE")
+_SERVER_HELD_READY = held_table(b"SK")
+_SERVER_WATCHED = held_table(b"Z")
+_CLIENT_HELD_AUTH = held_table(b"p")
+_CLIENT_HELD_READY = held_table(b"X")
+_CLIENT_WATCHED = held_table(b"SQ")
+_SYNC, _QUERY, _READY = 0x53, 0x51, 0x5A
+
+SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+
+
+# --- effects: what only the I/O shell can do -----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartClientTls:
+    """Write b'S' (already queued in to_client), then upgrade the client socket to TLS."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectUpstream:
+    startup: m.StartupMessage
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardCancel:
+    request: m.CancelRequest
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Flush what is queued, then close both sides. `reason` is for the log only."""
+
+    reason: str
+
+
+Effect = StartClientTls | ConnectUpstream | ForwardCancel | CloseConnection
+
+
+def fatal(sqlstate: str, message: str) -> bytes:
+    return m.ErrorResponse.make(sqlstate, message, severity="FATAL").encode()
+
+
+class ProxySession:
+    """Protocol state of one client connection; see the module doc."""
+
+    def __init__(self, *, client_tls_available: bool) -> None:
+        self.phase = Phase.STARTUP
+        self.client_tls_available = client_tls_available
+        self.client_tls = False
+        self.upstream_tls = False
+        self.startup: m.StartupMessage | None = None
+        self.backend_key: m.BackendKeyData | None = None
+        self.parameters: dict[str, str] = {}
+        self.transaction_status = "I"
+        # Each Sync or Query the client sent owes one ReadyForQuery: > 0 means busy.
+        self.awaiting_ready = 0
+        self.to_server: list[bytes] = []
+        self.to_client: list[bytes] = []
+        self.effects: list[Effect] = []
+        self._startup_buf = bytearray()
+        self._client = FrameBuffer(
+            "client", held=_CLIENT_HELD_AUTH, watched=_CLIENT_WATCHED, valid_types=FRONTEND_TYPES
+        )
+        self._server = FrameBuffer("server", held=_SERVER_HELD_AUTH, watched=_SERVER_WATCHED)
+        self._last_auth_code: int | None = None
+
+    # -- phase bookkeeping ------------------------------------------------------------
+
+    def _move(self, phase: Phase) -> None:
+        if phase not in _TRANSITIONS[self.phase]:
+            raise AssertionError(f"illegal transition {self.phase} -> {phase}")
+        self.phase = phase
+
+    def close(self, reason: str, client_error: bytes | None = None) -> None:
+        if client_error is not None:
+            self.to_client.append(client_error)
+        if self.phase is not Phase.CLOSED:
+            self._move(Phase.CLOSED)
+            self.effects.append(CloseConnection(reason))
+
+    @property
+    def busy(self) -> bool:
+        """True while a query runs or a transaction is open upstream."""
+        return self.awaiting_ready > 0 or self.transaction_status != "I"
+
+    # -- client side --------------------------------------------------------------
+
+    def client_passes(self, data: bytes) -> bool:
+        """Hot path: True when `data` goes to the server unchanged (the caller writes it).
+        Otherwise nothing happened and the caller uses `client_data`."""
+        if self.phase is not Phase.READY or not self._client.passes_whole(data):
+            return False
+        buf = self._client
+        if buf.seen[_SYNC] or buf.seen[_QUERY]:
+            self.awaiting_ready += buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
+        return True
+
+    def server_passes(self, data: bytes) -> bool:
+        """Hot path, server to client; see client_passes."""
+        if self.phase is not Phase.READY or not self._server.passes_whole(data):
+            return False
+        buf = self._server
+        if buf.seen[_READY]:
+            ready = buf.take_seen(_READY)
+            self.transaction_status = chr(buf.last_watched_byte)
+            self.awaiting_ready = max(0, self.awaiting_ready - ready)
+        return True
+
+    def client_data(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        try:
+            if self.phase is Phase.STARTUP:
+                self._startup_buf += data
+                self._startup_packets()
+                return
+            self._client.feed(data)
+            if self.phase is not Phase.CONNECTING:
+                self._client_messages()
+        except ProtocolViolation as exc:
+            self.close(f"client protocol violation: {exc.message}", fatal("08P01", f"pgseal: {exc.message}"))
+
+    def _startup_packets(self) -> None:
+        while self.phase is Phase.STARTUP:
+            packet = next_startup_packet(self._startup_buf)
+            if packet is None:
+                return
+            msg = m.decode_startup_packet(packet)
+            if isinstance(msg, m.SSLRequest):
+                if self.client_tls or self._startup_buf:
+                    # A second SSLRequest, or plaintext pipelined behind it (CVE-2021-23214).
+                    raise ProtocolViolation("client", "unexpected data after SSLRequest")
+                if self.client_tls_available:
+                    self.to_client.append(b"S")
+                    self.effects.append(StartClientTls())
+                    self.client_tls = True
+                else:
+                    self.to_client.append(b"N")
+            elif isinstance(msg, m.GSSENCRequest):
+                self.to_client.append(b"N")
+            elif isinstance(msg, m.CancelRequest):
+                self.effects.append(ForwardCancel(msg))
+                self.close("cancel request forwarded")
+            else:
+                self.startup = msg
+                self._move(Phase.CONNECTING)
+                self.effects.append(ConnectUpstream(msg))
+                if self._startup_buf:
+                    self._client.feed(bytes(self._startup_buf))
+                    self._startup_buf.clear()
+
+    def _client_messages(self) -> None:
+        buf = self._client
+        out = self.to_server
+        while self.phase is not Phase.CLOSED:
+            item = buf.next()
+            if item is None:
+                break
+            if type(item) is bytes:
+                out.append(item)
+                continue
+            assert isinstance(item, Frame)
+            t = item.type
+            if t == 0x58:  # Terminate
+                out.append(item.raw)
+                self.close("client sent Terminate")
+            elif t == 0x70:  # password / SASL response
+                out.append(self._auth_response(item))
+            else:  # pragma: no cover - held types are listed above
+                out.append(item.raw)
+        self.awaiting_ready += buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
+
+    def _auth_response(self, item: Frame) -> bytes:
+        if self._last_auth_code == m.AUTH_SASL:
+            initial = m.decode_sasl_initial_response(item.body)
+            # 'y' = "I support channel binding but you did not offer it". PostgreSQL on a
+            # TLS connection treats that as a downgrade attack and refuses; say why here.
+            if initial.data is not None and initial.data[:1] == b"y" and self.upstream_tls:
+                self.close(
+                    "client requested channel binding",
+                    fatal(
+                        "28000",
+                        "pgseal: SCRAM channel binding cannot cross the proxy; "
+                        "connect with channel_binding=disable (TLS still protects each hop)",
+                    ),
+                )
+                return b""
+        return item.raw
+
+    # -- upstream side ------------------------------------------------------------
+
+    def upstream_connected(self, *, tls: bool) -> None:
+        """The shell connected (and TLS-negotiated) the upstream: send the startup packet."""
+        assert self.startup is not None
+        self.upstream_tls = tls
+        self._move(Phase.AUTHENTICATING)
+        self.to_server.append(self.startup.encode())
+        if self._client.buffered:
+            self._client_messages()
+
+    def upstream_failed(self, reason: str) -> None:
+        self.close(f"upstream unavailable: {reason}", fatal("08006", f"pgseal: upstream unavailable: {reason}"))
+
+    def server_data(self, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        buf = self._server
+        buf.feed(data)
+        out = self.to_client
+        try:
+            while self.phase is not Phase.CLOSED:
+                item = buf.next()
+                if item is None:
+                    break
+                if type(item) is bytes:
+                    out.append(item)
+                    continue
+                assert isinstance(item, Frame)
+                t = item.type
+                if t == 0x53:  # ParameterStatus
+                    ps = m.decode_parameter_status(item.body)
+                    self.parameters[ps.name] = ps.value
+                    out.append(item.raw)
+                elif t == 0x4B:  # BackendKeyData
+                    self.backend_key = m.decode_backend_key_data(item.body)
+                    out.append(item.raw)
+                elif t == 0x52:  # Authentication*
+                    out.append(self._authentication(item))
+                elif t == 0x45:  # ErrorResponse during authentication: PostgreSQL closes next
+                    out.append(item.raw)
+                    self.close("authentication failed upstream")
+                else:  # pragma: no cover
+                    out.append(item.raw)
+        except ProtocolViolation as exc:
+            self.close(f"server protocol violation: {exc.message}", fatal("08P01", f"pgseal: {exc.message}"))
+            return
+        ready = buf.take_seen(_READY)
+        if ready:
+            self.transaction_status = chr(buf.last_watched_byte)
+            self.awaiting_ready = max(0, self.awaiting_ready - ready)
+
+    def _authentication(self, item: Frame) -> bytes:
+        auth = m.decode_authentication(item.body)
+        self._last_auth_code = auth.code
+        if auth.code == m.AUTH_OK:
+            self._move(Phase.READY)
+            self._server.held = _SERVER_HELD_READY
+            self._client.held = _CLIENT_HELD_READY
+            return item.raw
+        if auth.code == m.AUTH_SASL:
+            # Channel binding would bind to the proxy's TLS session, not PostgreSQL's.
+            mechanisms = [name for name in auth.sasl_mechanisms if name != SCRAM_PLUS]
+            if not mechanisms:
+                self.close("no SASL mechanism left", fatal("28000", "pgseal: upstream offers only SCRAM-SHA-256-PLUS"))
+                return b""
+            return m.Authentication.sasl(mechanisms).encode()
+        return item.raw
+
+    # -- shutdown -------------------------------------------------------------------
+
+    def shutdown_message(self) -> bytes:
+        """What a client gets when the proxy ends its session (SIGTERM after the grace period)."""
+        return fatal("57P01", "terminating connection due to administrator command")
+
+    def drain(self) -> tuple[list[bytes], list[bytes], list[Effect]]:
+        """Take everything queued: (to_server, to_client, effects)."""
+        out = (self.to_server, self.to_client, self.effects)
+        self.to_server, self.to_client, self.effects = [], [], []
+        return out

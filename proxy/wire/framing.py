@@ -1,0 +1,267 @@
+"""Framing of the PostgreSQL v3 byte streams. Pure: bytes in, frames out.
+
+Theory of operation
+-------------------
+After startup every message is `type:u8 | length:u32 (includes itself) | body`.
+A `FrameBuffer` holds the bytes received on one direction and hands them back
+in the largest pieces the caller allows:
+
+* `bytes`: one or more whole messages nobody needs to look at, as ONE slice,
+  to be forwarded as received (a DataRow on this path is never decoded; when a
+  received chunk is all pass-through it comes back as the very same object);
+* `Frame(type, body)`: a whole message of a type the caller asked to see
+  (`held_types`, a 256-entry bytearray used as a lookup table);
+* a message longer than `stream_threshold` whose type is not held is streamed:
+  its bytes go out as they arrive, so a 64 MB value never sits whole in the
+  proxy's memory.
+
+Types in the `watched` table are not held but counted as they pass (`seen`),
+with the first body byte of the last one kept (`last_watched_byte`): that is
+all the session needs of Sync/Query (each owes a ReadyForQuery) and of
+ReadyForQuery itself (the transaction status), without a per-message object.
+
+Lengths outside [4, max_message] are a protocol violation blamed on the peer
+(`ProtocolViolation.who`); nothing else raises. The startup phase (no type
+byte: length + code) is read with `next_startup_packet`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# PostgreSQL's own limit for a frontend message is 1 GiB - 1 (PQ_LARGE_MESSAGE_LIMIT).
+MAX_MESSAGE = (1 << 30) - 1
+# Startup packets are small; PostgreSQL refuses ones over 10000 bytes (MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_PACKET = 10000
+STREAM_THRESHOLD = 64 * 1024
+
+_read_u32 = struct.Struct("!I").unpack_from
+
+# Every frontend message type PostgreSQL knows after startup.
+FRONTEND_TYPES = frozenset(b"BCdcfDEHFPpQSX")
+
+
+class ProtocolViolation(Exception):
+    """Malformed bytes on the wire. `who` is "client" or "server": whose fault it is."""
+
+    def __init__(self, who: str, message: str) -> None:
+        super().__init__(message)
+        self.who = who
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A whole message the caller asked to see. `body` excludes type and length."""
+
+    type: int
+    body: bytes
+
+    @property
+    def raw(self) -> bytes:
+        return bytes((self.type,)) + (len(self.body) + 4).to_bytes(4, "big") + self.body
+
+
+def held_table(types: bytes | str = b"") -> bytearray:
+    """A 256-entry lookup table: table[t] is 1 when messages of type t are held."""
+    table = bytearray(256)
+    for t in types.encode() if isinstance(types, str) else types:
+        table[t] = 1
+    return table
+
+
+class FrameBuffer:
+    """Receive buffer for one direction of one connection (see module doc)."""
+
+    __slots__ = (
+        "_buf", "_pos", "_stream_left", "held", "last_watched_byte", "max_message", "seen",
+        "stream_threshold", "valid_types", "watched", "who",
+    )
+
+    def __init__(
+        self,
+        who: str,
+        *,
+        held: bytearray | None = None,
+        watched: bytearray | None = None,
+        valid_types: frozenset[int] | None = None,
+        max_message: int = MAX_MESSAGE,
+        stream_threshold: int = STREAM_THRESHOLD,
+    ) -> None:
+        self.who = who
+        self.held = held if held is not None else held_table()
+        self.watched = watched if watched is not None else held_table()
+        self.seen = [0] * 256
+        self.last_watched_byte = 0
+        self.valid_types = valid_types
+        self.max_message = max_message
+        self.stream_threshold = stream_threshold
+        # `bytes` while it holds exactly one received chunk (the common case: no copy
+        # when that chunk is forwarded whole), a bytearray once chunks are joined.
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._stream_left = 0  # bytes of a streamed message still to pass through
+
+    def feed(self, data: bytes) -> None:
+        if self._pos == len(self._buf):
+            self._buf = bytes(data)
+            self._pos = 0
+        elif isinstance(self._buf, bytearray):
+            self._buf += data
+        else:
+            self._buf = bytearray(memoryview(self._buf)[self._pos :]) + data
+            self._pos = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _compact(self) -> None:
+        # Drop consumed bytes once they dominate, so the buffer does not grow without bound.
+        if self._pos == len(self._buf):
+            self._buf = b""
+            self._pos = 0
+        elif self._pos > 65536 and self._pos * 2 > len(self._buf):
+            if isinstance(self._buf, bytearray):
+                del self._buf[: self._pos]
+            else:
+                self._buf = self._buf[self._pos :]
+            self._pos = 0
+
+    def _slice(self, start: int, stop: int) -> bytes:
+        buf = self._buf
+        if isinstance(buf, bytes):
+            return buf[start:stop]  # the whole chunk comes back as the same object
+        with memoryview(buf) as view:
+            return bytes(view[start:stop])
+
+    def passes_whole(self, data: bytes) -> bool:
+        """Fast path: True when `data` (nothing buffered before it) is only whole,
+        valid, non-held messages. Then it is counted as seen and the caller forwards
+        it as is; otherwise nothing changed and the caller must `feed` it."""
+        if self._pos != len(self._buf) or self._stream_left:
+            return False
+        held = self.held
+        watched = self.watched
+        valid = self.valid_types
+        max_message = self.max_message
+        end = len(data)
+        pos = 0
+        hits: list[int] | None = None
+        last = -1
+        while end - pos >= 5:
+            mtype = data[pos]
+            (length,) = _read_u32(data, pos + 1)
+            if (
+                held[mtype] or length < 4 or length > max_message
+                or (valid is not None and mtype not in valid)
+            ):
+                break
+            if watched[mtype]:
+                if hits is None:
+                    hits = [mtype]
+                else:
+                    hits.append(mtype)
+                last = pos
+            pos += length + 1
+        if pos != end:
+            return False
+        if hits is not None:
+            seen = self.seen
+            for mtype in hits:
+                seen[mtype] += 1
+            if last + 5 < end:
+                self.last_watched_byte = data[last + 5]
+        return True
+
+    def next(self) -> Frame | bytes | None:
+        """The next piece to act on, or None when more bytes are needed."""
+        buf = self._buf
+        end = len(buf)
+        pos = self._pos
+        if self._stream_left:
+            take = min(self._stream_left, end - pos)
+            if take == 0:
+                return None
+            self._stream_left -= take
+            self._pos = pos + take
+            piece = self._slice(pos, pos + take)
+            self._compact()
+            return piece
+        held = self.held
+        watched = self.watched
+        start = pos
+        while end - pos >= 5:
+            mtype = buf[pos]
+            (length,) = _read_u32(buf, pos + 1)
+            if length < 4 or length > self.max_message:
+                raise ProtocolViolation(self.who, f"invalid message length {length}")
+            if self.valid_types is not None and mtype not in self.valid_types:
+                raise ProtocolViolation(self.who, f"invalid message type {mtype!r}")
+            total = length + 1
+            if held[mtype]:
+                if pos > start:
+                    break  # hand out the pass-through run before this message
+                if end - pos < total:
+                    return None
+                self._pos = pos + total
+                frame = Frame(mtype, self._slice(pos + 5, pos + total))
+                self._compact()
+                return frame
+            if end - pos < total:
+                if pos == start and total > self.stream_threshold:
+                    # Too large to hold: start streaming it through as it arrives.
+                    self._stream_left = total - (end - pos)
+                    if watched[mtype]:
+                        self._watch(mtype, pos)
+                    pos = end
+                break
+            if watched[mtype]:
+                self._watch(mtype, pos)
+            pos += total
+        if pos == start:
+            return None
+        self._pos = pos
+        span = self._slice(start, pos)
+        self._compact()
+        return span
+
+    def _watch(self, mtype: int, pos: int) -> None:
+        self.seen[mtype] += 1
+        if pos + 5 < len(self._buf):
+            self.last_watched_byte = self._buf[pos + 5]
+
+    def take_seen(self, mtype: int) -> int:
+        n = self.seen[mtype]
+        self.seen[mtype] = 0
+        return n
+
+    def take_rest(self) -> bytes:
+        """Everything buffered and not yet handed out (used when a phase ends, e.g. TLS)."""
+        rest = self._slice(self._pos, len(self._buf))
+        self._buf = b""
+        self._pos = 0
+        return rest
+
+
+# --- startup phase -------------------------------------------------------------
+
+PROTOCOL_3_0 = 196608
+SSL_REQUEST_CODE = 80877103
+GSSENC_REQUEST_CODE = 80877104
+CANCEL_REQUEST_CODE = 80877102
+
+
+def next_startup_packet(buf: bytearray) -> bytes | None:
+    """Pop one whole startup-phase packet (length-prefixed, no type byte) off `buf`."""
+    if len(buf) < 4:
+        return None
+    length = int.from_bytes(buf[:4], "big")
+    if length < 8 or length > MAX_STARTUP_PACKET:
+        raise ProtocolViolation("client", f"invalid startup packet length {length}")
+    if len(buf) < length:
+        return None
+    packet = bytes(buf[:length])
+    del buf[:length]
+    return packet
