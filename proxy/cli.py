@@ -30,8 +30,8 @@ HANDLERS: dict[str, str] = {
     "keys destroy": "proxy.keys.commands:cmd_keys_destroy",
     "keys rotate-master": "proxy.keys.commands:cmd_keys_rotate_master",
     "audit verify": "proxy.audit.commands:cmd_audit_verify",
-    "policy check": "proxy.policy.commands:cmd_policy_check",
-    "explain": "proxy.rewrite.commands:cmd_explain",
+    "policy check": "proxy.schema_check:cmd_policy_check",
+    "explain": "proxy.explain:cmd_explain",
 }
 
 
@@ -90,10 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     policy = sub.add_parser("policy", help="column policies").add_subparsers(
         dest="action", metavar="ACTION", parser_class=_Parser
     )
-    with_config(policy.add_parser("check", help="policy vs the live schema"))
+    check = with_config(policy.add_parser("check", help="policy vs the live schema"))
+    check.add_argument("--policies", metavar="PATH", action="append")
+    check.add_argument("--dsn", help="database to check (default: the keystore DSN)")
 
     explain = with_config(sub.add_parser("explain", help="what the proxy would do with a statement"))
     explain.add_argument("sql", metavar="SQL")
+    explain.add_argument("--policies", metavar="PATH", action="append")
     return parser
 
 
