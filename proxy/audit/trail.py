@@ -1,0 +1,182 @@
+"""The audit trail the key service and the data path write to (DESIGN.md 9).
+
+``await trail.record(rec, ...)`` returns once the records are durable in every sink.
+Records that arrive while a batch is being written wait and go together in the next
+batch: one write and one fsync (or one transaction) for all of them, so many concurrent
+statements share the cost of durability instead of each paying it (group commit).
+
+With ``on_failure: block`` a batch that some sink could not make durable fails every
+``record`` call waiting on it with KeyServiceUnavailable (SQLSTATE 58030): the key use it
+describes must fail too. With ``warn`` the failure is logged and the callers go on.
+A sink that failed is tried again with the next batch, so the trail recovers by itself
+once the disk or database is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+
+from proxy.audit.records import AuditRecord, ChainHead
+from proxy.audit.sinks import AuditSink, JsonlSink, PostgresSink, SinkError, StdoutSink
+from proxy.config import Config
+from proxy.errors import KeyServiceUnavailable
+
+log = logging.getLogger("pgseal.audit")
+
+Clock = Callable[[], dt.datetime]
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def format_ts(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def sinks_from_config(config: Config) -> list[AuditSink]:
+    sinks: list[AuditSink] = []
+    for sink in config.audit.sinks:
+        if sink.kind == "jsonl":
+            assert sink.path is not None
+            sinks.append(JsonlSink(config.path(sink.path)))
+        elif sink.kind == "postgres":
+            sinks.append(PostgresSink(config.keystore.dsn, sink.table or "pgseal.audit"))
+        else:
+            sinks.append(StdoutSink())
+    return sinks
+
+
+class AuditTrail:
+    """Batched, hash-chained audit records to every configured sink."""
+
+    def __init__(
+        self, sinks: Sequence[AuditSink], *, on_failure: str = "block", clock: Clock = _utc_now
+    ) -> None:
+        if on_failure not in ("block", "warn"):
+            raise ValueError("on_failure: block or warn")
+        self.sinks = list(sinks)
+        self.on_failure = on_failure
+        self._clock = clock
+        self._queue: list[tuple[Sequence[AuditRecord], str, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._started = False
+        self._start_owed = False
+        self._closed = False
+        # Names this writer in audit.start/audit.stop (several processes may share a sink).
+        self.writer_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.batches = 0  # for tests and benchmarks: how many group commits happened
+
+    @classmethod
+    def from_config(cls, config: Config, *, clock: Clock = _utc_now) -> AuditTrail:
+        return cls(sinks_from_config(config), on_failure=config.audit.on_failure, clock=clock)
+
+    async def start(self) -> None:
+        """Open every sink and write audit.start (noting an unclean previous stop)."""
+        if self._started:
+            return
+        heads: list[tuple[AuditSink, ChainHead]] = []
+        failures: list[str] = []
+        for sink in self.sinks:
+            try:
+                heads.append((sink, await sink.open()))
+            except SinkError as exc:
+                failures.append(str(exc))
+        if failures and self.on_failure == "block":
+            # A caller that carries on anyway (KeyService lazy start) gets audit.start
+            # written in front of its first record once the sinks are back.
+            self._start_owed = True
+            raise KeyServiceUnavailable(failures[0])
+        for text in failures:
+            log.warning("%s", text)
+        unclean = [
+            f"{sink.name} ended at seq {head.seq} with {head.event}"
+            for sink, head in heads
+            if head.seq and head.event != "audit.stop"
+        ]
+        self._started = True
+        await self.record(
+            AuditRecord(
+                "audit.start",
+                session=self.writer_id,
+                error=(
+                    "previous writer did not stop cleanly (crash, a writer still running, "
+                    f"or truncation): {'; '.join(unclean)}"
+                    if unclean else None
+                ),
+            )
+        )
+
+    async def record(self, *records: AuditRecord) -> None:
+        """Make `records` durable in every sink, in order; raises KeyServiceUnavailable (block)."""
+        if not records:
+            return
+        if self._closed:
+            raise KeyServiceUnavailable("audit trail is closed")
+        if self._start_owed:
+            self._start_owed, self._started = False, True
+            records = (AuditRecord("audit.start", session=self.writer_id,
+                                   error="audit sinks were unavailable at start"), *records)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        # Retrieve the outcome even when the waiter was cancelled, so an abandoned failure
+        # is not reported again as "exception never retrieved".
+        done.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+        self._queue.append((records, format_ts(self._clock()), done))
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._drain(), name="pgseal-audit-writer")
+        # shield: a caller that gives up still gets its record written (and the next
+        # batch is not held up by a cancelled waiter).
+        await asyncio.shield(done)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            taken, self._queue = self._queue, []
+            batch = [(rec, ts) for recs, ts, _ in taken for rec in recs]
+            results = await asyncio.gather(
+                *(sink.write(batch) for sink in self.sinks), return_exceptions=True
+            )
+            self.batches += 1
+            errors = [r for r in results if isinstance(r, BaseException)]
+            for err in errors:
+                if not isinstance(err, SinkError):  # a bug, not an outage: still fail closed
+                    log.error("audit sink failed unexpectedly", exc_info=err)
+            failure: BaseException | None = None
+            if errors:
+                first = errors[0]
+                message = str(first) if isinstance(first, SinkError) else (
+                    f"audit sink failed: {type(first).__name__}"
+                )
+                if self.on_failure == "block":
+                    failure = KeyServiceUnavailable(message)
+                else:
+                    log.warning("%s (audit.on_failure: warn, %d records lost there)",
+                                message, len(batch))
+            for _, _, fut in taken:
+                if fut.done():
+                    continue
+                if failure is not None:
+                    fut.set_exception(failure)
+                else:
+                    fut.set_result(None)
+
+    async def close(self) -> None:
+        """Write audit.stop (the clean-shutdown marker verify looks for), then close sinks."""
+        if self._closed:
+            return
+        try:
+            if self._started:
+                await self.record(AuditRecord("audit.stop", session=self.writer_id))
+        except KeyServiceUnavailable as exc:
+            log.warning("could not write audit.stop: %s", exc)
+        finally:
+            self._closed = True
+            if self._writer is not None:
+                await asyncio.gather(self._writer, return_exceptions=True)
+            for sink in self.sinks:
+                await sink.close()

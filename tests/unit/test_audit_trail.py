@@ -1,0 +1,220 @@
+"""AuditTrail with the jsonl sink: group commit, durability, restart, faults, recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from proxy.audit import AuditRecord, AuditTrail, verify_jsonl
+from proxy.audit.sinks import JsonlSink, StdoutSink, read_last_line
+from proxy.errors import KeyServiceUnavailable
+
+
+def lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def open_trail(path: Path, on_failure: str = "block") -> AuditTrail:
+    trail = AuditTrail([JsonlSink(path)], on_failure=on_failure)
+    await trail.start()
+    return trail
+
+
+@pytest.mark.asyncio
+async def test_concurrent_records_share_one_write(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    trail = await open_trail(path)
+    before = trail.batches
+    await asyncio.gather(*(
+        trail.record(AuditRecord("data.encrypt", tenant="t", key_id=i, count=1)) for i in range(200)
+    ))
+    # The first record starts a batch; the other 199 arrive meanwhile and share the next.
+    assert trail.batches - before <= 2
+    await trail.close()
+    report = verify_jsonl(path)
+    assert report.ok, report.problems
+    assert report.records == 202
+
+
+@pytest.mark.asyncio
+async def test_record_returns_after_the_line_is_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    trail = await open_trail(path)
+    await trail.record(AuditRecord("key.create", tenant="acme", key_id=7, key_version=1, kek="k1"))
+    last = lines(path)[-1]
+    assert (last["event"], last["tenant"], last["key_id"]) == ("key.create", "acme", 7)
+    await trail.close()
+
+
+@pytest.mark.asyncio
+async def test_chain_continues_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    for run in range(3):
+        trail = await open_trail(path)
+        await trail.record(AuditRecord("key.unwrap", tenant="acme", key_id=run))
+        await trail.close()
+    seqs = [r["seq"] for r in lines(path)]
+    assert seqs == list(range(1, 10))
+    report = verify_jsonl(path)
+    assert report.ok, report.problems
+    assert not report.warnings
+
+
+@pytest.mark.asyncio
+async def test_restart_after_a_crash_is_noted(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    trail = await open_trail(path)
+    await trail.record(AuditRecord("key.unwrap", tenant="acme"))
+    # crash: no audit.stop
+    trail2 = await open_trail(path)
+    await trail2.close()
+    start = lines(path)[2]
+    assert start["event"] == "audit.start"
+    assert "did not stop cleanly" in str(start["error"])
+    report = verify_jsonl(path)
+    assert report.ok and report.warnings
+
+
+@pytest.mark.asyncio
+async def test_two_writers_on_one_file_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    a, b = await open_trail(path), await open_trail(path)
+    await asyncio.gather(*(
+        (a if i % 2 else b).record(AuditRecord("data.decrypt", count=i)) for i in range(50)
+    ))
+    await a.close()
+    await b.close()
+    seqs = [r["seq"] for r in lines(path)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert verify_jsonl(path).ok
+
+
+@pytest.mark.asyncio
+async def test_half_written_line_is_not_chained_over(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    trail = await open_trail(path)
+    await trail.close()
+    with path.open("a") as f:
+        f.write('{"seq": 3, "cut off')
+    trail = await open_trail(path)
+    await trail.close()
+    records = path.read_text().splitlines()
+    assert json.loads(records[-2])["seq"] == 3  # continues after the last whole record
+    report = verify_jsonl(path)
+    assert any("not a JSON record" in p for p in report.problems)
+
+
+def test_read_last_line(tmp_path: Path) -> None:
+    path = tmp_path / "x"
+    path.write_bytes(b"one\ntwo\n" + b"x" * 70000 + b"\nthree\npartial")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_last_line(fd, os.fstat(fd).st_size) == "three"
+        assert read_last_line(fd, 4) == "one"
+        assert read_last_line(fd, 3) is None
+        assert read_last_line(fd, 0) is None
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.asyncio
+async def test_unwritable_sink_blocks_the_key_use_then_recovers(tmp_path: Path) -> None:
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    path = folder / "a.jsonl"
+    trail = await open_trail(path)
+    # The folder is replaced by a plain file: `path` cannot be reopened (works as root too).
+    folder.rename(tmp_path / "moved")
+    folder.write_text("not a folder")
+    with pytest.raises(KeyServiceUnavailable, match=r"audit sink jsonl .* unwritable"):
+        await trail.record(AuditRecord("key.unwrap", tenant="acme"))
+    folder.unlink()
+    folder.mkdir()
+    await trail.record(AuditRecord("key.unwrap", tenant="acme"))  # recovered, no restart
+    await trail.close()
+    assert [r["event"] for r in lines(path)] == ["key.unwrap", "audit.stop"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_full_disk_fails_closed() -> None:
+    trail = AuditTrail([JsonlSink(Path("/dev/full"))])
+    with pytest.raises(KeyServiceUnavailable, match="no space left on device"):
+        await trail.start()
+
+
+class FailingSink(StdoutSink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "failing"
+        self.fail = True
+        self.written: list[str] = []
+
+    async def write(self, batch):  # type: ignore[no-untyped-def]
+        from proxy.audit.sinks import SinkError
+
+        if self.fail:
+            raise SinkError("audit sink failing unwritable: disk on fire")
+        self.written += [rec.event for rec, _ in batch]
+
+
+@pytest.mark.asyncio
+async def test_block_fails_every_waiter_and_warn_does_not() -> None:
+    sink = FailingSink()
+    trail = AuditTrail([sink], on_failure="block")
+    results = await asyncio.gather(
+        *(trail.record(AuditRecord("data.encrypt")) for _ in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, KeyServiceUnavailable) for r in results)
+    assert "disk on fire" in str(results[0])
+    sink.fail = False
+    await trail.record(AuditRecord("data.encrypt"))
+    assert sink.written == ["data.encrypt"]
+
+    warn = AuditTrail([FailingSink()], on_failure="warn")
+    await warn.record(AuditRecord("data.encrypt"))  # logged, not raised
+
+
+@pytest.mark.asyncio
+async def test_start_fails_closed_when_the_sink_cannot_open(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    trail = AuditTrail([JsonlSink(blocker / "a.jsonl")])  # parent is a file
+    with pytest.raises(KeyServiceUnavailable, match="unwritable"):
+        await trail.start()
+
+
+@pytest.mark.asyncio
+async def test_stdout_sink(capsys: pytest.CaptureFixture[str]) -> None:
+    trail = AuditTrail([StdoutSink()])
+    await trail.start()
+    await trail.record(AuditRecord("data.deny", tenant="acme", outcome="denied"))
+    await trail.close()
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["event"] for r in out] == ["audit.start", "data.deny", "audit.stop"]
+    assert [r["seq"] for r in out] == [1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_failed_start_is_written_with_the_first_record_later() -> None:
+    sink = FailingSink()
+    trail = AuditTrail([sink])
+
+    async def fail_open():  # type: ignore[no-untyped-def]
+        from proxy.audit.sinks import SinkError
+
+        if sink.fail:
+            raise SinkError("audit sink failing unwritable: down")
+        return await StdoutSink.open(sink)
+
+    sink.open = fail_open  # type: ignore[method-assign]
+    with pytest.raises(KeyServiceUnavailable, match="down"):
+        await trail.start()
+    sink.fail = False
+    await trail.record(AuditRecord("key.unwrap"))
+    await trail.close()
+    assert sink.written == ["audit.start", "key.unwrap", "audit.stop"]
