@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tenant", required=True)
     p = with_config(keys.add_parser("destroy", help="crypto-shred a tenant's data keys"))
     p.add_argument("--tenant", required=True)
-    p.add_argument("--yes", action="store_true", help="confirm: the tenant's data becomes unreadable")
+    p.add_argument(
+        "--yes", action="store_true", help="confirm: the tenant's data becomes unreadable"
+    )
     with_config(keys.add_parser("rotate-master", help="new master key; re-wrap every data key"))
 
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(
@@ -94,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--policies", metavar="PATH", action="append")
     check.add_argument("--dsn", help="database to check (default: the keystore DSN)")
 
-    explain = with_config(sub.add_parser("explain", help="what the proxy would do with a statement"))
+    explain = with_config(
+        sub.add_parser("explain", help="what the proxy would do with a statement")
+    )
     explain.add_argument("sql", metavar="SQL")
     explain.add_argument("--policies", metavar="PATH", action="append")
     return parser

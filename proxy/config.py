@@ -75,7 +75,9 @@ class UpstreamTlsConfig:
 
     def __post_init__(self) -> None:
         if self.sslmode not in SSLMODES:
-            raise ConfigError(f"upstream_tls.sslmode: one of {', '.join(SSLMODES)}, got {self.sslmode!r}")
+            raise ConfigError(
+                f"upstream_tls.sslmode: one of {', '.join(SSLMODES)}, got {self.sslmode!r}"
+            )
         if self.sslmode == "verify-full" and not self.root_cert:
             raise ConfigError("upstream_tls.root_cert is required with sslmode verify-full")
 
@@ -144,7 +146,9 @@ class AuditSinkConfig:
     @classmethod
     def parse(cls, raw: Any, where: str) -> AuditSinkConfig:
         if not isinstance(raw, Mapping) or len(raw) != 1:
-            raise ConfigError(f"{where}: each sink is a mapping with one key: {', '.join(AUDIT_SINK_KINDS)}")
+            raise ConfigError(
+                f"{where}: each sink is a mapping with one key: {', '.join(AUDIT_SINK_KINDS)}"
+            )
         ((kind, value),) = raw.items()
         if kind == "jsonl":
             if not isinstance(value, str) or not value:
@@ -211,7 +215,9 @@ class Config:
 
 def check_secret_ref(ref: str, where: str) -> None:
     if not (ref.startswith("env:") or ref.startswith("file:")) or len(ref) < 5:
-        raise ConfigError(f"{where}: env:NAME or file:PATH (the secret itself never goes in the config)")
+        raise ConfigError(
+            f"{where}: env:NAME or file:PATH (the secret itself never goes in the config)"
+        )
 
 
 def resolve_secret(ref: str, where: str = "secret") -> str:
@@ -260,7 +266,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        ):
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if hint is int:

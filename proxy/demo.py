@@ -1,6 +1,10 @@
-"""`pgseal demo`: a throwaway PostgreSQL + the proxy in front of it, on embedded defaults.
+"""`pgseal demo`: the whole product on embedded defaults, in one command.
 
-Everything lives under `--dir` (default ./.pgseal/) and is removed on Ctrl-C.
+A throwaway PostgreSQL (local server binaries), a SoftHSM2 token with a master
+key, the keystore and audit trail, the example policy and schema, and the
+proxy in front. Everything lives under `--dir` (default ./.pgseal/) and is
+removed on Ctrl-C. The HSM PINs are random per run and stay in this process's
+environment only.
 """
 
 from __future__ import annotations
@@ -8,24 +12,61 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging.config
+import os
+import secrets
 import shutil
 import signal
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, HostPort, UpstreamTlsConfig
+from proxy.config import (
+    AuditConfig,
+    AuditSinkConfig,
+    Config,
+    HostPort,
+    KeystoreConfig,
+    UpstreamTlsConfig,
+)
+from proxy.errors import PgsealError
 from proxy.localpg import LocalPostgres, LocalPostgresError, free_port
 from proxy.server.app import LOGGING, ProxyServer, install_event_loop_policy
 
+ROOT = Path(__file__).resolve().parent.parent
+POLICY = ROOT / "policies" / "example.yaml"
+SCHEMA = ROOT / "examples" / "schema.sql"
+APP = ROOT / "examples" / "demo_app.py"
 
-def demo_config(config: Config, pg: LocalPostgres) -> Config:
+
+def demo_config(config: Config, pg: LocalPostgres, base: Path) -> Config:
+    os.environ.setdefault("PGSEAL_HSM_PIN", secrets.token_hex(8))
+    os.environ.setdefault("PGSEAL_HSM_SO_PIN", secrets.token_hex(8))
+    os.environ.pop("SOFTHSM2_CONF", None)  # the demo's own token, never the user's
     return replace(
         config,
         upstream=HostPort(pg.host, pg.port),
         upstream_tls=UpstreamTlsConfig(sslmode="disable"),
+        hsm=replace(
+            config.hsm,
+            softhsm_dir=str(base / "hsm"),
+            pin="env:PGSEAL_HSM_PIN",
+            so_pin="env:PGSEAL_HSM_SO_PIN",
+        ),
+        keystore=KeystoreConfig(dsn=pg.dsn(), schema="pgseal", auto_create=True),
+        audit=AuditConfig(sinks=(AuditSinkConfig("jsonl", path=str(base / "audit.jsonl")),)),
+        policies=(str(POLICY),) if POLICY.exists() else (),
+        base_dir=str(base),
     )
+
+
+def prepare_keys(config: Config) -> None:
+    """What `pgseal hsm init` does: the SoftHSM2 token and its master key."""
+    from proxy.keys.hsm import HsmClient, ensure_softhsm_token
+
+    ensure_softhsm_token(config)
+    HsmClient(config.hsm).ensure_master_sync()
 
 
 async def _serve(config: Config, pg: LocalPostgres) -> None:
@@ -36,11 +77,19 @@ async def _serve(config: Config, pg: LocalPostgres) -> None:
         # The default port is taken (another proxy?): the demo takes any free one.
         server = ProxyServer(replace(config, listen=HostPort(config.listen.host, free_port())))
         await server.start()
-    dsn = f"postgresql://postgres@{config.listen.host}:{server.port}/postgres"
+    dsn = f"postgresql://app@{config.listen.host}:{server.port}/postgres"
+    direct = pg.dsn()
+    if APP.exists():
+        print("\n--- examples/demo_app.py ---", flush=True)
+        await asyncio.to_thread(
+            subprocess.run, [sys.executable, str(APP), dsn, direct], check=False, timeout=60
+        )
     print()
-    print("pgseal demo is running. Connect through the proxy with:")
-    print(f'    psql "{dsn}"')
-    print(f"PostgreSQL itself (to see what is stored): psql \"{pg.dsn()}\"")
+    print("pgseal demo is running. Connect through the proxy (tenant acme) with:")
+    print(f'    psql "{dsn}?options=-c%20pgseal.tenant%3Dacme"')
+    print("    then e.g.: SELECT ssn, name, dob FROM patients;")
+    print(f'PostgreSQL itself (to see what is stored): psql "{direct}"')
+    print(f"Audit trail: {config.base_dir}/audit.jsonl  (pgseal audit verify FILE)")
     print("Ctrl-C stops everything and removes the demo's files.", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -63,9 +112,14 @@ def cmd_demo(args: Any, config: Config) -> int:
     try:
         print(f"pgseal demo: starting PostgreSQL under {base}/pg ...", flush=True)
         pg.start()
+        if SCHEMA.exists():
+            pg.psql(SCHEMA.read_text())
+        config = demo_config(config, pg, base)
+        print(f"pgseal demo: SoftHSM2 token and master key under {base}/hsm ...", flush=True)
+        prepare_keys(config)
         install_event_loop_policy()
-        asyncio.run(_serve(demo_config(config, pg), pg))
-    except LocalPostgresError as exc:
+        asyncio.run(_serve(config, pg))
+    except (LocalPostgresError, PgsealError) as exc:
         print(f"pgseal: {exc}", file=sys.stderr)
         return 1
     finally:

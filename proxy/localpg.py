@@ -30,7 +30,9 @@ def find_pg_bindir() -> Path:
         return Path(env)
     found = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/postgres"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
     )
     if found:
         return Path(found[-1]).parent
@@ -115,8 +117,17 @@ class LocalPostgres:
         if (self.data_dir / "PG_VERSION").exists():
             return
         self._run(
-            str(self.bindir / "initdb"), "-D", str(self.data_dir), "-A", "trust",
-            "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C",
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+            "--locale=C",
         )
         conf = {
             "listen_addresses": "'127.0.0.1'",
@@ -138,7 +149,9 @@ class LocalPostgres:
                 shutil.copyfile(src, dst)
                 os.chmod(dst, 0o600)
                 self._chown(dst)
-            conf.update({"ssl": "on", "ssl_cert_file": "'server.crt'", "ssl_key_file": "'server.key'"})
+            conf.update(
+                {"ssl": "on", "ssl_cert_file": "'server.crt'", "ssl_key_file": "'server.key'"}
+            )
         with open(self.data_dir / "postgresql.auto.conf", "a") as f:
             for key, value in conf.items():
                 f.write(f"{key} = {value}\n")
@@ -150,9 +163,16 @@ class LocalPostgres:
             self.log_path.touch()
         self._chown(self.log_path)
         self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_path),
-            "-w", "-t", "60",
-            "-o", f"-p {self.port} -k {self.socket_dir}",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-l",
+            str(self.log_path),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.socket_dir}",
             "start",
         )
         self._wait_ready()
@@ -171,8 +191,11 @@ class LocalPostgres:
     def stop(self, mode: str = "fast") -> None:
         if (self.data_dir / "postmaster.pid").exists():
             subprocess.run(
-                self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"),
-                capture_output=True, check=False,
+                self._cmd(
+                    str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"
+                ),
+                capture_output=True,
+                check=False,
             )
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
@@ -182,17 +205,37 @@ class LocalPostgres:
 
     # -- access ------------------------------------------------------------------
 
-    def dsn(self, user: str = "postgres", database: str = "postgres", password: str | None = None) -> str:
+    def dsn(
+        self, user: str = "postgres", database: str = "postgres", password: str | None = None
+    ) -> str:
         auth = f"{user}:{password}@" if password else f"{user}@"
         return f"postgresql://{auth}{self.host}:{self.port}/{database}"
 
     def psql(self, sql: str, *, database: str = "postgres") -> str:
         """Run SQL as the superuser over the unix socket; returns stdout (tuples only)."""
         result = subprocess.run(
-            [str(self.bindir / "psql") if (self.bindir / "psql").exists() else "psql",
-             "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-             "-h", str(self.socket_dir), "-p", str(self.port), "-U", "postgres", "-d", database, "-c", sql],
-            capture_output=True, text=True, check=False,
+            [
+                str(self.bindir / "psql") if (self.bindir / "psql").exists() else "psql",
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         if result.returncode != 0:
             raise LocalPostgresError(result.stderr.strip())

@@ -10,8 +10,8 @@ import asyncpg
 
 from proxy.config import Config
 from proxy.errors import PgsealError
-from proxy.policy.loader import load_policies
 from proxy.policy.check import check_policy
+from proxy.policy.loader import load_policies
 from proxy.policy.model import PolicySet
 
 _COLUMNS_SQL = """
@@ -59,7 +59,7 @@ def cmd_policy_check(args: argparse.Namespace, config: Config) -> int:
     dsn = args.dsn or config.keystore.dsn
     try:
         columns, indexed = asyncio.run(_live_schema(dsn, policies))
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
         raise PgsealError(f"cannot read the schema at {dsn.rpartition('@')[2]}: {exc}") from None
     problems = check_policy(policies, columns, indexed)
     for line in problems:

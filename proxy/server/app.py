@@ -28,12 +28,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy.config import Config, HostPort
+from proxy.errors import PgsealError
+from proxy.server.metrics import MetricsServer, Stats
 from proxy.session.connection import (
     CloseConnection,
     ConnectUpstream,
+    FetchKeys,
     ForwardCancel,
     ProxySession,
     StartClientTls,
+    WriteAudit,
 )
 from proxy.wire import messages as m
 
@@ -77,6 +81,9 @@ class _Side(asyncio.Protocol):
         self.is_client = is_client
         self.transport: asyncio.Transport | None = None
         self.first_byte: asyncio.Future[bytes] | None = None  # SSLRequest answer upstream
+        # Client bytes decrypted before start_tls() has returned the TLS transport (asyncio
+        # delivers data in the same callback that completes the handshake); see _start_client_tls.
+        self.held: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
@@ -87,6 +94,9 @@ class _Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.first_byte is not None and not self.first_byte.done():
             self.first_byte.set_result(data)
+            return
+        if self.held is not None:
+            self.held.append(data)
             return
         if self.is_client:
             self.pump.from_client(data)
@@ -121,7 +131,11 @@ class Pump:
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
-        self.session = ProxySession(client_tls_available=server.client_ssl is not None)
+        runtime = server.datapath
+        self.session = ProxySession(
+            client_tls_available=server.client_ssl is not None,
+            datapath_factory=runtime.new_datapath if runtime is not None else None,
+        )
         self.client: _Side | None = None
         self.upstream: _Side | None = None
         self.client_transport: asyncio.Transport | None = None
@@ -140,6 +154,7 @@ class Pump:
         self.client = side
         self.client_transport = side.transport
         self.server.pumps.add(self)
+        self.server.stats.connections_total += 1
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -156,10 +171,10 @@ class Pump:
     def from_server(self, data: bytes) -> None:
         session = self.session
         if session.server_passes(data) and self.client_transport is not None:
-            self.client_transport.write(data)
+            self.client_transport.write(data)  # nothing else queued: no _flush() needed
         else:
             session.server_data(data)
-        self._flush()
+            self._flush()
         if self.draining and not session.busy and not self.closed:
             self.end_with_shutdown_error()
 
@@ -191,25 +206,80 @@ class Pump:
         elif isinstance(effect, ConnectUpstream):
             self._spawn(self._connect_upstream())
         elif isinstance(effect, ForwardCancel):
-            self._spawn(self.server.forward_cancel(effect.request))
+            self.server.spawn_cancel(effect.request)
+        elif isinstance(effect, FetchKeys):
+            self._spawn(self._fetch_keys(effect))
+        elif isinstance(effect, WriteAudit):
+            self._spawn(self._write_audit(effect))
         elif isinstance(effect, CloseConnection):
-            log.debug("closing connection: %s", effect.reason)
+            if effect.reason.startswith("internal error"):
+                log.error("closing connection: %s", effect.reason)
+            else:
+                log.debug("closing connection: %s", effect.reason)
             self._close()
+
+    async def _fetch_keys(self, effect: FetchKeys) -> None:
+        runtime = self.server.datapath
+        assert runtime is not None
+        self.server.stats.key_fetches += 1
+        try:
+            await runtime.keyring.fetch(effect.tenants, effect.key_ids)
+        except PgsealError as exc:
+            log.warning("key fetch failed: %s", exc)
+            self.server.stats.key_fetch_failures += 1
+            self.session.keys_failed(effect.side, exc)
+        else:
+            self.session.keys_ready(effect.side)
+        if not self.closed:
+            self._flush()
+
+    async def _write_audit(self, effect: WriteAudit) -> None:
+        runtime = self.server.datapath
+        assert runtime is not None
+        await runtime.write_audit(effect.notes, self.connection_facts())
+
+    def connection_facts(self) -> Any:
+        from proxy.server.datapath_shell import ConnectionFacts
+
+        startup = self.session.startup
+        peer = self.client_transport.get_extra_info("peername") if self.client_transport else None
+        key = self.session.backend_key
+        return ConnectionFacts(
+            db_user=(startup.get("user") if startup else None) or "",
+            database=(startup.get("database") if startup else None) or "",
+            application_name=self.session.parameters.get("application_name"),
+            client_addr=f"{peer[0]}:{peer[1]}" if peer else None,
+            session=f"{key.pid}" if key else "",
+        )
 
     async def _start_client_tls(self) -> None:
         loop = asyncio.get_running_loop()
         assert self.client_transport is not None and self.client is not None
+        side = self.client
+        # Until we hold the TLS transport, whatever the client sends (a CancelRequest or
+        # StartupMessage right behind the handshake) must wait: answers written now would
+        # go to the raw socket, and a close would skip TLS close_notify.
+        side.held = []
         try:
             new = await loop.start_tls(
-                self.client_transport, self.client, self.server.client_ssl,  # type: ignore[arg-type]
-                server_side=True, ssl_handshake_timeout=30,
+                self.client_transport,
+                side,
+                self.server.client_ssl,  # type: ignore[arg-type]
+                server_side=True,
+                ssl_handshake_timeout=30,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             log.info("client TLS handshake failed: %s", exc)
+            side.held = None
             self._close()
             return
         self.client_transport = new
-        self.client.transport = new
+        side.transport = new
+        held, side.held = side.held, None
+        for data in held:
+            if self.closed:
+                break
+            self.from_client(data)
 
     async def _connect_upstream(self) -> None:
         loop = asyncio.get_running_loop()
@@ -240,7 +310,7 @@ class Pump:
                         raise ConnectionError("the upstream does not support TLS (sslmode require)")
                 else:
                     raise ConnectionError("unexpected answer to SSLRequest")
-        except (OSError, asyncio.TimeoutError, ssl.SSLError, ConnectionError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError, ConnectionError) as exc:
             reason = str(exc) or type(exc).__name__
             if self.upstream_transport is None and side.transport is not None:
                 side.transport.abort()
@@ -258,11 +328,9 @@ class Pump:
     # -- endings -----------------------------------------------------------------
 
     def lost(self, side: _Side, exc: Exception | None) -> None:
-        if side.is_client and not self.closed and self.session.busy and self.upstream_transport:
-            # PostgreSQL does not notice a vanished client while a query runs: cancel it.
-            key = self.session.backend_key
-            if key is not None:
-                self._spawn(self.server.forward_cancel(m.CancelRequest(key.pid, key.secret)))
+        if side.is_client and not self.closed:
+            self.session.client_gone()  # cancels a running query (an effect), then closes
+            self._flush()
         if side is self.upstream or side.is_client:
             self._close()
 
@@ -285,20 +353,26 @@ class Pump:
 
     def force_end(self) -> None:
         """Grace period over: cancel what runs upstream, tell the client, close."""
-        key = self.session.backend_key
-        if self.session.awaiting_ready and key is not None:
-            self._spawn(self.server.forward_cancel(m.CancelRequest(key.pid, key.secret)))
+        self.session.cancel_running()
+        self._flush()
         self.end_with_shutdown_error()
 
 
 class ProxyServer:
     """The listening proxy. `async with ProxyServer(config) as server:` in tests."""
 
-    def __init__(self, config: Config, *, reuse_port: bool = False, sock: socket.socket | None = None) -> None:
+    def __init__(
+        self, config: Config, *, reuse_port: bool = False, sock: socket.socket | None = None
+    ) -> None:
         self.config = config
         self.client_ssl = client_ssl_context(config)
         self.upstream_ssl = upstream_ssl_context(config)
         self.pumps: set[Pump] = set()
+        self.datapath: Any = None  # DataPathRuntime when policies are configured
+        self.stats = Stats()
+        self.accepting = False
+        self.metrics: MetricsServer | None = None
+        self._cancels: set[asyncio.Task[None]] = set()  # forwarded cancels in flight
         self._server: asyncio.base_events.Server | None = None
         self._reuse_port = reuse_port
         self._sock = sock
@@ -306,6 +380,8 @@ class ProxyServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if self.config.policies and self.datapath is None:
+            self.datapath = await open_datapath_runtime(self.config)
 
         def factory() -> _Side:
             return _Side(Pump(self), is_client=True)
@@ -314,14 +390,34 @@ class ProxyServer:
             self._server = await loop.create_server(factory, sock=self._sock, backlog=4096)
         else:
             self._server = await loop.create_server(
-                factory, self.config.listen.host, self.config.listen.port,
-                reuse_port=self._reuse_port or None, backlog=4096,
+                factory,
+                self.config.listen.host,
+                self.config.listen.port,
+                reuse_port=self._reuse_port or None,
+                backlog=4096,
             )
         for s in self._server.sockets:
             with contextlib.suppress(OSError):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("pgseal listening on %s:%s -> %s", self.config.listen.host, self.port, self.config.upstream)
+        self.accepting = True
+        if self.config.metrics.listen is not None and self.metrics is None:
+            self.metrics = MetricsServer(
+                self, self.config.metrics.listen.host, self.config.metrics.listen.port
+            )
+            await self.metrics.start()
+        log.info(
+            "pgseal listening on %s:%s -> %s",
+            self.config.listen.host,
+            self.port,
+            self.config.upstream,
+        )
+
+    def spawn_cancel(self, request: m.CancelRequest) -> None:
+        """Forward a cancel in the background; shutdown() waits for the ones in flight."""
+        task = asyncio.get_running_loop().create_task(self.forward_cancel(request))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
 
     async def forward_cancel(self, request: m.CancelRequest) -> None:
         """Send a CancelRequest to the upstream (which owns every backend we proxy)."""
@@ -333,10 +429,11 @@ class ProxyServer:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.warning("could not forward cancel request: %s", exc)
 
     async def shutdown(self, grace: float = 10.0) -> None:
+        self.accepting = False
         if self._server is not None:
             self._server.close()
         for pump in list(self.pumps):
@@ -349,10 +446,18 @@ class ProxyServer:
             await asyncio.sleep(0.05)
         for pump in list(self.pumps):
             pump.force_end()
-        await asyncio.sleep(0)  # let the cancel tasks start
+        if self._cancels:
+            # The cancels just sent must reach PostgreSQL before the caller stops the loop,
+            # or the queries of the sessions we ended run on upstream with no client.
+            # (forward_cancel gives up on its own after 5 s.)
+            await asyncio.wait(set(self._cancels), timeout=10)
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1)
+        if self.metrics is not None:
+            await self.metrics.close()
+        if self.datapath is not None:
+            await self.datapath.close()
 
     async def __aenter__(self) -> ProxyServer:
         await self.start()
@@ -360,6 +465,24 @@ class ProxyServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown(grace=1.0)
+
+
+async def open_datapath_runtime(config: Config) -> Any:
+    """Policies, key service and audit trail for a proxy that encrypts."""
+    from proxy.audit.trail import AuditTrail
+    from proxy.keys.service import KeyService
+    from proxy.policy.loader import load_policies
+    from proxy.server.datapath_shell import DataPathRuntime
+
+    policies = load_policies([config.path(p) for p in config.policies])
+    audit = AuditTrail.from_config(config)
+    await audit.start()
+    try:
+        service = await KeyService.open(config, audit=audit, lazy=True)
+    except BaseException:
+        await audit.close()
+        raise
+    return DataPathRuntime(policies, service, audit)
 
 
 @contextlib.asynccontextmanager
@@ -377,8 +500,16 @@ async def running_proxy(config: Config) -> AsyncIterator[ProxyServer]:
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}},
-    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain", "stream": "ext://sys.stderr"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"}
+    },
+    "handlers": {
+        "stderr": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "stream": "ext://sys.stderr",
+        }
+    },
     "root": {"level": os.environ.get("PGSEAL_LOG_LEVEL", "INFO"), "handlers": ["stderr"]},
 }
 
@@ -391,14 +522,19 @@ def install_event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve_until_signalled(config: Config, sock: socket.socket | None = None, grace: float = 10.0) -> None:
+async def serve_until_signalled(
+    config: Config, sock: socket.socket | None = None, grace: float = 10.0
+) -> None:
     server = ProxyServer(config, sock=sock, reuse_port=config.workers > 1)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"pgseal: listening on {config.listen.host}:{server.port}, upstream {config.upstream}", flush=True)
+    print(
+        f"pgseal: listening on {config.listen.host}:{server.port}, upstream {config.upstream}",
+        flush=True,
+    )
     await stop.wait()
     log.info("shutting down: %d sessions", len(server.pumps))
     await server.shutdown(grace)

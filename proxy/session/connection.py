@@ -27,8 +27,13 @@ ParameterStatus, BackendKeyData and Terminate are held and decoded.
 from __future__ import annotations
 
 import enum
+import shlex
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.errors import PgsealError
+from proxy.session.datapath import AuditNote, DataPath, NeedKeys, SessionInfo
 from proxy.wire import messages as m
 from proxy.wire.framing import (
     FRONTEND_TYPES,
@@ -63,7 +68,14 @@ _SERVER_WATCHED = held_table(b"Z")
 _CLIENT_HELD_AUTH = held_table(b"p")
 _CLIENT_HELD_READY = held_table(b"X")
 _CLIENT_WATCHED = held_table(b"SQ")
-_SYNC, _QUERY, _READY = 0x53, 0x51, 0x5A
+# With a policy loaded every statement, bind and result message is looked at;
+# CopyData, Flush, notices and notifications still pass as slices.
+_CLIENT_HELD_DATAPATH = held_table(b"PBDESQCFX")
+_SERVER_HELD_DATAPATH = held_table(b"123tTnCsIEZSK")  # + D while a result has cells
+_SYNC, _QUERY, _READY, _DATA_ROW = 0x53, 0x51, 0x5A, 0x44
+# The hot path compares against a plain global: `Phase.READY` is an attribute lookup
+# through EnumType.__getattr__ on every message.
+_PHASE_READY = Phase.READY
 
 SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 
@@ -87,13 +99,53 @@ class ForwardCancel:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchKeys:
+    """Fetch these keys into the key cache, then call keys_ready(side) (or keys_failed)."""
+
+    side: str  # "client" | "server": which direction is waiting
+    tenants: frozenset[str]
+    key_ids: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteAudit:
+    notes: tuple[AuditNote, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CloseConnection:
     """Flush what is queued, then close both sides. `reason` is for the log only."""
 
     reason: str
 
 
-Effect = StartClientTls | ConnectUpstream | ForwardCancel | CloseConnection
+Effect = StartClientTls | ConnectUpstream | ForwardCancel | FetchKeys | WriteAudit | CloseConnection
+
+DataPathFactory = Callable[[SessionInfo, dict[str, str]], DataPath]
+
+
+def startup_tenant(startup: m.StartupMessage) -> str | None:
+    """pgseal.tenant from the startup packet: a parameter of its own, or `-c` in options."""
+    direct = startup.get("pgseal.tenant")
+    options = startup.get("options") or ""
+    found = direct
+    try:
+        words = shlex.split(options.replace("\\ ", "\0"))
+    except ValueError:
+        words = options.split()
+    for i, word in enumerate(words):
+        setting = None
+        if word == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+        elif word.startswith("-c") and len(word) > 2:
+            setting = word[2:]
+        elif word.startswith("--"):
+            setting = word[2:]
+        if setting is not None:
+            name, sep, value = setting.partition("=")
+            if sep and name.strip().lower() == "pgseal.tenant":
+                found = value.replace("\0", " ")
+    return found
 
 
 def fatal(sqlstate: str, message: str) -> bytes:
@@ -103,8 +155,15 @@ def fatal(sqlstate: str, message: str) -> bytes:
 class ProxySession:
     """Protocol state of one client connection; see the module doc."""
 
-    def __init__(self, *, client_tls_available: bool) -> None:
+    def __init__(
+        self, *, client_tls_available: bool, datapath_factory: DataPathFactory | None = None
+    ) -> None:
         self.phase = Phase.STARTUP
+        self.datapath_factory = datapath_factory
+        self.datapath: DataPath | None = None
+        # A frame waiting for keys (FetchKeys), per direction; that direction stops until then.
+        self._stalled: dict[str, Frame] = {}
+        self._catalog_sent = False
         self.client_tls_available = client_tls_available
         self.client_tls = False
         self.upstream_tls = False
@@ -112,7 +171,8 @@ class ProxySession:
         self.backend_key: m.BackendKeyData | None = None
         self.parameters: dict[str, str] = {}
         self.transaction_status = "I"
-        # Each Sync or Query the client sent owes one ReadyForQuery: > 0 means busy.
+        # Each Sync or Query the client sent (and the startup) owes one ReadyForQuery:
+        # > 0 means busy.
         self.awaiting_ready = 0
         self.to_server: list[bytes] = []
         self.to_client: list[bytes] = []
@@ -148,22 +208,27 @@ class ProxySession:
     def client_passes(self, data: bytes) -> bool:
         """Hot path: True when `data` goes to the server unchanged (the caller writes it).
         Otherwise nothing happened and the caller uses `client_data`."""
-        if self.phase is not Phase.READY or not self._client.passes_whole(data):
+        if self.phase is not _PHASE_READY or not self._client.passes_whole(data):
             return False
-        buf = self._client
-        if buf.seen[_SYNC] or buf.seen[_QUERY]:
-            self.awaiting_ready += buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
+        seen = self._client.seen  # take_seen(), inlined: this runs once per received chunk
+        n = seen[_SYNC] + seen[_QUERY]
+        if n:
+            seen[_SYNC] = seen[_QUERY] = 0
+            self.awaiting_ready += n
         return True
 
     def server_passes(self, data: bytes) -> bool:
         """Hot path, server to client; see client_passes."""
-        if self.phase is not Phase.READY or not self._server.passes_whole(data):
+        if self.phase is not _PHASE_READY or not self._server.passes_whole(data):
             return False
         buf = self._server
-        if buf.seen[_READY]:
-            ready = buf.take_seen(_READY)
+        seen = buf.seen
+        ready = seen[_READY]
+        if ready:
+            seen[_READY] = 0
             self.transaction_status = chr(buf.last_watched_byte)
-            self.awaiting_ready = max(0, self.awaiting_ready - ready)
+            left = self.awaiting_ready - ready
+            self.awaiting_ready = left if left > 0 else 0
         return True
 
     def client_data(self, data: bytes) -> None:
@@ -175,10 +240,13 @@ class ProxySession:
                 self._startup_packets()
                 return
             self._client.feed(data)
-            if self.phase is not Phase.CONNECTING:
+            if self.phase is not Phase.CONNECTING and "client" not in self._stalled:
                 self._client_messages()
         except ProtocolViolation as exc:
-            self.close(f"client protocol violation: {exc.message}", fatal("08P01", f"pgseal: {exc.message}"))
+            self.close(
+                f"client protocol violation: {exc.message}",
+                fatal("08P01", f"pgseal: {exc.message}"),
+            )
 
     def _startup_packets(self) -> None:
         while self.phase is Phase.STARTUP:
@@ -212,6 +280,7 @@ class ProxySession:
     def _client_messages(self) -> None:
         buf = self._client
         out = self.to_server
+        datapath = self.datapath
         while self.phase is not Phase.CLOSED:
             item = buf.next()
             if item is None:
@@ -221,7 +290,15 @@ class ProxySession:
                 continue
             assert isinstance(item, Frame)
             t = item.type
-            if t == 0x58:  # Terminate
+            if datapath is not None and t != 0x58:
+                if t == _SYNC or t == _QUERY:
+                    self.awaiting_ready += 1
+                if self._through_datapath("client", item) is None:
+                    break
+            elif t == 0x58:  # Terminate
+                # Pipelined behind a running query (asyncpg's terminate() does this), it
+                # would sit unread upstream until the query ends: cancel the query.
+                self.cancel_running()
                 out.append(item.raw)
                 self.close("client sent Terminate")
             elif t == 0x70:  # password / SASL response
@@ -229,6 +306,72 @@ class ProxySession:
             else:  # pragma: no cover - held types are listed above
                 out.append(item.raw)
         self.awaiting_ready += buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
+        self._collect_audit()
+
+    def _through_datapath(self, side: str, frame: Frame) -> bytes | None:
+        """Process one frame through the data path: what was forwarded, None while it waits
+        for keys."""
+        assert self.datapath is not None
+        try:
+            if side == "client":
+                out = self.datapath.client_frame(frame)
+            else:
+                out = self.datapath.server_frame(frame)
+        except NeedKeys as need:
+            if side == "client" and frame.type in (_SYNC, _QUERY):
+                self.awaiting_ready -= 1  # counted again on the retry
+            self._stalled[side] = frame
+            self.effects.append(FetchKeys(side, need.tenants, need.key_ids))
+            return None
+        except ProtocolViolation:
+            raise
+        except Exception:  # a bug must not forward anything: end the connection, loudly
+            self.close(
+                f"internal error in the data path:\n{traceback.format_exc()}",
+                fatal(
+                    "XX000",
+                    "pgseal: internal error; the statement was not forwarded (see the proxy log)",
+                ),
+            )
+            return None
+        if side == "client":
+            self.to_server.append(out)
+            # A new head of the response queue (e.g. Execute of an earlier portal) may
+            # need its rows opened, with no other server message before them.
+            self._server.held[_DATA_ROW] = self.datapath.rows_need_looking_at()
+        else:
+            self.to_client.append(out)
+        return out
+
+    def _collect_audit(self) -> None:
+        if self.datapath is not None and self.datapath.audit:
+            self.effects.append(WriteAudit(tuple(self.datapath.take_audit())))
+
+    def keys_ready(self, side: str) -> None:
+        """The keys a FetchKeys asked for are in the cache: process the waiting frame again."""
+        frame = self._stalled.pop(side, None)
+        if frame is None or self.phase is Phase.CLOSED:
+            return
+        if side == "client":
+            self._client.push_back(frame)
+            self._client_messages()
+        else:
+            self._server.push_back(frame)
+            self._server_messages()
+
+    def keys_failed(self, side: str, error: PgsealError) -> None:
+        """The keys could not be had (HSM, keystore, audit down; key destroyed): refuse in order."""
+        frame = self._stalled.pop(side, None)
+        if frame is None or self.phase is Phase.CLOSED or self.datapath is None:
+            return
+        if side == "client":
+            if frame.type == _QUERY:
+                self.awaiting_ready += 1
+            self.to_server.append(self.datapath.refuse_for_key_failure(frame, error))
+            self._client_messages()
+        else:
+            self.to_client.append(self.datapath.fail_server_frame(error))
+            self._server_messages()
 
     def _auth_response(self, item: Frame) -> bytes:
         if self._last_auth_code == m.AUTH_SASL:
@@ -255,18 +398,29 @@ class ProxySession:
         self.upstream_tls = tls
         self._move(Phase.AUTHENTICATING)
         self.to_server.append(self.startup.encode())
+        # The startup owes a ReadyForQuery too (the one that ends it); without counting it,
+        # a query pipelined behind the StartupMessage would look finished at that one.
+        self.awaiting_ready += 1
         if self._client.buffered:
             self._client_messages()
 
     def upstream_failed(self, reason: str) -> None:
-        self.close(f"upstream unavailable: {reason}", fatal("08006", f"pgseal: upstream unavailable: {reason}"))
+        self.close(
+            f"upstream unavailable: {reason}",
+            fatal("08006", f"pgseal: upstream unavailable: {reason}"),
+        )
 
     def server_data(self, data: bytes) -> None:
         if self.phase is Phase.CLOSED:
             return
+        self._server.feed(data)
+        if "server" not in self._stalled:
+            self._server_messages()
+
+    def _server_messages(self) -> None:
         buf = self._server
-        buf.feed(data)
         out = self.to_client
+        datapath = self.datapath
         try:
             while self.phase is not Phase.CLOSED:
                 item = buf.next()
@@ -281,42 +435,95 @@ class ProxySession:
                     ps = m.decode_parameter_status(item.body)
                     self.parameters[ps.name] = ps.value
                     out.append(item.raw)
+                elif datapath is not None and t != 0x4B:
+                    forwarded = self._through_datapath("server", item)
+                    if forwarded is None:
+                        break
+                    if t == _READY and forwarded:  # not the answer to our own catalog query
+                        self.transaction_status = chr(item.body[0]) if item.body else "I"
+                        self.awaiting_ready = max(0, self.awaiting_ready - 1)
+                    if t == _READY and not self._catalog_sent:
+                        # Startup is complete: learn the protected tables' OIDs before the
+                        # client's first statement (its answer is swallowed by the data path).
+                        self._catalog_sent = True
+                        self.to_server.append(datapath.catalog_query())
+                    buf.held[_DATA_ROW] = datapath.rows_need_looking_at()
                 elif t == 0x4B:  # BackendKeyData
                     self.backend_key = m.decode_backend_key_data(item.body)
                     out.append(item.raw)
                 elif t == 0x52:  # Authentication*
                     out.append(self._authentication(item))
+                    # AuthenticationOk made the data path: the startup ReadyForQuery in
+                    # this same read must see it (and send the catalog query).
+                    datapath = self.datapath
                 elif t == 0x45:  # ErrorResponse during authentication: PostgreSQL closes next
                     out.append(item.raw)
                     self.close("authentication failed upstream")
                 else:  # pragma: no cover
                     out.append(item.raw)
         except ProtocolViolation as exc:
-            self.close(f"server protocol violation: {exc.message}", fatal("08P01", f"pgseal: {exc.message}"))
+            self.close(
+                f"server protocol violation: {exc.message}",
+                fatal("08P01", f"pgseal: {exc.message}"),
+            )
             return
         ready = buf.take_seen(_READY)
         if ready:
             self.transaction_status = chr(buf.last_watched_byte)
             self.awaiting_ready = max(0, self.awaiting_ready - ready)
+        self._collect_audit()
 
     def _authentication(self, item: Frame) -> bytes:
         auth = m.decode_authentication(item.body)
         self._last_auth_code = auth.code
         if auth.code == m.AUTH_OK:
             self._move(Phase.READY)
-            self._server.held = _SERVER_HELD_READY
-            self._client.held = _CLIENT_HELD_READY
+            if self.datapath_factory is not None and self.startup is not None:
+                digits = self.startup.get("extra_float_digits") or "1"
+                info = SessionInfo(
+                    user=self.startup.get("user") or "",
+                    database=self.startup.get("database") or self.startup.get("user") or "",
+                    startup_tenant=startup_tenant(self.startup),
+                    extra_float_digits=int(digits) if digits.lstrip("-").isdigit() else 1,
+                    bytea_output=self.startup.get("bytea_output") or "hex",
+                )
+                self.datapath = self.datapath_factory(info, self.parameters)
+                # Our own copy: whether DataRow is held changes with each result.
+                self._server.held = bytearray(_SERVER_HELD_DATAPATH)
+                self._client.held = _CLIENT_HELD_DATAPATH
+            else:
+                self._server.held = _SERVER_HELD_READY
+                self._client.held = _CLIENT_HELD_READY
             return item.raw
         if auth.code == m.AUTH_SASL:
             # Channel binding would bind to the proxy's TLS session, not PostgreSQL's.
             mechanisms = [name for name in auth.sasl_mechanisms if name != SCRAM_PLUS]
             if not mechanisms:
-                self.close("no SASL mechanism left", fatal("28000", "pgseal: upstream offers only SCRAM-SHA-256-PLUS"))
+                self.close(
+                    "no SASL mechanism left",
+                    fatal("28000", "pgseal: upstream offers only SCRAM-SHA-256-PLUS"),
+                )
                 return b""
             return m.Authentication.sasl(mechanisms).encode()
         return item.raw
 
-    # -- shutdown -------------------------------------------------------------------
+    # -- endings -------------------------------------------------------------------
+
+    def cancel_running(self) -> None:
+        """Queue a cancel of the query running upstream, if one runs.
+
+        PostgreSQL does not notice a vanished client while it executes a query, so
+        a backend whose client is gone must be cancelled to be released. Only when
+        a ReadyForQuery is owed: an idle (or idle-in-transaction) backend notices
+        the closed socket by itself."""
+        key = self.backend_key
+        if self.phase is Phase.READY and self.awaiting_ready > 0 and key is not None:
+            self.effects.append(ForwardCancel(m.CancelRequest(key.pid, key.secret)))
+
+    def client_gone(self) -> None:
+        """The client's connection closed or reset without a Terminate."""
+        self.cancel_running()
+        self.close("client disconnected")
 
     def shutdown_message(self) -> bytes:
         """What a client gets when the proxy ends its session (SIGTERM after the grace period)."""

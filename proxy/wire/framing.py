@@ -37,6 +37,10 @@ MAX_STARTUP_PACKET = 10000
 STREAM_THRESHOLD = 64 * 1024
 
 _read_u32 = struct.Struct("!I").unpack_from
+_read_head = struct.Struct("!BI").unpack_from  # type and length in one call
+
+# passes_whole's per-type table (a list: CPython indexes lists faster than bytearrays).
+_PASS, _WATCH, _STOP = 0, 1, 2
 
 # Every frontend message type PostgreSQL knows after startup.
 FRONTEND_TYPES = frozenset(b"BCdcfDEHFPpQSX")
@@ -75,8 +79,19 @@ class FrameBuffer:
     """Receive buffer for one direction of one connection (see module doc)."""
 
     __slots__ = (
-        "_buf", "_pos", "_stream_left", "held", "last_watched_byte", "max_message", "seen",
-        "stream_threshold", "valid_types", "watched", "who",
+        "_buf",
+        "_kinds",
+        "_kinds_of",
+        "_pos",
+        "_stream_left",
+        "held",
+        "last_watched_byte",
+        "max_message",
+        "seen",
+        "stream_threshold",
+        "valid_types",
+        "watched",
+        "who",
     )
 
     def __init__(
@@ -102,6 +117,8 @@ class FrameBuffer:
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self._stream_left = 0  # bytes of a streamed message still to pass through
+        self._kinds: list[int] = []
+        self._kinds_of: tuple[bytearray, bytearray] | None = None
 
     def feed(self, data: bytes) -> None:
         if self._pos == len(self._buf):
@@ -142,28 +159,31 @@ class FrameBuffer:
         it as is; otherwise nothing changed and the caller must `feed` it."""
         if self._pos != len(self._buf) or self._stream_left:
             return False
-        held = self.held
-        watched = self.watched
-        valid = self.valid_types
-        max_message = self.max_message
         end = len(data)
+        if end > self.max_message:
+            return False
+        # Per message: one unpack, one table lookup, one length check. A length above
+        # max_message needs no test of its own: it jumps past `end`, so pos != end.
+        kinds_of = self._kinds_of
+        if kinds_of is None or kinds_of[0] is not self.held or kinds_of[1] is not self.watched:
+            self._build_kinds()
+        kinds = self._kinds
         pos = 0
         hits: list[int] | None = None
         last = -1
         while end - pos >= 5:
-            mtype = data[pos]
-            (length,) = _read_u32(data, pos + 1)
-            if (
-                held[mtype] or length < 4 or length > max_message
-                or (valid is not None and mtype not in valid)
-            ):
-                break
-            if watched[mtype]:
+            mtype, length = _read_head(data, pos)
+            kind = kinds[mtype]
+            if kind:
+                if kind == _STOP:
+                    return False
                 if hits is None:
                     hits = [mtype]
                 else:
                     hits.append(mtype)
                 last = pos
+            if length < 4:
+                return False
             pos += length + 1
         if pos != end:
             return False
@@ -174,6 +194,20 @@ class FrameBuffer:
             if last + 5 < end:
                 self.last_watched_byte = data[last + 5]
         return True
+
+    def _build_kinds(self) -> None:
+        # Rebuilt whenever `held` or `watched` is replaced (the session swaps whole
+        # tables between phases; they are never edited in place).
+        held, watched, valid = self.held, self.watched, self.valid_types
+        self._kinds = [
+            _STOP
+            if held[t] or (valid is not None and t not in valid)
+            else _WATCH
+            if watched[t]
+            else _PASS
+            for t in range(256)
+        ]
+        self._kinds_of = (held, watched)
 
     def next(self) -> Frame | bytes | None:
         """The next piece to act on, or None when more bytes are needed."""
@@ -236,6 +270,13 @@ class FrameBuffer:
         n = self.seen[mtype]
         self.seen[mtype] = 0
         return n
+
+    def push_back(self, frame: Frame) -> None:
+        """Put a frame handed out by next() back in front (to process it again later)."""
+        raw = frame.raw
+        rest = self._slice(self._pos, len(self._buf))
+        self._buf = bytearray(raw) + rest if rest else raw
+        self._pos = 0
 
     def take_rest(self) -> bytes:
         """Everything buffered and not yet handed out (used when a phase ends, e.g. TLS)."""

@@ -133,7 +133,9 @@ class StartupMessage:
         return default
 
     def encode(self) -> bytes:
-        body = _I32.pack(self.protocol) + b"".join(_cstr(k) + _cstr(v) for k, v in self.params) + b"\0"
+        body = (
+            _I32.pack(self.protocol) + b"".join(_cstr(k) + _cstr(v) for k, v in self.params) + b"\0"
+        )
         return _I32.pack(len(body) + 4) + body
 
 
@@ -155,7 +157,12 @@ class CancelRequest:
     secret: int
 
     def encode(self) -> bytes:
-        return _I32.pack(16) + _I32.pack(CANCEL_REQUEST_CODE) + _I32.pack(self.pid) + _I32.pack(self.secret)
+        return (
+            _I32.pack(16)
+            + _I32.pack(CANCEL_REQUEST_CODE)
+            + _I32.pack(self.pid)
+            + _I32.pack(self.secret)
+        )
 
 
 StartupPacket = StartupMessage | SSLRequest | GSSENCRequest | CancelRequest
@@ -177,7 +184,9 @@ def decode_startup_packet(packet: bytes) -> StartupPacket:
         r.done()
         return msg
     if code >> 16 != 3:
-        raise ProtocolViolation("client", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}")
+        raise ProtocolViolation(
+            "client", f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}"
+        )
     params: list[tuple[str, str]] = []
     while True:
         name = r.cstring()
@@ -320,7 +329,9 @@ class ErrorResponse:
     notice: bool = False
 
     @classmethod
-    def make(cls, sqlstate: str, message: str, severity: str = "ERROR", **extra: str) -> ErrorResponse:
+    def make(
+        cls, sqlstate: str, message: str, severity: str = "ERROR", **extra: str
+    ) -> ErrorResponse:
         items = [("S", severity), ("V", severity), ("C", sqlstate), ("M", message)]
         codes = {"detail": "D", "hint": "H", "table": "t", "column": "c", "schema": "s"}
         items += [(codes[k], v) for k, v in extra.items() if v]
@@ -384,7 +395,9 @@ class Parse:
     def encode(self) -> bytes:
         return frame(
             b"P",
-            _cstr(self.name) + _cstr(self.sql) + _I16.pack(len(self.param_types))
+            _cstr(self.name)
+            + _cstr(self.sql)
+            + _I16.pack(len(self.param_types))
             + b"".join(_U32.pack(t) for t in self.param_types),
         )
 
@@ -420,8 +433,10 @@ class Bind:
 
     def encode(self) -> bytes:
         parts = [
-            _cstr(self.portal), _cstr(self.statement),
-            _I16.pack(len(self.param_formats)), *(_I16.pack(f) for f in self.param_formats),
+            _cstr(self.portal),
+            _cstr(self.statement),
+            _I16.pack(len(self.param_formats)),
+            *(_I16.pack(f) for f in self.param_formats),
             _I16.pack(len(self.params)),
         ]
         for p in self.params:
@@ -541,8 +556,17 @@ class RowDescription:
         parts = [_I16.pack(len(self.fields))]
         for f in self.fields:
             parts.append(_cstr(f.name))
-            parts.append(struct.pack("!IhIhih", f.table_oid, f.column_attnum, f.type_oid,
-                                     f.type_size, f.type_modifier, f.format))
+            parts.append(
+                struct.pack(
+                    "!IhIhih",
+                    f.table_oid,
+                    f.column_attnum,
+                    f.type_oid,
+                    f.type_size,
+                    f.type_modifier,
+                    f.format,
+                )
+            )
         return frame(b"T", b"".join(parts))
 
 
@@ -554,7 +578,11 @@ def decode_row_description(body: bytes) -> RowDescription:
     fields_: list[FieldDescription] = []
     for _ in range(n):
         name = r.cstring()
-        fields_.append(FieldDescription(name, r.uint32(), r.int16(), r.uint32(), r.int16(), r.int32(), r.int16()))
+        fields_.append(
+            FieldDescription(
+                name, r.uint32(), r.int16(), r.uint32(), r.int16(), r.int32(), r.int16()
+            )
+        )
     r.done()
     return RowDescription(tuple(fields_))
 
@@ -592,7 +620,9 @@ class ParameterDescription:
     type_oids: tuple[int, ...]
 
     def encode(self) -> bytes:
-        return frame(b"t", _I16.pack(len(self.type_oids)) + b"".join(_U32.pack(t) for t in self.type_oids))
+        return frame(
+            b"t", _I16.pack(len(self.type_oids)) + b"".join(_U32.pack(t) for t in self.type_oids)
+        )
 
 
 def decode_parameter_description(body: bytes) -> ParameterDescription:

@@ -186,3 +186,24 @@ def proxy_process(pg: Any, tmp_path: Path) -> Iterator[Callable[..., ProxyProces
     yield start
     for p in started:
         p.stop()
+
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+
+
+@pytest.fixture(scope="session")
+def sealing_config(pg: Any, keys_config: Config) -> Config:
+    """keys_config + the test policy, in front of the test PostgreSQL (tables created)."""
+    pg.execute((DATA / "schema.sql").read_text())
+    base = proxy_config(pg)
+    return replace(
+        keys_config, listen=base.listen, upstream=base.upstream, upstream_tls=base.upstream_tls,
+        policies=(str(DATA / "policy.yaml"),),
+    )
+
+
+@pytest.fixture(scope="session")
+def sealing_proxy(sealing_config: Config) -> Iterator[ProxyThread]:
+    """A proxy that encrypts per tests/data/policy.yaml, shared by a session."""
+    with ProxyThread(sealing_config) as running:
+        yield running

@@ -1,0 +1,1360 @@
+"""The encrypting data path of one connection. Pure: frames in, frames out.
+
+Theory of operation
+-------------------
+With a policy loaded, `ProxySession` hands every client frame after startup
+to `DataPath.client_frame` and every server frame to `DataPath.server_frame`;
+each returns the bytes to forward (possibly rewritten, possibly nothing).
+
+Sending: a statement (Query, Parse) is analyzed (`proxy.rewrite.analyze`,
+cached per text). Sealed values replace literals in the text and protected
+parameters in Bind (always as binary bytea); ParameterDescription and
+RowDescription report the declared types back; DataRow cells are opened into
+the format the client asked for.
+
+Responses: every message forwarded upstream that the server answers gets a
+`_Pending` entry in a FIFO; server messages are matched against the head.
+After an ErrorResponse the server skips everything up to Sync, and so does
+the queue. This is also how refusals stay in order in a pipeline: a refused
+statement is not dropped but *substituted* by one that fails at once
+(`_REFUSED_SQL`), and its ErrorResponse is replaced by ours. PostgreSQL then
+does the error-until-Sync and the aborted-transaction bookkeeping itself,
+exactly as for a real error, and nothing of the statement reaches it.
+
+Keys: seal and open look keys up synchronously in a `KeyRing` (memory
+only). A miss raises `NeedKeys`; the session keeps the frame, the shell
+fetches the keys (HSM, keystore) and the same frame is processed again. A
+frame is only ever processed to completion or not at all, so the retry is
+exact.
+
+Fail closed: anything unexpected on a protected statement is a refusal,
+never a forward of plaintext.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Protocol
+
+from proxy.crypto.cells import CellError, CellKey, read_cell_header
+from proxy.crypto.values import (
+    TYPE_INFO,
+    SessionFormat,
+    ValueFormatError,
+    from_canonical,
+    to_canonical,
+)
+from proxy.errors import PgsealError
+from proxy.policy.model import PolicySet, TableKey, TablePolicy
+from proxy.rewrite import (
+    LiteralTarget,
+    OutputTarget,
+    ParamTarget,
+    StatementPlan,
+    TenantSource,
+    TextEdit,
+    analyze,
+    apply_edits,
+    resolve_outputs,
+)
+from proxy.rewrite.params import parameter_count
+from proxy.session.tenant import TenantTracker
+from proxy.wire import messages as m
+from proxy.wire.framing import Frame
+
+BYTEA_OID = 17
+BYTEA_ARRAY_OID = 1001
+TEXT_OIDS = frozenset({25, 1043, 19, 18, 1042, 0})  # text, varchar, name, char, bpchar, unknown
+OID_TO_TYPE = {info.oid: name for name, info in TYPE_INFO.items()}
+
+# What a refused statement is replaced with: fails at parse time, carries no value.
+_REFUSED_SQL = "pgseal_refused_statement"
+_REFUSED_STATEMENT = "pgseal.refused"
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+
+
+class NeedKeys(Exception):
+    """Keys the KeyRing does not hold; fetch them and process the same frame again."""
+
+    def __init__(
+        self, tenants: frozenset[str] = frozenset(), key_ids: frozenset[int] = frozenset()
+    ) -> None:
+        super().__init__("keys needed")
+        self.tenants = tenants
+        self.key_ids = key_ids
+
+
+class KeyRing(Protocol):
+    """Synchronous, memory-only key lookup (the key service's cache)."""
+
+    def current(self, tenant: str, uses: int) -> CellKey | None: ...
+
+    def by_id(self, key_id: int, uses: int) -> CellKey | None: ...
+
+    def failure(self) -> PgsealError | None:
+        """A standing fault that must fail key uses (audit sink down with on_failure block)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AuditNote:
+    """One audit record the data path wants written (the shell adds who and where)."""
+
+    event: str  # data.encrypt | data.decrypt | data.deny
+    tenant: str | None
+    key_id: int | None
+    table: str | None
+    columns: tuple[str, ...]
+    count: int
+    statement: str
+    outcome: str = "ok"
+    error: str | None = None
+
+
+class Refused(PgsealError):
+    """A statement (or value) the data path will not forward."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+# --- fingerprints for the audit trail -------------------------------------------------
+
+_LITERAL_RE = re.compile(
+    r"(?s)E?'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$|\b\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\b"
+)
+_SPACE_RE = re.compile(r"\s+")
+
+
+@lru_cache(maxsize=4096)
+def fingerprint(sql: str) -> str:
+    """The statement without its literals: safe to store in the audit trail."""
+    return _SPACE_RE.sub(" ", _LITERAL_RE.sub("?", sql)).strip()[:1000]
+
+
+# --- per-statement and per-portal state -----------------------------------------------
+
+
+@dataclass(slots=True)
+class _Opener:
+    """How to open one result column: position, target, format the client gets."""
+
+    index: int
+    target: OutputTarget
+    fmt: int
+    # The tenant of the cell's row, when the statement shows it: a column of the same
+    # result (index, format, type OID; 0 if not described yet) or a value the WHERE
+    # clause pins. A cell whose key belongs to another tenant was copied there.
+    tenant_index: int | None = None
+    tenant_fmt: int = 0
+    tenant_oid: int = 0
+    tenant_value: str | None = None
+
+
+@dataclass(slots=True)
+class _Statement:
+    name: str
+    sql: str
+    plan: StatementPlan
+    client_param_types: tuple[int, ...]
+    # Parameters the client binds; literals to seal follow them as $n_client+1.. (see _parse).
+    n_client: int = 0
+    synthetic: tuple[LiteralTarget, ...] = ()
+    # RowDescription fields (name, table) from a Describe of this statement, if any.
+    fields: tuple[tuple[str, TableKey | None], ...] | None = None
+    field_oids: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class _Portal:
+    statement: _Statement
+    result_formats: tuple[int, ...]
+    tenant: str | None
+    openers: tuple[_Opener, ...] | None  # None: not known yet (a Describe P is on its way)
+    bind: m.Bind | None = None  # for row tenants pinned by a parameter (`tenant_id = $2`)
+
+
+class _Kind(enum.Enum):
+    PARSE = "parse"
+    BIND = "bind"
+    DESCRIBE_S = "describe-statement"
+    DESCRIBE_P = "describe-portal"
+    EXECUTE = "execute"
+    CLOSE = "close"
+    SYNC = "sync"
+    QUERY = "query"
+    FUNCTION = "function"
+    CATALOG = "catalog"  # the proxy's own catalog lookup after startup
+
+
+_ENDS_WITH_READY = (_Kind.SYNC, _Kind.QUERY, _Kind.FUNCTION, _Kind.CATALOG)
+
+
+@dataclass(slots=True)
+class _Pending:
+    kind: _Kind
+    swallow: bool = False  # injected by the proxy: the client never sees the answer
+    refusal: bytes | None = None  # our ErrorResponse, replacing the server's
+    statement: _Statement | None = None
+    portal: _Portal | None = None
+    close_target: tuple[str, str] | None = None
+    # simple Query: plans of its statements and where the results are
+    plans: tuple[StatementPlan, ...] = ()
+    sql: str = ""
+    result_index: int = 0
+    openers: tuple[_Opener, ...] = ()
+    # The session tenant each result runs under (Execute: one; Query: one per statement),
+    # as it was when sent: later SETs in the same pipeline must not decide its reads.
+    tenants: tuple[str | None, ...] = ()
+    # audit counts of opened cells: (tenant, key_id, table) -> [columns, count]
+    opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] = field(default_factory=dict)
+    failed: bool = False  # an error was sent for this result: swallow the rest
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    user: str
+    database: str
+    startup_tenant: str | None
+    # Output settings PostgreSQL does not report in ParameterStatus: from the startup packet.
+    extra_float_digits: int = 1
+    bytea_output: str = "hex"
+
+
+class DataPath:
+    """See the module doc. One per client connection."""
+
+    def __init__(
+        self,
+        policies: PolicySet,
+        keys: KeyRing,
+        info: SessionInfo,
+        *,
+        parameters: dict[str, str],
+    ) -> None:
+        self.policies = policies
+        self.keys = keys
+        self.info = info
+        self.role = info.user
+        self.parameters = parameters  # the session's ParameterStatus values (shared, live)
+        self.tenant = TenantTracker(info.startup_tenant)
+        self.search_path: tuple[str, ...] = ("public",)
+        self.statements: dict[str, _Statement] = {}
+        self.portals: dict[str, _Portal] = {}
+        self.pending: deque[_Pending] = deque()
+        self.audit: list[AuditNote] = []
+        self.table_oids: dict[int, TableKey] = {}
+        self._catalog_rows: list[tuple[int, TableKey]] = []
+        self._format_cache: tuple[tuple[str, ...], SessionFormat] | None = None
+        self.skip_until_sync = False  # after a client-side refusal we cannot substitute
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @property
+    def session_format(self) -> SessionFormat:
+        p = self.parameters
+        key = (
+            p.get("TimeZone", "UTC"),
+            p.get("DateStyle", "ISO, MDY"),
+            p.get("client_encoding", "UTF8"),
+            p.get("IntervalStyle", "postgres"),
+        )
+        cached = self._format_cache
+        if cached is None or cached[0] != key:
+            fmt = SessionFormat(
+                timezone=key[0], datestyle=key[1], client_encoding=key[2], intervalstyle=key[3]
+            )
+            self._format_cache = (key, fmt)
+            return fmt
+        return cached[1]
+
+    def _policy(self, table: TableKey) -> TablePolicy:
+        policy = self.policies.tables.get(table)
+        if policy is None:  # pragma: no cover - plans only name protected tables
+            raise Refused("0A000", f"pgseal: no policy for {table[0]}.{table[1]}")
+        return policy
+
+    def _analyze(self, sql: str) -> list[StatementPlan]:
+        return analyze(sql, self.policies, self.search_path)
+
+    # -- startup: learn the OIDs of protected tables in this database ----------------------
+
+    def catalog_query(self) -> bytes:
+        """The Query the proxy runs once after authentication (its answer is swallowed)."""
+        pairs = ", ".join(
+            f"({_quote(schema)}, {_quote(table)})" for schema, table in sorted(self.policies.tables)
+        )
+        sql = (
+            "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE (n.nspname, c.relname) IN ({pairs})"
+        )
+        self.pending.append(_Pending(_Kind.CATALOG, swallow=True))
+        return m.Query(sql).encode()
+
+    # -- client -> server ------------------------------------------------------------------
+
+    def client_frame(self, frame: Frame) -> bytes:
+        """Bytes to send upstream for one client message (may raise NeedKeys)."""
+        t = frame.type
+        if self.skip_until_sync and t not in (0x53, 0x58):  # pragma: no cover - defensive
+            return b""
+        if t == 0x50:  # Parse
+            return self._parse(m.decode_parse(frame.body), frame)
+        if t == 0x42:  # Bind
+            return self._bind(m.decode_bind(frame.body), frame)
+        if t == 0x44:  # Describe
+            d = m.decode_describe(frame.body)
+            if d.kind == "S":
+                self.pending.append(
+                    _Pending(_Kind.DESCRIBE_S, statement=self.statements.get(d.name))
+                )
+            else:
+                self.pending.append(_Pending(_Kind.DESCRIBE_P, portal=self.portals.get(d.name)))
+            return frame.raw
+        if t == 0x45:  # Execute
+            e = m.decode_execute(frame.body)
+            portal = self.portals.get(e.portal)
+            if portal is not None:
+                # SET pgseal.tenant, BEGIN, COMMIT... sent through the extended protocol
+                # (pipeline mode, drivers that never use the simple one) take effect here.
+                self._track_settings((portal.statement.plan,))
+            self.pending.append(
+                _Pending(_Kind.EXECUTE, portal=portal, tenants=(self.tenant.current,))
+            )
+            return frame.raw
+        if t == 0x43:  # Close
+            c = m.decode_close(frame.body)
+            self.pending.append(_Pending(_Kind.CLOSE, close_target=(c.kind, c.name)))
+            return frame.raw
+        if t == 0x53:  # Sync
+            self.skip_until_sync = False
+            self.pending.append(_Pending(_Kind.SYNC))
+            return frame.raw
+        if t == 0x51:  # Query
+            return self._query(m.decode_query(frame.body), frame)
+        if t == 0x46:  # FunctionCall: answered with V + Z
+            self.pending.append(_Pending(_Kind.FUNCTION))
+            return frame.raw
+        return frame.raw  # Flush, Terminate, CopyData/Done/Fail: nothing to track
+
+    # Parse -------------------------------------------------------------------------
+
+    def _parse(self, parse: m.Parse, frame: Frame) -> bytes:
+        plans = self._analyze(parse.sql)
+        if len(plans) > 1:
+            # PostgreSQL refuses several statements in one Parse; let it say so unless any
+            # of them is refused by us.
+            refused = next((p for p in plans if p.kind == "refused"), None)
+            if refused is not None and refused.refusal is not None:
+                return self._refuse_parse(parse, refused.refusal.sqlstate, refused.refusal.message)
+            self.pending.append(_Pending(_Kind.PARSE))
+            return frame.raw
+        if not plans:  # empty query string
+            self._remember(parse, StatementPlan("passthrough", 0, 0))
+            self.pending.append(_Pending(_Kind.PARSE))
+            return frame.raw
+        plan = plans[0]
+        if plan.kind == "refused":
+            assert plan.refusal is not None
+            return self._refuse_parse(parse, plan.refusal.sqlstate, plan.refusal.message)
+        if plan.kind == "passthrough":
+            statement = self._remember(parse, plan)
+            self.pending.append(_Pending(_Kind.PARSE, statement=statement))
+            return frame.raw
+        # Literals are sealed at Bind time, never here: a prepared statement may be bound
+        # under another session tenant later (pooled connections), and a literal's tenant
+        # may be a parameter. Each literal becomes a parameter of our own after the
+        # client's; Bind appends its sealed value and ParameterDescription hides it.
+        n_client = parameter_count(parse.sql, len(parse.param_types))
+        edits = list(plan.edits)
+        for k, literal in enumerate(plan.literals):
+            edits.append(literal.edit(f"${n_client + 1 + k}"))
+        sql = apply_edits(parse.sql, edits) if edits else parse.sql
+        statement = self._remember(parse, plan)
+        statement.n_client = n_client
+        statement.synthetic = plan.literals
+        self.pending.append(_Pending(_Kind.PARSE, statement=statement))
+        types = list(parse.param_types) + [0] * (
+            n_client + len(plan.literals) - len(parse.param_types)
+        )
+        for index, target in plan.params.items():
+            types[index - 1] = BYTEA_ARRAY_OID if target.array else BYTEA_OID
+        for k in range(len(plan.literals)):
+            types[n_client + k] = BYTEA_OID
+        return m.Parse(parse.name, sql, tuple(types)).encode()
+
+    def _remember(self, parse: m.Parse, plan: StatementPlan) -> _Statement:
+        statement = _Statement(parse.name, parse.sql, plan, parse.param_types)
+        self.statements[parse.name] = statement
+        return statement
+
+    def _refuse_parse(self, parse: m.Parse, sqlstate: str, message: str) -> bytes:
+        self.statements.pop(parse.name, None)
+        self.pending.append(_Pending(_Kind.PARSE, refusal=_error(sqlstate, message)))
+        self._audit_deny(parse.sql, message)
+        return m.Parse(parse.name, _REFUSED_SQL, ()).encode()
+
+    # Bind --------------------------------------------------------------------------
+
+    def _bind(self, bind: m.Bind, frame: Frame) -> bytes:
+        statement = self.statements.get(bind.statement)
+        if statement is None or statement.plan.kind != "protected":
+            if statement is not None:
+                self.portals[bind.portal] = _Portal(statement, bind.result_formats, None, ())
+            self.pending.append(_Pending(_Kind.BIND))
+            return frame.raw
+        plan = statement.plan
+        try:
+            self._check_key_service()
+            params, formats, notes = self._seal_params(bind, statement)
+        except Refused as exc:
+            self._audit_deny(statement.sql, str(exc))
+            self.pending.append(_Pending(_Kind.BIND, refusal=_error(exc.sqlstate, str(exc))))
+            return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
+        openers: tuple[_Opener, ...] | None
+        try:
+            if plan.outputs_exact or statement.fields is not None:
+                fields = statement.fields
+                targets = plan.outputs if plan.outputs_exact else self._resolve(plan, fields or ())
+                result_formats = [bind.result_format(i) for i in range(len(targets))]
+                openers = self._openers(
+                    targets, result_formats, fields, statement.field_oids, bind, statement
+                )
+            else:
+                openers = None
+        except Refused as exc:
+            self._audit_deny(statement.sql, str(exc))
+            self.pending.append(_Pending(_Kind.BIND, refusal=_error(exc.sqlstate, str(exc))))
+            return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
+        self.audit.extend(notes)
+        portal = _Portal(statement, bind.result_formats, self.tenant.current, openers, bind)
+        self.portals[bind.portal] = portal
+        self.pending.append(_Pending(_Kind.BIND))
+        out = m.Bind(bind.portal, bind.statement, formats, params, bind.result_formats).encode()
+        if openers is None and plan.has_protected_outputs:
+            # Which result columns are cells depends on the live table (`*`): ask for the
+            # portal's RowDescription ourselves and keep the answer to ourselves.
+            self.pending.append(_Pending(_Kind.DESCRIBE_P, swallow=True, portal=portal))
+            out += m.Describe("P", bind.portal).encode()
+        return out
+
+    def _seal_params(
+        self, bind: m.Bind, statement: _Statement
+    ) -> tuple[tuple[bytes | None, ...], tuple[int, ...], list[AuditNote]]:
+        plan = statement.plan
+        values = list(bind.params)
+        formats = [bind.param_format(i) for i in range(len(values))]
+        sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
+        need: set[str] = set()
+        for index, target in plan.params.items():
+            if index > len(values):
+                raise Refused("08P01", f"pgseal: Bind has no value for ${index}")
+            raw = values[index - 1]
+            if raw is None:
+                formats[index - 1] = 1
+                continue
+            tenant = self._value_tenant(
+                target.tenant,
+                target.column.table_key,
+                bind,
+                statement,
+                "write" if target.use == "store" else "read",
+            )
+            key = self.keys.current(tenant, 1)
+            if key is None:
+                need.add(tenant)
+                continue
+            client_type = (
+                statement.client_param_types[index - 1]
+                if index <= len(statement.client_param_types)
+                else 0
+            )
+            fmt = formats[index - 1]
+            deterministic = target.policy.searchable
+            column = str(target.column)
+            if target.array:
+                elements = _array_elements(raw, fmt, target.policy.type, client_type)
+                cells = [
+                    None
+                    if e is None
+                    else key.seal(
+                        column, self._canonical(target, e, efmt, client_type), deterministic=True
+                    )
+                    for e, efmt in elements
+                ]
+                values[index - 1] = _bytea_array(cells)
+                count = sum(1 for c in cells if c is not None)
+            else:
+                canonical = self._canonical(target, raw, fmt, client_type)
+                values[index - 1] = key.seal(column, canonical, deterministic=deterministic)
+                count = 1
+            formats[index - 1] = 1
+            slot = sealed.setdefault(
+                (tenant, key.key_id, _table_name(target.column.table_key)), (set(), [0])
+            )
+            slot[0].add(target.column.column)
+            slot[1][0] += count
+        for literal in statement.synthetic:
+            tenant = self._value_tenant(
+                literal.tenant,
+                literal.column.table_key,
+                bind,
+                statement,
+                "write" if literal.use == "store" else "read",
+            )
+            key = self.keys.current(tenant, 1)
+            if key is None:
+                need.add(tenant)
+                continue
+            canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
+            values.append(
+                key.seal(
+                    str(literal.column),
+                    canonical,
+                    deterministic=literal.policy.searchable or literal.use == "compare",
+                )
+            )
+            formats.append(1)
+            slot = sealed.setdefault(
+                (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
+            )
+            slot[0].add(literal.column.column)
+            slot[1][0] += 1
+        if need:
+            raise NeedKeys(tenants=frozenset(need))
+        notes = [
+            AuditNote(
+                "data.encrypt",
+                tenant,
+                key_id,
+                table,
+                tuple(sorted(cols)),
+                n[0],
+                fingerprint(statement.sql),
+            )
+            for (tenant, key_id, table), (cols, n) in sealed.items()
+        ]
+        return tuple(values), tuple(formats), notes
+
+    def _canonical(
+        self, target: ParamTarget | LiteralTarget, raw: bytes, fmt: int, client_type: int
+    ) -> bytes:
+        type_name = target.policy.type
+        try:
+            if fmt == 1 and client_type not in (0, TYPE_INFO[type_name].oid):
+                # The client sent another type's binary form (int8 for an int4 column...):
+                # read it as that type, then as text in the column's type.
+                other = OID_TO_TYPE.get(client_type)
+                if other is None:
+                    raise Refused(
+                        "0A000",
+                        f"pgseal: parameter for {target.column} sent as binary of "
+                        f"type OID {client_type}; send it as {type_name} or as text",
+                    )
+                text = from_canonical(
+                    other, to_canonical(other, raw, 1, self.session_format), 0, self.session_format
+                )
+                return to_canonical(type_name, text, 0, self.session_format)
+            return to_canonical(type_name, raw, fmt, self.session_format)
+        except ValueFormatError as exc:
+            raise Refused(exc.sqlstate, f"pgseal: {exc} (column {target.column})") from None
+
+    def _value_tenant(
+        self,
+        source: TenantSource,
+        table: TableKey,
+        bind: m.Bind | None,
+        statement: _Statement | None,
+        use: str,
+    ) -> str:
+        """The tenant whose key seals a value, after the isolation rules."""
+        policy = self._policy(table)
+        session = self._session_tenant(table)
+        row: str | None
+        if policy.tenant_from_session or source.kind in ("session", "cell", "output"):
+            row = session
+        elif source.kind == "literal":
+            row = source.value
+        else:
+            assert source.param is not None
+            row = self._param_text(bind, statement, source.param) if bind is not None else None
+        if row is None:
+            raise Refused(
+                "42501",
+                f"pgseal: no tenant for {policy.qualified_name}: "
+                "SET pgseal.tenant first (or give the row's tenant column)",
+            )
+        if policy.isolation == "strict" and row != session:
+            if session is None:
+                raise Refused(
+                    "42501",
+                    f"pgseal: {policy.qualified_name} needs a session tenant "
+                    "(SET pgseal.tenant) under strict isolation",
+                )
+            if use == "write" or self.role not in self.policies.cross_tenant_roles:
+                raise Refused(
+                    "42501",
+                    f"pgseal: tenant of the row differs from the session tenant "
+                    f"on {policy.qualified_name}",
+                )
+        return row
+
+    def _session_tenant(self, table: TableKey | None = None) -> str | None:
+        if self.tenant.uncertain:
+            raise Refused(
+                "42501",
+                "pgseal: the session tenant is uncertain after an error in a "
+                "pipelined SET; SET pgseal.tenant again",
+            )
+        return self.tenant.current
+
+    def _param_text(
+        self, bind: m.Bind | None, statement: _Statement | None, index: int
+    ) -> str | None:
+        assert bind is not None and statement is not None
+        if index > len(bind.params):
+            return None
+        raw = bind.params[index - 1]
+        if raw is None:
+            return None
+        fmt = bind.param_format(index - 1)
+        client_type = (
+            statement.client_param_types[index - 1]
+            if index <= len(statement.client_param_types)
+            else 0
+        )
+        if fmt == 0 or client_type in TEXT_OIDS:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise Refused("22021", "pgseal: tenant value is not UTF-8") from None
+        type_name = OID_TO_TYPE.get(client_type)
+        if type_name is None:
+            raise Refused(
+                "0A000", f"pgseal: tenant parameter ${index} of type OID {client_type} in binary"
+            )
+        try:
+            text = from_canonical(
+                type_name,
+                to_canonical(type_name, raw, 1, self.session_format),
+                0,
+                self.session_format,
+            )
+        except ValueFormatError as exc:
+            raise Refused(exc.sqlstate, f"pgseal: tenant parameter ${index}: {exc}") from None
+        return text.decode()
+
+    def _check_key_service(self) -> None:
+        failure = self.keys.failure()
+        if failure is not None:
+            raise Refused(failure.sqlstate, str(failure))
+
+    # Query and literals -------------------------------------------------------------
+
+    def _query(self, query: m.Query, frame: Frame) -> bytes:
+        plans = self._analyze(query.sql)
+        refused = next((p for p in plans if p.kind == "refused"), None)
+        if refused is not None:
+            assert refused.refusal is not None
+            return self._refuse_query(query.sql, refused.refusal.sqlstate, refused.refusal.message)
+        if all(p.kind == "passthrough" for p in plans):
+            self._track_settings(plans)
+            self.pending.append(_Pending(_Kind.QUERY, plans=tuple(plans), sql=query.sql))
+            return frame.raw
+        # Settings apply statement by statement (`SET pgseal.tenant = 'a'; INSERT ...; SET
+        # ...`): undo them if the Query is not sent now (refused, or waiting for keys).
+        saved = (self.tenant.snapshot(), self.search_path, self.role)
+        tenants: list[str | None] = []
+        try:
+            self._check_key_service()
+            sql = self._sealed_sql(query.sql, plans, tenants)
+        except Refused as exc:
+            self.tenant.restore(saved[0])
+            self.search_path, self.role = saved[1], saved[2]
+            return self._refuse_query(query.sql, exc.sqlstate, str(exc))
+        except NeedKeys:
+            self.tenant.restore(saved[0])
+            self.search_path, self.role = saved[1], saved[2]
+            raise
+        self.pending.append(
+            _Pending(_Kind.QUERY, plans=tuple(plans), sql=query.sql, tenants=tuple(tenants))
+        )
+        return m.Query(sql).encode()
+
+    def _refuse_query(self, sql: str, sqlstate: str, message: str) -> bytes:
+        self._audit_deny(sql, message)
+        self.pending.append(_Pending(_Kind.QUERY, refusal=_error(sqlstate, message), sql=sql))
+        return m.Query(_REFUSED_SQL).encode()
+
+    def _sealed_sql(
+        self, sql: str, plans: Sequence[StatementPlan], tenants: list[str | None]
+    ) -> str:
+        """The Query text with its literals sealed; applies each statement's settings
+        before the next statement and appends the tenant each one runs under to `tenants`."""
+        edits: list[TextEdit] = []
+        need: set[str] = set()
+        sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
+        conforming = self.parameters.get("standard_conforming_strings", "on") == "on"
+        for plan in plans:
+            self._track_settings((plan,))
+            tenants.append(self.tenant.current)
+            edits.extend(plan.edits)
+            for literal in plan.literals:
+                tenant = self._value_tenant(
+                    literal.tenant,
+                    literal.column.table_key,
+                    None,
+                    None,
+                    "write" if literal.use == "store" else "read",
+                )
+                key = self.keys.current(tenant, 1)
+                if key is None:
+                    need.add(tenant)
+                    continue
+                canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
+                cell = key.seal(
+                    str(literal.column), canonical, deterministic=literal.policy.searchable
+                )
+                hexed = cell.hex()
+                text = f"'\\x{hexed}'::bytea" if conforming else f"E'\\\\x{hexed}'::bytea"
+                edits.append(literal.edit(text))
+                slot = sealed.setdefault(
+                    (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
+                )
+                slot[0].add(literal.column.column)
+                slot[1][0] += 1
+        if need:
+            raise NeedKeys(tenants=frozenset(need))
+        for (tenant, key_id, table), (cols, n) in sealed.items():
+            self.audit.append(
+                AuditNote(
+                    "data.encrypt",
+                    tenant,
+                    key_id,
+                    table,
+                    tuple(sorted(cols)),
+                    n[0],
+                    fingerprint(sql),
+                )
+            )
+        return apply_edits(sql, edits) if edits else sql
+
+    def _track_settings(self, plans: Sequence[StatementPlan]) -> None:
+        for plan in plans:
+            command = plan.command
+            if command in ("BEGIN", "START"):
+                self.tenant.begin()
+            elif command in ("COMMIT", "END"):
+                self.tenant.commit()
+            elif command in ("ROLLBACK", "ABORT"):
+                self.tenant.rollback()
+            for setting in plan.session_settings:
+                if setting.name == "pgseal.tenant":
+                    value = setting.value if setting.action == "set" else None
+                    assert value is None or isinstance(value, str)
+                    self.tenant.set(value, local=setting.local)
+                elif setting.name == "search_path" and not setting.local:
+                    if setting.action == "set" and isinstance(setting.value, tuple):
+                        self.search_path = tuple(
+                            self.role if s == "$user" else s for s in setting.value
+                        )
+                    else:
+                        self.search_path = ("public",)
+                elif setting.name in ("all", "discard_all"):
+                    self.tenant.reset_all()
+                    self.search_path = ("public",)
+                elif setting.name in ("role", "session_authorization"):
+                    value = setting.value if setting.action == "set" else None
+                    self.role = value if isinstance(value, str) else self.info.user
+
+    # -- server -> client ------------------------------------------------------------------
+
+    def server_frame(self, frame: Frame) -> bytes:
+        """Bytes to send to the client for one server message (may raise NeedKeys)."""
+        t = frame.type
+        pending = self.pending
+        head = pending[0] if pending else None
+        if t == 0x44:  # DataRow
+            if head is None:
+                return frame.raw
+            if head.failed:
+                return b""
+            if head.kind is _Kind.CATALOG:
+                self._catalog_row(frame)
+                return b""
+            return self._data_row(frame, head)
+        if t in (0x4E, 0x41, 0x53, 0x4B):  # Notice, Notification, ParameterStatus, BackendKeyData
+            return frame.raw
+        if head is None:
+            return frame.raw  # nothing outstanding: pass (e.g. FATAL at shutdown)
+        if t == 0x45:  # ErrorResponse
+            return self._error(frame, head)
+        if t == 0x5A:  # ReadyForQuery
+            return self._ready(frame, head)
+        out = b"" if head.swallow or head.failed else frame.raw
+        if t == 0x31:  # ParseComplete
+            self._pop(_Kind.PARSE)
+        elif t == 0x32:  # BindComplete
+            self._pop(_Kind.BIND)
+        elif t == 0x33:  # CloseComplete
+            entry = self._pop(_Kind.CLOSE)
+            if entry.close_target is not None:
+                kind, name = entry.close_target
+                (self.statements if kind == "S" else self.portals).pop(name, None)
+        elif t == 0x74:  # ParameterDescription
+            if head.kind is _Kind.DESCRIBE_S and head.statement is not None:
+                out = self._parameter_description(frame, head.statement)
+        elif t == 0x54:  # RowDescription
+            described = self._row_description(frame, head)
+            out = b"" if head.swallow or head.failed else described
+        elif t == 0x6E:  # NoData
+            if head.kind in (_Kind.DESCRIBE_S, _Kind.DESCRIBE_P):
+                pending.popleft()
+        elif t in (0x43, 0x49):  # CommandComplete, EmptyQueryResponse
+            self._result_done(head)
+        elif t == 0x73:  # PortalSuspended
+            self._result_done(head)
+        return out
+
+    def rows_need_looking_at(self) -> bool:
+        """Whether the DataRows coming next must go through server_frame (else they pass
+        as undecoded slices): only for results with cells to open, our own catalog
+        query, or a result being dropped after an error."""
+        if not self.pending:
+            return False
+        head = self.pending[0]
+        if head.failed or head.kind is _Kind.CATALOG:
+            return True
+        if head.kind is _Kind.QUERY:
+            return bool(head.openers)
+        if head.kind is _Kind.EXECUTE:
+            portal = head.portal
+            return portal is not None and portal.openers != ()
+        return False
+
+    def _pop(self, kind: _Kind) -> _Pending:
+        entry = self.pending.popleft()
+        if entry.kind is not kind:  # pragma: no cover - a server out of step with us
+            raise Refused(
+                "08P01",
+                f"pgseal: protocol out of step: expected {kind.value}, got {entry.kind.value}",
+            )
+        return entry
+
+    def _error(self, frame: Frame, head: _Pending) -> bytes:
+        out = head.refusal if head.refusal is not None else frame.raw
+        if head.failed or head.swallow:
+            out = b""
+        self.tenant.error(later_segments_sent=self._segments_in_flight() > 1)
+        if head.kind in (_Kind.QUERY, _Kind.CATALOG, _Kind.FUNCTION):
+            head.failed = head.kind is _Kind.CATALOG or head.failed
+            head.refusal = None
+            if head.kind is _Kind.QUERY:
+                head.openers = ()
+            return out
+        # Extended protocol: the server skips to Sync, so do we.
+        while self.pending and self.pending[0].kind is not _Kind.SYNC:
+            self.pending.popleft()
+        return out
+
+    def _ready(self, frame: Frame, head: _Pending) -> bytes:
+        if head.kind not in _ENDS_WITH_READY:
+            # Entries the server never answered (an error skipped them): drop them.
+            while self.pending and self.pending[0].kind not in _ENDS_WITH_READY:
+                self.pending.popleft()
+            if not self.pending:
+                return frame.raw
+            head = self.pending[0]
+        self.pending.popleft()
+        self._flush_opened(head)
+        status = chr(frame.body[0]) if frame.body else "I"
+        self.tenant.ready(status, last=self._segments_in_flight() == 0)
+        if head.kind is _Kind.CATALOG:
+            self.table_oids = dict(self._catalog_rows)
+            return b""
+        if status == "I":
+            self.portals.clear()  # portals do not outlive their transaction
+        return frame.raw
+
+    def _segments_in_flight(self) -> int:
+        return sum(1 for p in self.pending if p.kind in _ENDS_WITH_READY)
+
+    def _catalog_row(self, frame: Frame) -> None:
+        row = m.decode_data_row(frame.body).values
+        if len(row) == 3 and all(v is not None for v in row):
+            oid, schema, table = (v.decode() for v in row if v is not None)
+            self._catalog_rows.append((int(oid), (schema, table)))
+
+    def _parameter_description(self, frame: Frame, statement: _Statement) -> bytes:
+        plan = statement.plan
+        if plan.kind != "protected" or not (plan.params or statement.synthetic):
+            return frame.raw
+        oids = list(m.decode_parameter_description(frame.body).type_oids)[: statement.n_client]
+        for index, target in plan.params.items():
+            if index <= len(oids):
+                info = TYPE_INFO[target.policy.type]
+                oids[index - 1] = info.array_oid if target.array else info.oid
+        return m.ParameterDescription(tuple(oids)).encode()
+
+    def _fields(self, rd: m.RowDescription) -> tuple[tuple[str, TableKey | None], ...]:
+        return tuple((f.name, self.table_oids.get(f.table_oid)) for f in rd.fields)
+
+    def _row_description(self, frame: Frame, head: _Pending) -> bytes:
+        rd = m.decode_row_description(frame.body)
+        fields = self._fields(rd)
+        targets: tuple[OutputTarget | None, ...]
+        if head.kind is _Kind.DESCRIBE_S:
+            statement = head.statement
+            self.pending.popleft()
+            if statement is None or statement.plan.kind != "protected":
+                return frame.raw
+            statement.fields = fields
+            statement.field_oids = tuple(f.type_oid for f in rd.fields)
+            targets = self._resolve(statement.plan, fields)
+        elif head.kind is _Kind.DESCRIBE_P:
+            portal = head.portal
+            self.pending.popleft()
+            if portal is None or portal.statement.plan.kind != "protected":
+                return frame.raw
+            targets = self._resolve(portal.statement.plan, fields)
+            portal.openers = self._openers_described(
+                targets, rd, fields, portal.bind, portal.statement
+            )
+        elif head.kind is _Kind.QUERY:
+            plan = head.plans[head.result_index] if head.result_index < len(head.plans) else None
+            if plan is None or plan.kind != "protected":
+                head.openers = ()
+                return frame.raw
+            targets = self._resolve(plan, fields)
+            head.openers = self._openers_described(targets, rd, fields, None, None)
+        else:
+            return frame.raw
+        if not any(t is not None for t in targets):
+            return frame.raw
+        new_fields = []
+        for f, target in zip(rd.fields, targets, strict=True):
+            if target is None:
+                new_fields.append(f)
+                continue
+            info = TYPE_INFO[target.policy.type]
+            new_fields.append(
+                m.FieldDescription(
+                    f.name, f.table_oid, f.column_attnum, info.oid, info.typlen, -1, f.format
+                )
+            )
+        return m.RowDescription(tuple(new_fields)).encode()
+
+    def _resolve(
+        self, plan: StatementPlan, fields: Sequence[tuple[str, TableKey | None]]
+    ) -> tuple[OutputTarget | None, ...]:
+        try:
+            return resolve_outputs(plan, fields)
+        except ValueError:
+            # The result does not have the shape the plan describes: never guess which
+            # column holds cells; they stay sealed for the client.
+            return tuple(None for _ in fields)
+
+    def _openers_described(
+        self,
+        targets: Sequence[OutputTarget | None],
+        rd: m.RowDescription,
+        fields: Sequence[tuple[str, TableKey | None]],
+        bind: m.Bind | None,
+        statement: _Statement | None,
+    ) -> tuple[_Opener, ...]:
+        formats = [f.format for f in rd.fields]
+        oids = [f.type_oid for f in rd.fields]
+        try:
+            return self._openers(targets, formats, fields, oids, bind, statement)
+        except Refused:
+            # A pinned tenant parameter that cannot be read: the cells stay unchecked
+            # against it, the isolation checks on the cell's own tenant still apply.
+            return self._openers(targets, formats, fields, oids, None, None)
+
+    def _openers(
+        self,
+        targets: Sequence[OutputTarget | None],
+        formats: Sequence[int],
+        fields: Sequence[tuple[str, TableKey | None]] | None,
+        oids: Sequence[int],
+        bind: m.Bind | None,
+        statement: _Statement | None,
+    ) -> tuple[_Opener, ...]:
+        """Openers for the result columns that hold cells, each with where its row's
+        tenant can be read (see `_Opener`). May raise Refused (a bad tenant parameter)."""
+        openers = []
+        for i, target in enumerate(targets):
+            if target is None or i >= len(formats):
+                continue
+            opener = _Opener(i, target, formats[i])
+            source = target.tenant
+            if source.kind == "output":
+                at = source.output
+                if at is None and fields is not None and source.column is not None:
+                    wanted = (source.column.column, source.column.table_key)
+                    at = next((k for k, f in enumerate(fields) if f == wanted), None)
+                if at is not None and at < len(formats):
+                    opener.tenant_index = at
+                    opener.tenant_fmt = formats[at]
+                    opener.tenant_oid = oids[at] if at < len(oids) else 0
+            elif source.kind == "literal":
+                opener.tenant_value = source.value
+            elif source.kind == "param" and bind is not None and statement is not None:
+                assert source.param is not None
+                opener.tenant_value = self._param_text(bind, statement, source.param)
+            openers.append(opener)
+        return tuple(openers)
+
+    def _result_done(self, head: _Pending) -> None:
+        if head.kind is _Kind.EXECUTE:
+            self.pending.popleft()
+            self._flush_opened(head)
+        elif head.kind is _Kind.QUERY:
+            head.result_index += 1
+            head.openers = ()
+            self._flush_opened(head)
+
+    # DataRow ---------------------------------------------------------------------------
+
+    def _data_row(self, frame: Frame, head: _Pending) -> bytes:
+        if head.kind is _Kind.EXECUTE:
+            portal = head.portal
+            openers = portal.openers if portal is not None else ()
+            if openers is None:  # pragma: no cover - the injected Describe answered first
+                openers = ()
+            session_tenant = head.tenants[0] if head.tenants else self.tenant.current
+        elif head.kind is _Kind.QUERY:
+            openers = head.openers
+            session_tenant = (
+                head.tenants[head.result_index]
+                if head.result_index < len(head.tenants)
+                else self.tenant.current
+            )
+        else:
+            return frame.raw
+        if not openers:
+            return frame.raw
+        row: list[bytes | None] = list(m.decode_data_row(frame.body).values)
+        need: set[int] = set()
+        opened: list[tuple[int, bytes | None]] = []
+        counted: list[tuple[tuple[str, int, str], str]] = []
+        denials: list[AuditNote] = []
+        session = self.session_format
+        for opener in openers:
+            if opener.index >= len(row):
+                continue
+            value = row[opener.index]
+            if value is None:
+                continue
+            try:
+                cell = _cell_bytes(value, opener.fmt)
+                key_id = read_cell_header(cell).key_id
+            except CellError:
+                return self._fail_result(
+                    head,
+                    "XX001",
+                    f"pgseal: {opener.target.column} holds a value that is not a pgseal cell",
+                )
+            key = self.keys.by_id(key_id, 1)
+            if key is None:
+                need.add(key_id)
+                continue
+            denial = self._read_denial(opener.target, key, session_tenant)
+            if denial is None:
+                denial = self._row_tenant_denial(opener, row, key)
+            if denial is not None:
+                table = self._policy(opener.target.column.table_key)
+                denials.append(
+                    AuditNote(
+                        "data.deny",
+                        key.tenant,
+                        key.key_id,
+                        table.qualified_name,
+                        (opener.target.column.column,),
+                        1,
+                        fingerprint(head.sql or ""),
+                        outcome="denied",
+                        error=denial,
+                    )
+                )
+                if table.on_denied == "null":
+                    opened.append((opener.index, None))
+                    continue
+                self.audit.extend(denials)
+                return self._fail_result(head, "42501", denial)
+            try:
+                canonical = key.open(str(opener.target.column), cell)
+                plain = from_canonical(opener.target.policy.type, canonical, opener.fmt, session)
+            except CellError:
+                return self._fail_result(
+                    head,
+                    "XX001",
+                    f"pgseal: a cell of {opener.target.column} cannot be "
+                    "opened (moved from another row, tenant or column, or corrupted)",
+                )
+            except ValueFormatError as exc:
+                return self._fail_result(
+                    head, exc.sqlstate, f"pgseal: {exc} (column {opener.target.column})"
+                )
+            opened.append((opener.index, plain))
+            counted.append(
+                (
+                    (key.tenant, key.key_id, _table_name(opener.target.column.table_key)),
+                    opener.target.column.column,
+                )
+            )
+        if need:
+            raise NeedKeys(key_ids=frozenset(need))
+        # Only now that the whole row is done: a NeedKeys retry must not count twice.
+        self.audit.extend(denials)
+        for slot_key, column in counted:
+            slot = head.opened.setdefault(slot_key, (set(), [0]))
+            slot[0].add(column)
+            slot[1][0] += 1
+        for index, value_out in opened:
+            row[index] = value_out
+        return m.DataRow(tuple(row)).encode()
+
+    def _row_tenant_denial(
+        self, opener: _Opener, row: Sequence[bytes | None], key: CellKey
+    ) -> str | None:
+        """A cell whose key is another tenant's than its row's: copied there with SQL."""
+        if opener.tenant_index is not None:
+            raw = row[opener.tenant_index] if opener.tenant_index < len(row) else None
+            expected = None if raw is None else self._field_text(raw, opener)
+        elif opener.tenant_value is not None:
+            expected = opener.tenant_value
+        else:
+            return None  # only the cell's own key names its tenant (see TenantSource 'cell')
+        if expected == key.tenant:
+            return None
+        return (
+            f"pgseal: a cell of {opener.target.column} belongs to another tenant than "
+            "its row (copied from another row?)"
+        )
+
+    def _field_text(self, raw: bytes, opener: _Opener) -> str | None:
+        """The row tenant column's value as text (None: it cannot be read)."""
+        oid = opener.tenant_oid
+        try:
+            if opener.tenant_fmt == 0 or oid in TEXT_OIDS:
+                return raw.decode("utf-8")
+            type_name = OID_TO_TYPE.get(oid)
+            if type_name is None:
+                return None
+            session = self.session_format
+            return from_canonical(
+                type_name, to_canonical(type_name, raw, 1, session), 0, session
+            ).decode("utf-8")
+        except (UnicodeDecodeError, ValueFormatError):
+            return None
+
+    def _read_denial(self, target: OutputTarget, key: CellKey, session: str | None) -> str | None:
+        table = self._policy(target.column.table_key)
+        if not table.may_decrypt(self.role):
+            return f"pgseal: role {self.role} may not read {target.column} in plaintext"
+        if table.isolation == "trusted":
+            return None
+        if self.tenant.uncertain:
+            return "pgseal: the session tenant is uncertain; SET pgseal.tenant again"
+        if session is None:
+            if self.role in self.policies.cross_tenant_roles:
+                return None
+            return f"pgseal: reading {target.column} needs a session tenant (SET pgseal.tenant)"
+        if key.tenant != session and self.role not in self.policies.cross_tenant_roles:
+            return f"pgseal: {target.column} of another tenant is not readable in this session"
+        return None
+
+    def _fail_result(self, head: _Pending, sqlstate: str, message: str) -> bytes:
+        """An error in the middle of a result: tell the client, drop the rest of it."""
+        head.failed = True
+        return _error(sqlstate, message)
+
+    def _flush_opened(self, head: _Pending) -> None:
+        if not head.opened:
+            return
+        statement = (
+            fingerprint(head.sql)
+            if head.sql
+            else (fingerprint(head.portal.statement.sql) if head.portal is not None else "")
+        )
+        for (tenant, key_id, table), (cols, n) in head.opened.items():
+            self.audit.append(
+                AuditNote(
+                    "data.decrypt", tenant, key_id, table, tuple(sorted(cols)), n[0], statement
+                )
+            )
+        head.opened = {}
+
+    def _audit_deny(self, sql: str, message: str) -> None:
+        self.audit.append(
+            AuditNote(
+                "data.deny",
+                self.tenant.current if not self.tenant.uncertain else None,
+                None,
+                None,
+                (),
+                0,
+                fingerprint(sql),
+                outcome="denied",
+                error=message,
+            )
+        )
+
+    def take_audit(self) -> list[AuditNote]:
+        notes = self.audit
+        self.audit = []
+        return notes
+
+    def refuse_for_key_failure(self, frame: Frame, error: PgsealError) -> bytes:
+        """The keys a client frame needed could not be had: refuse that frame in order."""
+        sqlstate = error.sqlstate
+        message = f"pgseal: {error}"
+        t = frame.type
+        if t == 0x50:
+            parse = m.decode_parse(frame.body)
+            return self._refuse_parse(parse, sqlstate, message)
+        if t == 0x42:
+            bind = m.decode_bind(frame.body)
+            self.pending.append(_Pending(_Kind.BIND, refusal=_error(sqlstate, message)))
+            return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
+        if t == 0x51:
+            return self._refuse_query(m.decode_query(frame.body).sql, sqlstate, message)
+        raise error  # pragma: no cover - only those three need keys
+
+    def fail_server_frame(self, error: PgsealError) -> bytes:
+        """The keys to open a DataRow could not be had: end that result with an error."""
+        head = self.pending[0]
+        return self._fail_result(head, error.sqlstate, f"pgseal: {error}")
+
+
+# --- small pure helpers ------------------------------------------------------------------
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _table_name(table: TableKey) -> str:
+    return f"{table[0]}.{table[1]}"
+
+
+def _error(sqlstate: str, message: str) -> bytes:
+    return m.ErrorResponse.make(sqlstate, message).encode()
+
+
+def _cell_bytes(value: bytes, fmt: int) -> bytes:
+    """The cell inside a bytea field as PostgreSQL sent it (binary, or text in hex)."""
+    if fmt == 1:
+        return value
+    if value[:2] != b"\\x":
+        raise CellError()  # bytea_output=escape: not supported, fail closed
+    try:
+        return bytes.fromhex(value[2:].decode("ascii"))
+    except ValueError:
+        raise CellError() from None
+
+
+def _bytea_array(cells: Sequence[bytes | None]) -> bytes:
+    """A one-dimensional bytea[] in binary array format."""
+    parts = [
+        _I32.pack(1),
+        _I32.pack(1 if any(c is None for c in cells) else 0),
+        _I32.pack(BYTEA_OID),
+        _I32.pack(len(cells)),
+        _I32.pack(1),
+    ]
+    for c in cells:
+        if c is None:
+            parts.append(_I32.pack(-1))
+        else:
+            parts.append(_I32.pack(len(c)))
+            parts.append(c)
+    return b"".join(parts)
+
+
+def _array_elements(
+    raw: bytes, fmt: int, type_name: str, client_type: int
+) -> list[tuple[bytes | None, int]]:
+    """Elements of a one-dimensional array parameter, each with its format code."""
+    if fmt == 1:
+        try:
+            ndim, _flags, _elem = struct.unpack_from("!iiI", raw, 0)
+            if ndim == 0:
+                return []
+            if ndim != 1:
+                raise Refused(
+                    "0A000", "pgseal: only one-dimensional arrays compare with encrypted columns"
+                )
+            (count, _lower) = struct.unpack_from("!ii", raw, 12)
+            pos = 20
+            out: list[tuple[bytes | None, int]] = []
+            for _ in range(count):
+                (size,) = _I32.unpack_from(raw, pos)
+                pos += 4
+                if size < 0:
+                    out.append((None, 1))
+                else:
+                    out.append((raw[pos : pos + size], 1))
+                    pos += size
+            return out
+        except struct.error:
+            raise Refused("22P03", "pgseal: malformed binary array parameter") from None
+    return [(e, 0) for e in _parse_text_array(raw.decode("utf-8", "strict"))]
+
+
+def _parse_text_array(text: str) -> list[bytes | None]:
+    """A one-dimensional array literal `{a,"b c",NULL}`."""
+    text = text.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        raise Refused("22P02", "pgseal: malformed array literal")
+    body = text[1:-1]
+    out: list[bytes | None] = []
+    if not body.strip():
+        return out
+    i = 0
+    n = len(body)
+    while i <= n:
+        while i < n and body[i].isspace():
+            i += 1
+        if i < n and body[i] == "{":
+            raise Refused(
+                "0A000", "pgseal: only one-dimensional arrays compare with encrypted columns"
+            )
+        if i < n and body[i] == '"':
+            i += 1
+            buf = []
+            while i < n and body[i] != '"':
+                if body[i] == "\\" and i + 1 < n:
+                    i += 1
+                buf.append(body[i])
+                i += 1
+            if i >= n:
+                raise Refused("22P02", "pgseal: malformed array literal")
+            i += 1
+            out.append("".join(buf).encode())
+            while i < n and body[i].isspace():
+                i += 1
+        else:
+            start = i
+            while i < n and body[i] != ",":
+                i += 1
+            item = body[start:i].strip()
+            out.append(None if item.upper() == "NULL" else item.encode())
+        if i < n and body[i] != ",":
+            raise Refused("22P02", "pgseal: malformed array literal")
+        i += 1
+    return out
+
+
+KeyFetcher = Callable[[frozenset[str], frozenset[int]], None]

@@ -1,0 +1,210 @@
+"""DataPath (pure): rewriting, the response queue, refusal by substitution, key stalls.
+
+The server side is played by hand: each test feeds the frames PostgreSQL would
+send for what the data path forwarded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.crypto.cells import CellKey, read_cell_header
+from proxy.errors import PgsealError
+from proxy.policy.loader import load_policies
+from proxy.session.datapath import DataPath, NeedKeys, SessionInfo
+from proxy.wire import messages as m
+from proxy.wire.framing import Frame
+
+POLICY = Path(__file__).resolve().parent.parent / "data" / "policy.yaml"
+
+
+class FakeKeyRing:
+    def __init__(self) -> None:
+        self.keys: dict[int, CellKey] = {}
+        self.by_tenant: dict[str, CellKey] = {}
+        self.fault: PgsealError | None = None
+
+    def add(self, key_id: int, tenant: str) -> CellKey:
+        key = CellKey(key_id, tenant, bytes([key_id]) * 32)
+        self.keys[key_id] = key
+        self.by_tenant[tenant] = key
+        return key
+
+    def current(self, tenant: str, uses: int) -> CellKey | None:
+        return self.by_tenant.get(tenant)
+
+    def by_id(self, key_id: int, uses: int) -> CellKey | None:
+        return self.keys.get(key_id)
+
+    def failure(self) -> PgsealError | None:
+        return self.fault
+
+
+def frame_of(raw: bytes) -> Frame:
+    return Frame(raw[0], raw[5:])
+
+
+@pytest.fixture(scope="module")
+def policies():  # type: ignore[no-untyped-def]
+    return load_policies([POLICY])
+
+
+def make(policies, tenant: str | None = "acme") -> tuple[DataPath, FakeKeyRing]:  # type: ignore[no-untyped-def]
+    ring = FakeKeyRing()
+    ring.add(1, "acme")
+    ring.add(2, "globex")
+    dp = DataPath(policies, ring, SessionInfo("app", "db", tenant), parameters={})
+    return dp, ring
+
+
+def client(dp: DataPath, msg: object) -> bytes:
+    return dp.client_frame(frame_of(msg.encode()))  # type: ignore[attr-defined]
+
+
+def server(dp: DataPath, raw: bytes) -> bytes:
+    return dp.server_frame(frame_of(raw))
+
+
+PARSE_COMPLETE = b"1\0\0\0\4"
+BIND_COMPLETE = b"2\0\0\0\4"
+
+
+def test_bind_seals_protected_parameters_as_binary_bytea(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies)
+    parse = client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn, name) VALUES ($1, $2, $3)"))
+    forwarded = m.decode_parse(parse[5:])
+    assert forwarded.param_types[1:] == (17, 17)
+    out = client(dp, m.Bind("", "", (0,), (b"acme", b"123-45-6789", b"Alice"), ()))
+    bind = m.decode_bind(out[5:])
+    assert bind.params[0] == b"acme"
+    assert bind.param_formats == (0, 1, 1)
+    ssn, name = bind.params[1], bind.params[2]
+    assert ssn is not None and name is not None
+    assert read_cell_header(ssn).key_id == 1 and read_cell_header(ssn).suite == 2  # deterministic
+    assert read_cell_header(name).suite == 1  # randomized
+    assert b"Alice" not in out and b"123-45-6789" not in out
+    assert ring.keys[1].open("public.patients.name", name)[1:] == b"Alice"
+    assert [n.event for n in dp.take_audit()] == ["data.encrypt"]
+
+
+def test_strict_isolation_refuses_a_row_of_another_tenant_in_order(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies)
+    client(dp, m.Parse("", "SELECT 1"))
+    client(dp, m.Bind("", "", (), (), ()))
+    client(dp, m.Parse("s2", "INSERT INTO patients (tenant_id, ssn) VALUES ($1, $2)"))
+    refused_bind = client(dp, m.Bind("", "s2", (), (b"globex", b"1"), ()))
+    # Substituted by a Bind that fails in PostgreSQL, carrying no value.
+    assert b"globex" not in refused_bind and b"pgseal.refused" in refused_bind
+    client(dp, m.Execute(""))
+    client(dp, m.Parse("x", "SELECT 2"))  # skipped by the server after the error
+    sync = dp.client_frame(frame_of(m.SYNC))
+    assert sync == m.SYNC
+    # The server answers the first Parse/Bind, then fails the substituted Bind.
+    assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE
+    assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
+    assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE
+    pg_error = m.ErrorResponse.make("26000", "prepared statement \"pgseal.refused\" does not exist").encode()
+    ours = m.decode_error_response(server(dp, pg_error)[5:])
+    assert ours.sqlstate == "42501" and "public.patients" in (ours.message or "")
+    assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
+    assert not dp.pending
+
+
+def test_refused_query_never_forwards_its_text(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies)
+    out = client(dp, m.Query("SELECT * FROM patients WHERE name LIKE 'Ali%'"))
+    assert out == m.Query("pgseal_refused_statement").encode()
+    err = m.decode_error_response(server(dp, m.ErrorResponse.make("42601", "syntax error").encode())[5:])
+    assert err.sqlstate == "0A000" and "public.patients.name" in (err.message or "")
+    server(dp, m.ReadyForQuery("I").encode())
+    assert not dp.pending
+
+
+def test_simple_query_literals_are_spliced_as_sealed_bytea(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies)
+    sql = "INSERT INTO patients (tenant_id, ssn, name) VALUES ('acme', '1-2-3', 'Alice') RETURNING id"
+    out = m.decode_query(client(dp, m.Query(sql))[5:]).sql
+    assert "Alice" not in out and "1-2-3" not in out
+    assert out.startswith("INSERT INTO patients (tenant_id, ssn, name) VALUES ('acme', '\\x0102")
+    assert out.endswith("::bytea) RETURNING id")
+
+
+def test_data_row_cells_are_opened_into_the_requested_format(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies)
+    cell = ring.keys[1].seal("public.patients.name", b"\x01Alice", deterministic=False)
+    client(dp, m.Parse("", "SELECT id, name FROM patients WHERE id = $1"))
+    client(dp, m.Bind("", "", (), (b"1",), (0,)))
+    client(dp, m.Describe("P", ""))
+    client(dp, m.Execute(""))
+    client(dp, m.Parse("", "SELECT 1"))  # nothing to do with the result above
+    dp.client_frame(frame_of(m.SYNC))
+    server(dp, PARSE_COMPLETE)
+    server(dp, BIND_COMPLETE)
+    rd = m.RowDescription((
+        m.FieldDescription("id", 0, 0, 23, 4, -1, 0),
+        m.FieldDescription("name", 0, 0, 17, -1, -1, 0),
+    ))
+    described = m.decode_row_description(server(dp, rd.encode())[5:])
+    assert described.fields[1].type_oid == 25  # the declared type, not bytea
+    row = m.DataRow((b"7", b"\\x" + cell.hex().encode()))
+    assert m.decode_data_row(server(dp, row.encode())[5:]).values == (b"7", b"Alice")
+    server(dp, m.CommandComplete("SELECT 1").encode())
+    assert [n.event for n in dp.take_audit()] == ["data.decrypt"]
+
+
+def test_reading_another_tenants_cell_is_denied(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies, tenant="acme")
+    cell = ring.keys[2].seal("public.patients.name", b"\x01Bob", deterministic=False)
+    client(dp, m.Query("SELECT name FROM patients"))
+    server(dp, m.RowDescription((m.FieldDescription("name", 0, 0, 17, -1, -1, 0),)).encode())
+    out = server(dp, m.DataRow((b"\\x" + cell.hex().encode(),)).encode())
+    err = m.decode_error_response(out[5:])
+    assert err.sqlstate == "42501" and b"Bob" not in out
+    # the rest of that result is dropped; ReadyForQuery still arrives
+    assert server(dp, m.DataRow((b"\\x" + cell.hex().encode(),)).encode()) == b""
+    assert server(dp, m.CommandComplete("SELECT 2").encode()) == b""
+    assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
+
+
+def test_a_missing_key_stalls_and_the_retry_is_exact(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies, tenant="newco")
+    client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ($1, $2)"))
+    bind = m.Bind("", "", (), (b"newco", b"42"), ())
+    with pytest.raises(NeedKeys) as need:
+        client(dp, bind)
+    assert need.value.tenants == frozenset({"newco"})
+    pending_before = len(dp.pending)
+    ring.add(3, "newco")
+    out = client(dp, bind)
+    assert len(dp.pending) == pending_before + 1
+    sealed = m.decode_bind(out[5:]).params[1]
+    assert sealed is not None and read_cell_header(sealed).key_id == 3
+
+
+def test_prepared_literals_become_parameters_sealed_at_bind(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies, tenant="acme")
+    parse = m.decode_parse(client(dp, m.Parse("s", "SELECT id FROM patients WHERE ssn = '1-2-3' AND id > $1"))[5:])
+    assert "1-2-3" not in parse.sql and "$2" in parse.sql
+    assert parse.param_types == (0, 17)
+    bind = m.decode_bind(client(dp, m.Bind("", "s", (), (b"5",), ()))[5:])
+    assert bind.params[0] == b"5" and len(bind.params) == 2
+    # ParameterDescription hides the proxy's own parameter.
+    client(dp, m.Describe("S", "s"))
+    server(dp, PARSE_COMPLETE)
+    server(dp, BIND_COMPLETE)
+    pd = server(dp, m.ParameterDescription((23, 17)).encode())
+    assert m.decode_parameter_description(pd[5:]).type_oids == (23,)
+
+
+def test_session_tenant_follows_set_local_and_rollback(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies, tenant=None)
+    client(dp, m.Query("BEGIN; SET LOCAL pgseal.tenant = 'acme'"))
+    assert dp.tenant.current == "acme"
+    client(dp, m.Query("ROLLBACK"))
+    assert dp.tenant.current is None
+    client(dp, m.Query("SET pgseal.tenant = 'globex'"))
+    assert dp.tenant.current == "globex"
+    client(dp, m.Query("RESET ALL"))
+    assert dp.tenant.current is None
