@@ -19,8 +19,9 @@ machine; handlers only ever move along an edge listed there):
     READY ──client Terminate / either side EOF──▶ CLOSED
 
 In READY, messages nobody needs to change travel as received slices (see
-wire/framing.py). Sync/Query from the client (each owes a ReadyForQuery) and
-ReadyForQuery from the server are only counted as they pass ("watched");
+wire/framing.py). Sync/Query from the client (each owes a ReadyForQuery),
+Execute (runs a statement, perhaps long before its Sync) and ReadyForQuery from
+the server are only counted as they pass ("watched");
 ParameterStatus, BackendKeyData and Terminate are held and decoded.
 """
 
@@ -67,12 +68,13 @@ _SERVER_HELD_READY = held_table(b"SK")
 _SERVER_WATCHED = held_table(b"Z")
 _CLIENT_HELD_AUTH = held_table(b"p")
 _CLIENT_HELD_READY = held_table(b"X")
-_CLIENT_WATCHED = held_table(b"SQ")
+_CLIENT_WATCHED = held_table(b"SQE")
 # With a policy loaded every statement, bind and result message is looked at;
 # CopyData, Flush, notices and notifications still pass as slices.
 _CLIENT_HELD_DATAPATH = held_table(b"PBDESQCFX")
 _SERVER_HELD_DATAPATH = held_table(b"123tTnCsIEZSK")  # + D while a result has cells
 _SYNC, _QUERY, _READY, _DATA_ROW = 0x53, 0x51, 0x5A, 0x44
+_EXECUTE = 0x45
 # The hot path compares against a plain global: `Phase.READY` is an attribute lookup
 # through EnumType.__getattr__ on every message.
 _PHASE_READY = Phase.READY
@@ -174,6 +176,9 @@ class ProxySession:
         # Each Sync or Query the client sent (and the startup) owes one ReadyForQuery:
         # > 0 means busy.
         self.awaiting_ready = 0
+        # An Execute was sent and no Sync after it yet: pipelines streamed with Flush
+        # (psycopg's pipeline mode) run statements that no ReadyForQuery is owed for.
+        self.unsynced = False
         self.to_server: list[bytes] = []
         self.to_client: list[bytes] = []
         self.effects: list[Effect] = []
@@ -200,8 +205,8 @@ class ProxySession:
 
     @property
     def busy(self) -> bool:
-        """True while a query runs or a transaction is open upstream."""
-        return self.awaiting_ready > 0 or self.transaction_status != "I"
+        """True while a query runs (or an Execute awaits its Sync) or a transaction is open."""
+        return self.awaiting_ready > 0 or self.unsynced or self.transaction_status != "I"
 
     # -- client side --------------------------------------------------------------
 
@@ -210,11 +215,13 @@ class ProxySession:
         Otherwise nothing happened and the caller uses `client_data`."""
         if self.phase is not _PHASE_READY or not self._client.passes_whole(data):
             return False
-        seen = self._client.seen  # take_seen(), inlined: this runs once per received chunk
+        buf = self._client
+        seen = buf.seen  # take_seen(), inlined: this runs once per received chunk
         n = seen[_SYNC] + seen[_QUERY]
-        if n:
-            seen[_SYNC] = seen[_QUERY] = 0
+        if n or seen[_EXECUTE]:
+            seen[_SYNC] = seen[_QUERY] = seen[_EXECUTE] = 0
             self.awaiting_ready += n
+            self.unsynced = buf.last_watched_type == _EXECUTE
         return True
 
     def server_passes(self, data: bytes) -> bool:
@@ -293,6 +300,9 @@ class ProxySession:
             if datapath is not None and t != 0x58:
                 if t == _SYNC or t == _QUERY:
                     self.awaiting_ready += 1
+                    self.unsynced = False
+                elif t == _EXECUTE:
+                    self.unsynced = True
                 if self._through_datapath("client", item) is None:
                     break
             elif t == 0x58:  # Terminate
@@ -305,7 +315,11 @@ class ProxySession:
                 out.append(self._auth_response(item))
             else:  # pragma: no cover - held types are listed above
                 out.append(item.raw)
-        self.awaiting_ready += buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
+        n = buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
+        executes = buf.take_seen(_EXECUTE)
+        if n or executes:
+            self.awaiting_ready += n
+            self.unsynced = buf.last_watched_type == _EXECUTE
         self._collect_audit()
 
     def _through_datapath(self, side: str, frame: Frame) -> bytes | None:
@@ -514,10 +528,11 @@ class ProxySession:
 
         PostgreSQL does not notice a vanished client while it executes a query, so
         a backend whose client is gone must be cancelled to be released. Only when
-        a ReadyForQuery is owed: an idle (or idle-in-transaction) backend notices
-        the closed socket by itself."""
+        a ReadyForQuery is owed or an Execute awaits its Sync: an idle (or
+        idle-in-transaction) backend notices the closed socket by itself."""
         key = self.backend_key
-        if self.phase is Phase.READY and self.awaiting_ready > 0 and key is not None:
+        running = self.awaiting_ready > 0 or self.unsynced
+        if self.phase is Phase.READY and running and key is not None:
             self.effects.append(ForwardCancel(m.CancelRequest(key.pid, key.secret)))
 
     def client_gone(self) -> None:

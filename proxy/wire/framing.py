@@ -16,8 +16,9 @@ in the largest pieces the caller allows:
   proxy's memory.
 
 Types in the `watched` table are not held but counted as they pass (`seen`),
-with the first body byte of the last one kept (`last_watched_byte`): that is
-all the session needs of Sync/Query (each owes a ReadyForQuery) and of
+with the type and first body byte of the last one kept (`last_watched_type`,
+`last_watched_byte`): that is all the session needs of Sync/Query (each owes
+a ReadyForQuery), of Execute (is one still without its Sync?) and of
 ReadyForQuery itself (the transaction status), without a per-message object.
 
 Lengths outside [4, max_message] are a protocol violation blamed on the peer
@@ -86,6 +87,7 @@ class FrameBuffer:
         "_stream_left",
         "held",
         "last_watched_byte",
+        "last_watched_type",
         "max_message",
         "seen",
         "stream_threshold",
@@ -109,6 +111,7 @@ class FrameBuffer:
         self.watched = watched if watched is not None else held_table()
         self.seen = [0] * 256
         self.last_watched_byte = 0
+        self.last_watched_type = 0
         self.valid_types = valid_types
         self.max_message = max_message
         self.stream_threshold = stream_threshold
@@ -191,6 +194,7 @@ class FrameBuffer:
             seen = self.seen
             for mtype in hits:
                 seen[mtype] += 1
+            self.last_watched_type = data[last]
             if last + 5 < end:
                 self.last_watched_byte = data[last + 5]
         return True
@@ -263,8 +267,17 @@ class FrameBuffer:
 
     def _watch(self, mtype: int, pos: int) -> None:
         self.seen[mtype] += 1
+        self.last_watched_type = mtype
         if pos + 5 < len(self._buf):
             self.last_watched_byte = self._buf[pos + 5]
+
+    def hold(self, mtype: int, on: bool) -> None:
+        """Start or stop holding one message type, in place, on a table this buffer owns
+        (never a shared one). The fast path's own table follows at once; an in-place
+        edit alone would not reach it (`_build_kinds` notices replaced tables only)."""
+        if bool(self.held[mtype]) != on:
+            self.held[mtype] = 1 if on else 0
+            self._kinds_of = None
 
     def take_seen(self, mtype: int) -> int:
         n = self.seen[mtype]
