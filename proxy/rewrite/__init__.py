@@ -59,6 +59,22 @@ outputs: resolving result columns to encrypted columns
     outputs_by_name is filled in both cases (names as PostgreSQL reports
     them: the alias, else the column name).
 
+key versions (search after rotation)
+    A deterministic cell depends on the key version it was sealed with, so a
+    column holds different cells for one value once its tenant's key was
+    rotated. Every comparison with a value therefore matches the value's cells
+    under all live versions: the analyzer rewrites `col = v` to
+    `col = ANY(v)`, `col <> v` to `col <> ALL(v)`, `col IN (v1, v2)` to
+    `col = ANY(v1 || v2)` (NOT IN: `<> ALL`), `col = ANY(ARRAY[v1, v2])` to
+    `col = ANY((v1 || v2))` and IS [NOT] DISTINCT FROM to an equivalent
+    expression, and marks those values `versions`: each is sent as a bytea[]
+    of its cells, the active version first. A parameter also stored elsewhere
+    in the statement (the CTE upsert) is written there as `($n::bytea[])[1]`.
+    Row comparisons (`(a, col) = ($1, $2)`, `(a, col) IN (...)`) with a value
+    for a search column are refused. Column-to-column equality (self-joins,
+    UNIQUE, ON CONFLICT) compares stored cells and only matches cells of the
+    same version.
+
 tenant of a read (OutputTarget.tenant)
     A cell is opened with the key named in its header; AAD binds tenant and
     column, so an opened cell is authentic for its tenant. Isolation compares
@@ -78,6 +94,11 @@ tenant_writes
     Strict isolation: refuse (42501) unless that resolves to the session
     tenant. Trusted: seal with that tenant's key. ParamTarget/LiteralTarget
     `tenant` already carries the same source per value.
+
+copy (COPY ... FROM STDIN / TO STDOUT, text and CSV; see `CopyPlan`)
+    The stream is sealed (FROM) or opened (TO) row by row by the caller; a
+    statement without a column list gets one from the live catalog first.
+    Binary COPY, server files and PROGRAM are refused on protected tables.
 
 session_settings
     SET/RESET pgseal.tenant, search_path, ROLE, SESSION AUTHORIZATION,
@@ -99,6 +120,8 @@ from proxy.rewrite.plan import (
     SESSION_TENANT,
     UNSUPPORTED,
     ColumnRef,
+    CopyOptions,
+    CopyPlan,
     LiteralTarget,
     OutputTarget,
     ParamTarget,
@@ -122,6 +145,8 @@ __all__ = [
     "SESSION_TENANT",
     "UNSUPPORTED",
     "ColumnRef",
+    "CopyOptions",
+    "CopyPlan",
     "LiteralTarget",
     "OutputTarget",
     "ParamTarget",

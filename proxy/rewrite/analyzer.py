@@ -44,6 +44,7 @@ from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import ParseError, TokenError
 
 from proxy.policy.model import ColumnPolicy, PolicySet, TableKey, TablePolicy
+from proxy.rewrite.copy import analyze_copy
 from proxy.rewrite.lexer import (
     SessionStatementError,
     decode_string_literal,
@@ -477,6 +478,9 @@ class _Analysis:
     instances: int = 0
     params: dict[int, ParamTarget] = field(default_factory=dict)
     consumed: set[int] = field(default_factory=set)  # id() of Parameter nodes sealed
+    # Where each sealed parameter is written to a column: (index, span); a parameter
+    # also compared is sent as the bytea[] of its cells there ("key versions").
+    store_sites: list[tuple[int, tuple[int, int] | None]] = field(default_factory=list)
     literals: dict[tuple[int, int], LiteralTarget] = field(default_factory=dict)
     edits: dict[tuple[int, int], TextEdit] = field(default_factory=dict)
     tenant_preds: dict[int, TenantSource] = field(default_factory=dict)
@@ -532,9 +536,13 @@ class _Analysis:
             parts = [p for p in node.parts if isinstance(p, exp.Identifier) and p._meta]
             if len(parts) != len(node.parts):
                 return None
-            return int(parts[0].meta["start"]), int(parts[-1].meta["end"]) + 1 + (
-                1 if node.this.args.get("quoted") else 0
-            )
+            start, end = int(parts[0].meta["start"]), int(parts[-1].meta["end"]) + 1
+            # Offsets of a quoted name may or may not include its quotes (sqlglot versions).
+            if parts[0].args.get("quoted") and self.text[start : start + 1] != '"':
+                start -= 1
+            if node.this.args.get("quoted") and self.text[end - 1 : end] != '"':
+                end += 1
+            return start, end
         if isinstance(node, exp.Parameter):
             inner = node.this
             m = inner.meta if inner._meta else None
@@ -874,9 +882,15 @@ class _Analysis:
         for f in frame.chain():
             source = f.sources.get(name)
             if source is not None and source.protected:
+                what = (
+                    source.policy.qualified_name
+                    if source.policy is not None
+                    else _protected_names(source.outputs or ())
+                )
                 _refuse(
                     "whole-row reference",
-                    f"whole-row reference {name!r} to a protected table is not supported",
+                    f"whole-row reference {name!r} to protected table {what} is not supported "
+                    "(it would carry sealed cells; list the columns)",
                 )
 
     def _check_outer_ambiguity(self, name: str, inner: _Frame) -> None:
@@ -952,9 +966,12 @@ class _Analysis:
         anchor: exp.Expr | None = None,
         array: bool = False,
         force_cast: bool = False,
+        versions: bool = False,
     ) -> bool:
         """Record that `value` (a parameter or constant) is sealed for `prot`'s column.
 
+        `versions`: a compared value, sent as the bytea[] of its cells under every live
+        key version (the caller rewrites the comparison to take an array).
         Returns False for NULL/DEFAULT (nothing to seal). Refuses anything else.
         """
         core = _value_core(value)
@@ -970,18 +987,26 @@ class _Analysis:
         if kind in ("null", "default"):
             if kind == "default" and use == "compare":
                 _refuse("DEFAULT", f"DEFAULT compared with encrypted column {ref}", ref)
+            if kind == "null" and use == "store" and value is not node:
+                # A typed NULL (NULL::text): the column is bytea, so the type must go.
+                span = slot or self._span(value)
+                if span is None:
+                    _refuse("cast", f"write NULL without a cast into encrypted column {ref}", ref)
+                self.edits[span] = TextEdit(span[0] + self.base, span[1] + self.base, "NULL")
             return False
         self.tables.add(ref.table_key)
         if kind == "param":
             index = int(node.this.this)
-            target = ParamTarget(index, ref, prot.policy, use, tenant, array)
+            target = ParamTarget(index, ref, prot.policy, use, tenant, array, versions)
             self._add_param(target)
             self.consumed.add(id(node))
+            span = slot or self._span(value)
+            if use == "store":
+                self.store_sites.append((index, span))
             if value is not node or force_cast:
-                span = slot or self._span(value)
                 if span is None:
                     _refuse("cast", f"cannot locate the cast around ${index} for {ref}", ref)
-                cast = f"${index}::bytea[]" if array else f"${index}::bytea"
+                cast = f"${index}::bytea[]" if array or versions else f"${index}::bytea"
                 self.edits[span] = TextEdit(span[0] + self.base, span[1] + self.base, cast)
             return True
         span = slot or self._span(value)
@@ -998,7 +1023,8 @@ class _Analysis:
                 ref,
             )
         self.literals[span] = LiteralTarget(
-            span[0] + self.base, span[1] + self.base, text, ref, prot.policy, use, tenant
+            span[0] + self.base, span[1] + self.base, text, ref, prot.policy, use, tenant,
+            versions,
         )
         return True
 
@@ -1018,9 +1044,155 @@ class _Analysis:
                 "(or under different tenants); use one parameter per use",
                 target.column,
             )
-        if existing.use == "compare" and target.use == "store":
-            # Equality columns are sealed deterministically either way: same cell.
-            self.params[target.index] = target
+        # Equality columns are sealed deterministically either way: the same cell. A
+        # parameter both stored and compared is sent with every version (`versions`)
+        # and stored as the first, the active one (see finish_versions).
+        self.params[target.index] = replace(
+            existing,
+            use="store" if "store" in (existing.use, target.use) else "compare",
+            versions=existing.versions or target.versions,
+        )
+
+    def finish_versions(self) -> None:
+        """Store sites of parameters that are also compared take the active version's cell."""
+        for index, span in self.store_sites:
+            target = self.params.get(index)
+            if target is None or not target.versions or target.array:
+                continue
+            if span is None:
+                _refuse(
+                    "parameter",
+                    f"cannot locate ${index}, stored in and compared with {target.column}",
+                    target.column,
+                )
+            self.edits[span] = TextEdit(
+                span[0] + self.base, span[1] + self.base, f"(${index}::bytea[])[1]"
+            )
+
+    # -- comparisons over every key version --
+
+    def _edit(self, start: int, end: int, text: str) -> None:
+        """Replace text[start:end] of the statement (start == end: insert)."""
+        self.edits[(start, end)] = TextEdit(start + self.base, end + self.base, text)
+
+    def _tok_before(self, offset: int) -> int | None:
+        """The last token ending before `offset`."""
+        i = bisect.bisect_left(self.ends, offset) - 1
+        return i if i >= 0 else None
+
+    def _tok_from(self, offset: int) -> int | None:
+        """The first token starting at or after `offset`."""
+        i = bisect.bisect_left(self.starts, offset)
+        return i if i < len(self.tokens) else None
+
+    def _list_items(
+        self, open_index: int
+    ) -> tuple[list[tuple[int, int]], list[int], int] | None:
+        """The list opened by token `open_index` (`(` or `[`): item spans, the indexes of the
+        commas between them, the index of the closing token."""
+        toks = self.tokens
+        openers = (TokenType.L_PAREN, TokenType.L_BRACKET, TokenType.L_BRACE)
+        closers = (TokenType.R_PAREN, TokenType.R_BRACKET, TokenType.R_BRACE)
+        depth = 0
+        items: list[tuple[int, int]] = []
+        commas: list[int] = []
+        start = open_index + 1
+        for j in range(open_index + 1, len(toks)):
+            tt = toks[j].token_type
+            if tt in openers:
+                depth += 1
+            elif tt in closers:
+                if depth == 0:
+                    if j > start:
+                        items.append((toks[start].start, toks[j - 1].end + 1))
+                    return items, commas, j
+                depth -= 1
+            elif tt == TokenType.COMMA and depth == 0:
+                if j == start:
+                    return None
+                items.append((toks[start].start, toks[j - 1].end + 1))
+                commas.append(j)
+                start = j + 1
+        return None
+
+    def _value_span(self, value: exp.Expr, anchor: exp.Expr | None) -> tuple[int, int] | None:
+        span = self._span(value)
+        if span is None and isinstance(value, exp.Boolean) and anchor is not None:
+            span = self._bool_span_after(anchor)
+        return span
+
+    def _versions_compare(
+        self, node: exp.Expr, column: exp.Expr, value: exp.Expr, value_first: bool, ref: ColumnRef
+    ) -> None:
+        """`col = v` -> `col = ANY(v)`, `col <> v` -> `col <> ALL(v)`, IS [NOT] DISTINCT FROM
+        likewise: `v` is now the bytea[] of the value's cells under every live key version."""
+        vspan = self._value_span(value, _strip_parens(column))
+        cspan = self._span(column)
+        if vspan is None:
+            _refuse("comparison", f"cannot locate the value compared with {ref}", ref)
+        negated = isinstance(node, (exp.NEQ, exp.NullSafeNEQ))
+        if isinstance(node, (exp.NullSafeEQ, exp.NullSafeNEQ)):
+            if cspan is None:
+                _refuse("IS DISTINCT FROM", f"cannot locate {ref} in IS DISTINCT FROM", ref)
+            ctext = self.text[cspan[0] : cspan[1]]
+            core = _value_core(value)
+            null_branch = ""
+            if core is not None and core[0] == "param":
+                ptext = f"${int(core[1].this.this)}::bytea[]"
+                null_branch = f" OR ({ctext} IS NULL AND ({ptext})[1] IS NULL)"
+            head = "(NOT ((" if negated else "(("
+            tail = f")) IS TRUE{null_branch})" + (")" if negated else "")
+            if value_first:
+                self._edit(vspan[0], vspan[0], f"{head}{ctext} = ANY(")
+                self._edit(vspan[1], cspan[1], tail)
+            else:
+                self._edit(cspan[0], cspan[0], head)
+                self._edit(cspan[1], vspan[0], " = ANY(")
+                self._edit(vspan[1], vspan[1], tail)
+            return
+        op = "<> ALL(" if negated else "= ANY("
+        if value_first:
+            if cspan is None:
+                _refuse(
+                    "comparison",
+                    f"compare encrypted column {ref} as `column = value`, the column first",
+                    ref,
+                )
+            self._edit(vspan[0], vspan[0], f"{self.text[cspan[0] : cspan[1]]} {op}")
+            self._edit(vspan[1], cspan[1], ")")
+            return
+        i = self._tok_before(vspan[0])
+        if i is None or self.tokens[i].token_type not in (TokenType.EQ, TokenType.NEQ):
+            _refuse("comparison", f"cannot locate the comparison with {ref}", ref)
+        self._edit(self.tokens[i].start, vspan[0], op)
+        self._edit(vspan[1], vspan[1], ")")
+
+    def _concat_items(
+        self,
+        prot: _Prot,
+        items: Sequence[exp.Expr],
+        spans: list[tuple[int, int]],
+        commas: list[int],
+        tenant: TenantSource,
+        frame: _Frame | None,
+    ) -> None:
+        """The items of an IN list or ARRAY[...] become `v1 || v2 || ...` of bytea[]s."""
+        if len(spans) != len(items):
+            _refuse("IN", f"cannot locate the list compared with {prot.ref}", prot.ref)
+        for comma in commas:
+            tok = self.tokens[comma]
+            self._edit(tok.start, tok.end + 1, " ||")
+        for item, span in zip(items, spans, strict=True):
+            core = _value_core(item)
+            if core is not None and core[0] == "null":
+                self._edit(span[0], span[1], "ARRAY[NULL]::bytea[]")
+            elif core is not None:
+                self.seal(item, prot, "compare", tenant, slot=span, versions=True)
+            else:
+                assert frame is not None
+                self.join_pair(prot, self.operand(item, frame), "IN")
+                self._edit(span[0], span[0], "ARRAY[")
+                self._edit(span[1], span[1], "]")
 
     def compare_tenant(self, prot: _Prot) -> TenantSource:
         if prot.table.tenant_from_session:
@@ -1168,11 +1340,13 @@ class _Analysis:
         if isinstance(a, exp.Tuple) and isinstance(b, exp.Tuple):
             if len(a.expressions) == len(b.expressions):
                 for x, y in zip(a.expressions, b.expressions, strict=True):
-                    self._compare_pair(node, x, y, frame)
+                    self._compare_pair(node, x, y, frame, row=True)
                 return
         self._compare_pair(node, node.this, node.expression, frame)
 
-    def _compare_pair(self, node: exp.Expr, a: exp.Expr, b: exp.Expr, frame: _Frame) -> None:
+    def _compare_pair(
+        self, node: exp.Expr, a: exp.Expr, b: exp.Expr, frame: _Frame, *, row: bool = False
+    ) -> None:
         construct = (
             "equality comparison"
             if isinstance(node, (exp.EQ, exp.NullSafeEQ))
@@ -1184,7 +1358,7 @@ class _Analysis:
             if prot is None:
                 self.visit(b, frame)
                 return
-            self._compare_array(prot, array_operand, frame)
+            self._compare_array(prot, array_operand, frame, a)
             return
         a_core, b_core = _value_core(a), _value_core(b)
         la = None if a_core else self.operand(a, frame)
@@ -1211,18 +1385,33 @@ class _Analysis:
         if other_core[0] == "null":
             return
         self.require_search(prot, construct)
-        self.seal(other, prot, "compare", self.compare_tenant(prot), anchor=anchor)
+        if row:
+            _refuse(
+                "row comparison",
+                f"a row comparison with a value for encrypted column {prot.ref} is not "
+                f"supported: compare it on its own ({prot.ref.column} = $n)",
+                prot.ref,
+            )
+        column = a if la is not None else b
+        if self.seal(
+            other, prot, "compare", self.compare_tenant(prot), anchor=anchor, versions=True
+        ):
+            self._versions_compare(node, column, other, other is a, prot.ref)
 
-    def _compare_array(self, prot: _Prot, operand: exp.Expr, frame: _Frame) -> None:
+    def _compare_array(
+        self, prot: _Prot, operand: exp.Expr, frame: _Frame, column: exp.Expr
+    ) -> None:
         self.require_search(prot, "= ANY")
         tenant = self.compare_tenant(prot)
         core = _value_core(operand)
         if core is not None and core[0] == "param":
-            self.seal(operand, prot, "compare", tenant, array=True)
+            self.seal(operand, prot, "compare", tenant, array=True, versions=True)
             return
-        if isinstance(operand, exp.Array):
-            for item in operand.expressions:
-                self.seal(item, prot, "compare", tenant)
+        array = operand
+        if isinstance(array, exp.Cast) and isinstance(_strip_parens(array.this), exp.Array):
+            array = _strip_parens(array.this)  # ARRAY[...]::varchar[]: the cast goes too
+        if isinstance(array, exp.Array):
+            self._array_items(prot, array, tenant, column)
             return
         if isinstance(operand, (exp.Subquery, exp.Query)):
             query = operand.this if isinstance(operand, exp.Subquery) else operand
@@ -1236,6 +1425,50 @@ class _Analysis:
             "(use an array parameter, ARRAY[...] or IN (...))",
             prot.ref,
         )
+
+    def _array_items(
+        self, prot: _Prot, array: exp.Array, tenant: TenantSource, column: exp.Expr
+    ) -> None:
+        """`col = ANY(ARRAY[v1, v2][::type[]])` -> `col = ANY((v1 || v2))` (bytea[] items)."""
+        cspan = self._span(column)
+        k = self._tok_from(cspan[1]) if cspan is not None else None
+        toks = self.tokens
+        # col, = or <>, ANY/SOME/ALL, one or more (, ARRAY, [
+        if k is not None:
+            k += 2
+            while k < len(toks) and toks[k].token_type == TokenType.L_PAREN:
+                k += 1
+        if (
+            k is None
+            or k + 1 >= len(toks)
+            or toks[k].token_type != TokenType.ARRAY
+            or toks[k + 1].token_type != TokenType.L_BRACKET
+        ):
+            _refuse("= ANY", f"cannot locate the ARRAY compared with {prot.ref}", prot.ref)
+        found = self._list_items(k + 1)
+        if found is None:
+            _refuse("= ANY", f"cannot locate the ARRAY compared with {prot.ref}", prot.ref)
+        spans, commas, close = found
+        # A cast after `]` ends at the parenthesis that closes ANY(.
+        end, depth = close, 0
+        if close + 1 < len(toks) and toks[close + 1].token_type == TokenType.DCOLON:
+            j = close + 2
+            while j < len(toks):
+                tt = toks[j].token_type
+                if tt in (TokenType.L_PAREN, TokenType.L_BRACKET):
+                    depth += 1
+                elif tt in (TokenType.R_PAREN, TokenType.R_BRACKET):
+                    if depth == 0:
+                        break
+                    depth -= 1
+                j += 1
+            end = j - 1
+        if not array.expressions:
+            self._edit(toks[k].start, toks[end].end + 1, "ARRAY[]::bytea[]")
+            return
+        self._edit(toks[k].start, toks[k + 1].end + 1, "(")
+        self._edit(toks[close].start, toks[end].end + 1, ")")
+        self._concat_items(prot, array.expressions, spans, commas, tenant, None)
 
     def _same_column_query(self, prot: _Prot, outs: list[_Out], construct: str) -> None:
         inner = self._scalar_lineage(outs)
@@ -1260,11 +1493,8 @@ class _Analysis:
             return
         self.require_search(prot, "IN")
         tenant = self.compare_tenant(prot)
-        for item in node.expressions:
-            if _value_core(item) is not None:
-                self.seal(item, prot, "compare", tenant)
-            else:
-                self.join_pair(prot, self.operand(item, frame), "IN")
+        if node.expressions:
+            self._in_list(node, prot, tenant, frame)
         if query is not None:
             self._same_column_query(
                 prot, self.query(_strip_subquery(query), frame, frame.ctes), "IN"
@@ -1273,6 +1503,30 @@ class _Analysis:
             _refuse(
                 "IN", f"this form of IN on encrypted column {prot.ref} is not supported", prot.ref
             )
+
+    def _in_list(self, node: exp.In, prot: _Prot, tenant: TenantSource, frame: _Frame) -> None:
+        """`col IN (v1, v2)` -> `col = ANY (v1 || v2)`, NOT IN -> `<> ALL` (bytea[] items)."""
+        cspan = self._span(node.this)
+        first = self._tok_from(cspan[1]) if cspan is not None else None
+        toks = self.tokens
+        k, op = first, "= ANY"
+        if first is not None and toks[first].token_type == TokenType.NOT:
+            k, op = first + 1, "<> ALL"
+        if (
+            k is None
+            or first is None
+            or k >= len(toks)
+            or toks[k].token_type != TokenType.IN
+            or k + 1 >= len(toks)
+            or toks[k + 1].token_type != TokenType.L_PAREN
+        ):
+            _refuse("IN", f"cannot locate the IN list compared with {prot.ref}", prot.ref)
+        found = self._list_items(k + 1)
+        if found is None:
+            _refuse("IN", f"cannot locate the IN list compared with {prot.ref}", prot.ref)
+        spans, commas, _ = found
+        self._edit(toks[first].start, toks[k].end + 1, op)
+        self._concat_items(prot, node.expressions, spans, commas, tenant, frame)
 
     def _in_tuple(self, node: exp.In, this: exp.Tuple, frame: _Frame) -> None:
         lineages = [None if _value_core(e) else self.operand(e, frame) for e in this.expressions]
@@ -1294,9 +1548,15 @@ class _Analysis:
                     self.visit(item, frame)
                     continue
                 self.require_search(prot, "IN")
-                if _value_core(item) is not None:
-                    self.seal(item, prot, "compare", self.compare_tenant(prot))
-                else:
+                core = _value_core(item)
+                if core is not None and core[0] != "null":
+                    _refuse(
+                        "row IN",
+                        f"row IN (...) with a value for encrypted column {prot.ref} is not "
+                        f"supported: compare it on its own ({prot.ref.column} IN (...))",
+                        prot.ref,
+                    )
+                if core is None:
                     self.join_pair(prot, self.operand(item, frame), "IN")
         if query is not None:
             outs = self.query(_strip_subquery(query), frame, frame.ctes)
@@ -1408,7 +1668,11 @@ class _Analysis:
             elif value is not None:
                 self.visit(value, frame)
         if node.args.get("into") is not None and self._has_protected(outs):
-            _refuse("SELECT INTO", "SELECT INTO copying encrypted columns is not supported")
+            _refuse(
+                "SELECT INTO",
+                f"SELECT INTO copying encrypted columns ({_protected_names(outs)}) is not "
+                "supported (it would copy sealed cells out of their table)",
+            )
         return outs
 
     @staticmethod
@@ -1768,7 +2032,8 @@ class _Analysis:
                             "supported: a cell only opens in its own column",
                             ref,
                         )
-                    continue  # a cell copied within its own column stays valid
+                    self._check_copy_tenant(policy, cols, col_outs, out.lineage, ref)
+                    continue  # a cell copied within its own column and tenant stays valid
                 core = _value_core(item) if item is not None else None
                 if core is None or item is None:
                     _refuse(
@@ -1795,6 +2060,30 @@ class _Analysis:
                 row = r if n_rows > 1 or any(o.values is not None for o in col_outs) else None
                 self.tenant_writes.append(TenantWrite(policy.key, row, tenant))
         return tenants.pop() if len(tenants) == 1 else None
+
+    @staticmethod
+    def _check_copy_tenant(
+        policy: TablePolicy, cols: list[str], outs: list[_Col], cell: _Prot, ref: ColumnRef
+    ) -> None:
+        """A copied cell belongs to its source row's tenant: the new row must be that tenant's.
+
+        Only a tenant column copied from the same source row guarantees it; anything else
+        (a parameter, a constant, the column default) could write another tenant's row
+        (or a cell of another tenant into this one), which nothing downstream can check.
+        """
+        if policy.tenant_from_session:
+            return
+        tenant_out = (
+            outs[cols.index(policy.tenant_column)] if policy.tenant_column in cols else None
+        )
+        if tenant_out is None or tenant_out.tenant_of != cell.instance:
+            _refuse(
+                "INSERT ... SELECT",
+                f"INSERT ... SELECT copying cells of {ref} must also copy "
+                f"{policy.qualified_name}.{policy.tenant_column} of the same source row "
+                "(a cell belongs to its row's tenant)",
+                ref,
+            )
 
     def _uncast(self, node: exp.Expr, ref: ColumnRef) -> None:
         """`p0::VARCHAR` carrying a sealed (bytea) VALUES column into `ref`: drop the cast."""
@@ -2023,10 +2312,13 @@ class _Analysis:
             outs = self.query(query, None, {})
             if self._has_protected(outs) or self.params or self.literals:
                 kind = str(node.args.get("kind") or "CREATE").upper()
+                what = _protected_names(outs) or ", ".join(
+                    sorted(f"{schema}.{table}" for schema, table in self.tables)
+                )
                 _refuse(
                     f"CREATE {kind} AS",
-                    f"CREATE {kind} ... AS SELECT over encrypted columns is not supported "
-                    "(it would copy sealed cells out of their table)",
+                    f"CREATE {kind} ... AS SELECT over encrypted columns ({what}) is not "
+                    "supported (it would copy sealed cells out of their table)",
                 )
             return
         protected = self._ddl_tables(node)
@@ -2068,6 +2360,7 @@ class _Analysis:
         """A parameter sealed for an encrypted column must not also be used as a plain value."""
         if not self.params:
             return
+        self.finish_versions()
         for param in root.find_all(exp.Parameter):
             inner = param.this
             if not isinstance(inner, exp.Literal) or not str(inner.this).isdigit():
@@ -2081,6 +2374,17 @@ class _Analysis:
                     "also used as a plain value",
                     target.column,
                 )
+
+
+def _protected_names(outs: Sequence[_Out]) -> str:
+    """The encrypted columns (and protected tables behind `*`) among outputs, for messages."""
+    names: list[str] = []
+    for out in outs:
+        if isinstance(out, _Col) and out.lineage is not None:
+            names.append(str(out.lineage.ref))
+        elif isinstance(out, _Star):
+            names.extend(table.qualified_name for table, _ in out.tables)
+    return ", ".join(dict.fromkeys(names))
 
 
 def _strip_subquery(node: exp.Expr) -> exp.Expr:
@@ -2267,6 +2571,15 @@ def _analyze_statement(
             )
     if command in _VALUE_FREE_COMMANDS:
         return _passthrough(start, end, command)
+    if command == "COPY":
+        return analyze_copy(
+            sql,
+            start,
+            end,
+            policies,
+            search_path,
+            lambda whole, s, e: _analyze_statement(whole, s, e, policies, search_path),
+        )
     if command not in _PARSED_COMMANDS and command not in _DDL_COMMANDS:
         return _refused(
             start,

@@ -10,6 +10,7 @@ ParameterDescription.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 from proxy.rewrite.lexer import skip_block_comment
 
@@ -30,6 +31,7 @@ _ESCAPE_STR_END = re.compile(r"(?:[^'\\]|\\.|'')*'", re.DOTALL)
 _IDENT_END = re.compile(r'(?:[^"]|"")*"')
 
 
+@lru_cache(maxsize=4096)
 def highest_parameter(sql: str) -> int:
     """The largest n of a `$n` outside quotes and comments (0 when there is none)."""
     highest = 0

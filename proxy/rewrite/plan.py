@@ -112,9 +112,13 @@ class ParamTarget:
       column: seal it deterministically under `tenant`'s key).
     array: the parameter is an array (`col = ANY($n)`): seal each element and
       send a bytea[]; the parameter's type is bytea[] (OID 1001), not bytea.
+    versions: the value is compared with the column (see "key versions" in
+      `proxy.rewrite`): send a bytea[] of its cells under every live key version
+      of the tenant, the active version first (a NULL value: `{NULL}`); the
+      parameter's type is bytea[]. With `array`: every element under every version.
     The caller declares the parameter as bytea (OID 17, or 1001) in the Parse
-    it forwards, whatever type the client gave, and reports `policy.type` to
-    the client in ParameterDescription.
+    it forwards, whatever type the client gave, and reports `policy.type` (its
+    array type with `array`) to the client in ParameterDescription.
     """
 
     index: int
@@ -123,6 +127,7 @@ class ParamTarget:
     use: Use
     tenant: TenantSource
     array: bool = False
+    versions: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,10 @@ class LiteralTarget:
     policy: ColumnPolicy
     use: Use
     tenant: TenantSource
+    # A compared constant: replaced with a bytea[] of its cells under every live key
+    # version of the tenant (`ARRAY['\\x01..'::bytea, ...]` or a bytea[] parameter),
+    # as for `ParamTarget.versions`.
+    versions: bool = False
 
     def edit(self, replacement: str) -> TextEdit:
         return TextEdit(self.start, self.end, replacement)
@@ -213,6 +222,57 @@ class SessionSetting:
     local: bool = False
 
 
+CopyFormatName = Literal["text", "csv", "binary"]
+CopyHeader = Literal["off", "on", "match"]
+
+
+@dataclass(frozen=True, slots=True)
+class CopyOptions:
+    """The options of a COPY statement that decide how its data stream is written.
+
+    Values as PostgreSQL reads them (strings resolved, keywords lower case);
+    None means the format's default (text: tab, `\\N`; csv: comma, empty string,
+    `"`, escape = quote). Column lists are catalog names; "*" means every column.
+    Options that do not change the stream (FREEZE, ON_ERROR, ...) are not kept.
+    """
+
+    format: CopyFormatName = "text"
+    delimiter: str | None = None
+    null: str | None = None
+    default: str | None = None
+    header: CopyHeader = "off"
+    quote: str | None = None
+    escape: str | None = None
+    force_quote: tuple[str, ...] | Literal["*"] = ()
+    force_not_null: tuple[str, ...] | Literal["*"] = ()
+    force_null: tuple[str, ...] | Literal["*"] = ()
+    encoding: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopyPlan:
+    """`COPY ... FROM STDIN` / `COPY ... TO STDOUT` touching encrypted columns (text or CSV).
+
+    direction 'from': the client streams rows; seal the fields of the table's
+    encrypted columns row by row (tenant: the row's tenant column when listed,
+    else the session's; the same isolation rules as INSERT).
+    direction 'to': the server streams rows; open the fields that `outputs`
+    (of the enclosing StatementPlan) marks, by position.
+    table: the protected table, or None for `COPY (query) TO STDOUT` (then the
+    plan's `outputs` are exact and name every column).
+    columns: the column list as written (catalog names), or None when the
+    statement has none (every column, in table order): the caller must then
+    insert an explicit list at sql offset `columns_at`, from the live catalog,
+    so that PostgreSQL and the proxy agree on which field is which column.
+    """
+
+    direction: Literal["from", "to"]
+    table: TableKey | None
+    columns: tuple[str, ...] | None
+    columns_at: int
+    options: CopyOptions
+
+
 @dataclass(frozen=True, slots=True)
 class StatementPlan:
     """What to do with one statement. See `proxy.rewrite` for the whole contract."""
@@ -234,6 +294,7 @@ class StatementPlan:
     tenant_writes: tuple[TenantWrite, ...] = ()
     session_settings: tuple[SessionSetting, ...] = ()
     tables: frozenset[TableKey] = frozenset()  # protected tables whose columns it touches
+    copy: CopyPlan | None = None  # COPY through the client's stream (see CopyPlan)
 
     def __post_init__(self) -> None:
         if (self.kind == "refused") != (self.refusal is not None):
@@ -253,8 +314,11 @@ _EMPTY_OUTPUTS: Mapping[str, tuple[OutputTarget, ...]] = MappingProxyType({})
 
 
 def apply_edits(sql: str, edits: Iterable[TextEdit]) -> str:
-    """`sql` with every edit applied (edits must not overlap; any order)."""
-    ordered = sorted(edits, key=lambda e: e.start)
+    """`sql` with every edit applied (edits must not overlap; any order).
+
+    An insertion (start == end) goes before a replacement starting at the same offset.
+    """
+    ordered = sorted(edits, key=lambda e: (e.start, e.end))
     out: list[str] = []
     pos = 0
     for edit in ordered:

@@ -25,7 +25,7 @@ import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from proxy.config import Config, HostPort
 from proxy.errors import PgsealError
@@ -86,8 +86,9 @@ class _Side(asyncio.Protocol):
         self.held: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's are not asyncio.Transport
-        transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
+        # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER, low=LOW_WATER)
         if self.is_client:
             self.pump.client_made(self)
 
@@ -142,6 +143,7 @@ class Pump:
         self.upstream_transport: asyncio.Transport | None = None
         self.closed = False
         self.draining = False  # shutdown asked us to end when idle
+        self._facts: Any = None  # who is on this connection, for audit records (computed once)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- plumbing ------------------------------------------------------------------
@@ -210,7 +212,11 @@ class Pump:
         elif isinstance(effect, FetchKeys):
             self._spawn(self._fetch_keys(effect))
         elif isinstance(effect, WriteAudit):
-            self._spawn(self._write_audit(effect))
+            runtime = self.server.datapath
+            assert runtime is not None
+            if self._facts is None:
+                self._facts = self.connection_facts()
+            runtime.queue_audit(effect.notes, self._facts)
         elif isinstance(effect, CloseConnection):
             if effect.reason.startswith("internal error"):
                 log.error("closing connection: %s", effect.reason)
@@ -232,11 +238,6 @@ class Pump:
             self.session.keys_ready(effect.side)
         if not self.closed:
             self._flush()
-
-    async def _write_audit(self, effect: WriteAudit) -> None:
-        runtime = self.server.datapath
-        assert runtime is not None
-        await runtime.write_audit(effect.notes, self.connection_facts())
 
     def connection_facts(self) -> Any:
         from proxy.server.datapath_shell import ConnectionFacts
@@ -302,6 +303,8 @@ class Pump:
                 if answer[:1] == b"S" and len(answer) == 1:
                     transport.pause_reading()
                     new = await loop.start_tls(transport, side, ctx, server_hostname=up.host)
+                    if new is None:
+                        raise ConnectionError("upstream closed during the TLS handshake")
                     transport = new
                     side.transport = new
                     tls = True
@@ -442,7 +445,8 @@ class ProxyServer:
             else:
                 pump.draining = True
         deadline = asyncio.get_running_loop().time() + grace
-        while self.pumps and asyncio.get_running_loop().time() < deadline:
+        # Polling keeps the sessions free of shutdown bookkeeping; 50 ms is plenty here.
+        while self.pumps and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for pump in list(self.pumps):
             pump.force_end()
@@ -482,7 +486,10 @@ async def open_datapath_runtime(config: Config) -> Any:
     except BaseException:
         await audit.close()
         raise
-    return DataPathRuntime(policies, service, audit)
+    runtime = DataPathRuntime(policies, service, audit)
+    if config.cryptoperiod.rotate_on_schedule:
+        runtime.start_rotation(config.cryptoperiod)
+    return runtime
 
 
 @contextlib.asynccontextmanager

@@ -16,6 +16,8 @@ from proxy.session.datapath import AuditNote, DataPath, SessionInfo
 
 if TYPE_CHECKING:
     from proxy.audit.trail import AuditTrail
+    from proxy.config import CryptoperiodConfig
+    from proxy.keys.schedule import RotationScheduler
     from proxy.keys.service import KeyService
 
 log = logging.getLogger("pgseal.datapath")
@@ -28,6 +30,8 @@ class CacheKeyRing:
         self.service = service
         self.audit = audit
         self.audit_failure: PgsealError | None = None
+        # tenant -> its live key ids, the active one first (see versions()).
+        self._live: dict[str, tuple[int, ...]] = {}
 
     def current(self, tenant: str, uses: int) -> CellKey | None:
         hit = self.service.cache.hit_by_tenant(tenant, uses)
@@ -37,6 +41,38 @@ class CacheKeyRing:
         hit = self.service.cache.hit_by_id(key_id, uses)
         return None if hit is None else hit.cell_key
 
+    def versions(self, tenant: str, uses: int) -> list[CellKey] | None:
+        """Every live key of the tenant, the active one first (a search must match the cells
+        of every version). A tenant's set of live versions changes only with its active key
+        (create, rotate, destroy), so a list whose head is not the cached active key is stale."""
+        active = self.service.cache.hit_by_tenant(tenant, uses)
+        ids = self._live.get(tenant)
+        if active is None or ids is None or ids[0] != active.key_id:
+            return None
+        keys = [active.cell_key]
+        for key_id in ids[1:]:
+            hit = self.service.cache.hit_by_id(key_id, uses)
+            if hit is None:
+                return None
+            keys.append(hit.cell_key)
+        return keys
+
+    async def _load_versions(self, tenant: str) -> None:
+        active = await self.service.current_key(tenant, 0)
+        retired = [
+            k.key_id
+            for k in sorted(await self.service.list_keys(tenant), key=lambda k: -k.version)
+            if k.state != "destroyed" and k.key_id != active.key_id
+        ]
+        for key_id in retired:
+            await self.service.key_by_id(key_id, 0)
+        if len(self._live) >= self.service.cache.max_entries:
+            self._live.clear()
+        self._live[tenant] = (active.key_id, *retired)
+
+    def destroyed(self, key_id: int) -> str | None:
+        return self.service.cache.destroyed_tenant(key_id)
+
     def failure(self) -> PgsealError | None:
         return self.audit_failure
 
@@ -44,11 +80,24 @@ class CacheKeyRing:
         """Load keys into the cache (HSM unwrap, keystore); raises PgsealError.
 
         Concurrent misses are batched by the key service (one keystore query, one HSM
-        trip), so all of them are asked for at once."""
-        await asyncio.gather(
-            *(self.service.current_key(tenant, 0) for tenant in tenants),
-            *(self.service.key_by_id(key_id, 0) for key_id in key_ids),
+        trip), so all of them are asked for at once. A key found destroyed is no failure
+        here: the cache now knows it as destroyed, and the data path answers its cells
+        per on_denied (NULL or an error naming the column) instead of failing the result.
+        """
+        ids = sorted(key_ids)
+        results = await asyncio.gather(
+            # A tenant's active key, and its retired ones for searches (versions()).
+            *(self._load_versions(tenant) for tenant in tenants),
+            *(self.service.key_by_id(key_id, 0) for key_id in ids),
+            return_exceptions=True,
         )
+        owners: list[int | None] = [None] * len(tenants) + list(ids)
+        for key_id, result in zip(owners, results, strict=True):
+            if not isinstance(result, BaseException):
+                continue
+            if key_id is not None and self.destroyed(key_id) is not None:
+                continue
+            raise result
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,20 +141,48 @@ class DataPathRuntime:
         self.service = service
         self.audit = audit
         self.keyring = CacheKeyRing(service, audit)
+        self.rotation: RotationScheduler | None = None
+        # Audit notes of every connection, written by one task per event-loop turn
+        # rather than one task per statement (the trail batches them into one fsync).
+        self._queued: list[AuditRecord] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    def start_rotation(self, periods: CryptoperiodConfig) -> None:
+        """Rotate keys past their cryptoperiod from this process (cryptoperiod section)."""
+        from proxy.keys.schedule import RotationScheduler
+
+        self.rotation = RotationScheduler(self.service, periods)
+        self.rotation.start()
 
     def new_datapath(self, info: SessionInfo, parameters: dict[str, str]) -> DataPath:
         return DataPath(self.policies, self.keyring, info, parameters=parameters)
 
     async def close(self) -> None:
+        await self.drain_audit()
+        if self.rotation is not None:  # before the key service it uses
+            await self.rotation.close()
         await self.service.close()
         await self.audit.close()
 
-    async def write_audit(self, notes: tuple[AuditNote, ...], facts: ConnectionFacts) -> None:
-        try:
-            await self.audit.record(*audit_records(notes, facts))
-        except KeyServiceUnavailable as exc:
-            # on_failure block: no further key use until a record can be written again.
-            self.keyring.audit_failure = exc
-            log.error("audit trail unavailable: %s", exc)
-        else:
-            self.keyring.audit_failure = None
+    def queue_audit(self, notes: tuple[AuditNote, ...], facts: ConnectionFacts) -> None:
+        """Queue records for writing; statements do not wait for them. A failed write
+        (on_failure block) makes every later key use fail until a write succeeds."""
+        self._queued.extend(audit_records(notes, facts))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_queued())
+
+    async def _write_queued(self) -> None:
+        while self._queued:
+            records, self._queued = self._queued, []
+            try:
+                await self.audit.record(*records)
+            except KeyServiceUnavailable as exc:
+                self.keyring.audit_failure = exc
+                log.error("audit trail unavailable: %s", exc)
+            else:
+                self.keyring.audit_failure = None
+
+    async def drain_audit(self) -> None:
+        """Wait for queued records (shutdown)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)

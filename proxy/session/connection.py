@@ -32,9 +32,9 @@ import shlex
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from proxy.errors import PgsealError
-from proxy.session.datapath import AuditNote, DataPath, NeedKeys, SessionInfo
 from proxy.wire import messages as m
 from proxy.wire.framing import (
     FRONTEND_TYPES,
@@ -44,6 +44,11 @@ from proxy.wire.framing import (
     held_table,
     next_startup_packet,
 )
+
+if TYPE_CHECKING:
+    # The data path pulls in sqlglot and cryptography (~45 MB): a proxy without policies
+    # never imports it (see _need_keys and _authentication).
+    from proxy.session.datapath import AuditNote, DataPath, NeedKeys, SessionInfo
 
 
 class Phase(enum.Enum):
@@ -72,7 +77,11 @@ _CLIENT_WATCHED = held_table(b"SQE")
 # With a policy loaded every statement, bind and result message is looked at;
 # CopyData, Flush, notices and notifications still pass as slices.
 _CLIENT_HELD_DATAPATH = held_table(b"PBDESQCFX")
-_SERVER_HELD_DATAPATH = held_table(b"123tTnCsIEZSK")  # + D while a result has cells
+# ... and the client's COPY stream while a COPY FROM STDIN of a protected table runs.
+_CLIENT_HELD_DATAPATH_COPY = held_table(b"PBDESQCFXdcf")
+# + D while a result has cells; + d, c while a COPY TO STDOUT stream has cells
+_SERVER_HELD_DATAPATH = held_table(b"123tTnCsIEZSKGH")
+_COPY_DATA, _COPY_DONE = 0x64, 0x63
 _SYNC, _QUERY, _READY, _DATA_ROW = 0x53, 0x51, 0x5A, 0x44
 _EXECUTE = 0x45
 # The hot path compares against a plain global: `Phase.READY` is an attribute lookup
@@ -123,7 +132,7 @@ class CloseConnection:
 
 Effect = StartClientTls | ConnectUpstream | ForwardCancel | FetchKeys | WriteAudit | CloseConnection
 
-DataPathFactory = Callable[[SessionInfo, dict[str, str]], DataPath]
+DataPathFactory = Callable[["SessionInfo", dict[str, str]], "DataPath"]
 
 
 def startup_tenant(startup: m.StartupMessage) -> str | None:
@@ -148,6 +157,12 @@ def startup_tenant(startup: m.StartupMessage) -> str | None:
             if sep and name.strip().lower() == "pgseal.tenant":
                 found = value.replace("\0", " ")
     return found
+
+
+def _need_keys() -> type[NeedKeys]:
+    from proxy.session.datapath import NeedKeys
+
+    return NeedKeys
 
 
 def fatal(sqlstate: str, message: str) -> bytes:
@@ -331,7 +346,7 @@ class ProxySession:
                 out = self.datapath.client_frame(frame)
             else:
                 out = self.datapath.server_frame(frame)
-        except NeedKeys as need:
+        except _need_keys() as need:
             if side == "client" and frame.type in (_SYNC, _QUERY):
                 self.awaiting_ready -= 1  # counted again on the retry
             self._stalled[side] = frame
@@ -350,12 +365,29 @@ class ProxySession:
             return None
         if side == "client":
             self.to_server.append(out)
-            # A new head of the response queue (e.g. Execute of an earlier portal) may
-            # need its rows opened, with no other server message before them.
-            self._server.held[_DATA_ROW] = self.datapath.rows_need_looking_at()
         else:
             self.to_client.append(out)
+            if self.datapath.ignored_syncs:  # Syncs PostgreSQL skipped inside a COPY
+                self.awaiting_ready = max(0, self.awaiting_ready - self.datapath.ignored_syncs)
+                self.datapath.ignored_syncs = 0
+        self._sync_held()
         return out
+
+    def _sync_held(self) -> None:
+        """Hold what the data path must see next: DataRows of a result with cells (a new
+        head of the response queue, e.g. Execute of an earlier portal, may need its rows
+        opened with no other server message before them), and COPY streams with cells."""
+        datapath = self.datapath
+        assert datapath is not None
+        server = self._server
+        server.hold(_DATA_ROW, datapath.rows_need_looking_at())
+        copy_out = datapath.copy_out is not None
+        server.hold(_COPY_DATA, copy_out)
+        server.hold(_COPY_DONE, copy_out)
+        # Client tables are shared by every session: swapped whole, never edited.
+        self._client.held = (
+            _CLIENT_HELD_DATAPATH_COPY if datapath.copy_in is not None else _CLIENT_HELD_DATAPATH
+        )
 
     def _collect_audit(self) -> None:
         if self.datapath is not None and self.datapath.audit:
@@ -382,6 +414,7 @@ class ProxySession:
             if frame.type == _QUERY:
                 self.awaiting_ready += 1
             self.to_server.append(self.datapath.refuse_for_key_failure(frame, error))
+            self._sync_held()  # a COPY FROM may have ended with it
             self._client_messages()
         else:
             self.to_client.append(self.datapath.fail_server_frame(error))
@@ -461,7 +494,7 @@ class ProxySession:
                         # client's first statement (its answer is swallowed by the data path).
                         self._catalog_sent = True
                         self.to_server.append(datapath.catalog_query())
-                    buf.held[_DATA_ROW] = datapath.rows_need_looking_at()
+                        self._sync_held()  # its DataRows are ours
                 elif t == 0x4B:  # BackendKeyData
                     self.backend_key = m.decode_backend_key_data(item.body)
                     out.append(item.raw)
@@ -494,6 +527,8 @@ class ProxySession:
             self._move(Phase.READY)
             if self.datapath_factory is not None and self.startup is not None:
                 digits = self.startup.get("extra_float_digits") or "1"
+                from proxy.session.datapath import SessionInfo
+
                 info = SessionInfo(
                     user=self.startup.get("user") or "",
                     database=self.startup.get("database") or self.startup.get("user") or "",

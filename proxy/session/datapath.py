@@ -63,8 +63,11 @@ from proxy.rewrite import (
     apply_edits,
     resolve_outputs,
 )
+from proxy.rewrite.copy import copy_targets, is_utf8_encoding
 from proxy.rewrite.params import parameter_count
-from proxy.session.tenant import TenantTracker
+from proxy.rewrite.plan import CopyPlan
+from proxy.session.copystream import CopyIn, CopyOut, CopyStop, Denial, MissingKeys, dialect_of
+from proxy.session.tenant import TenantTracker, TrackerSnapshot
 from proxy.wire import messages as m
 from proxy.wire.framing import Frame
 
@@ -73,9 +76,20 @@ BYTEA_ARRAY_OID = 1001
 TEXT_OIDS = frozenset({25, 1043, 19, 18, 1042, 0})  # text, varchar, name, char, bpchar, unknown
 OID_TO_TYPE = {info.oid: name for name, info in TYPE_INFO.items()}
 
+# Settings that change how values print and that PostgreSQL does not report in
+# ParameterStatus: the proxy tracks them itself (see DataPath.output_settings).
+_OUTPUT_SETTINGS = ("extra_float_digits", "bytea_output")
+_OUTPUT_SETTING_RE = re.compile(
+    r"(?is)\s*(?:SET\s+(?:(SESSION|LOCAL)\s+)?(extra_float_digits|bytea_output)\s*(?:=|\sTO\s)\s*"
+    r"(?:'([^']*)'|([-+\w]+))\s*|RESET\s+(extra_float_digits|bytea_output)\s*)"
+)
+
 # What a refused statement is replaced with: fails at parse time, carries no value.
 _REFUSED_SQL = "pgseal_refused_statement"
 _REFUSED_STATEMENT = "pgseal.refused"
+
+# CopyInResponse, CopyOutResponse, CopyData, CopyDone from the server.
+_COPY_SERVER_TYPES = frozenset(b"GHdc")
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
@@ -98,6 +112,15 @@ class KeyRing(Protocol):
     def current(self, tenant: str, uses: int) -> CellKey | None: ...
 
     def by_id(self, key_id: int, uses: int) -> CellKey | None: ...
+
+    def versions(self, tenant: str, uses: int) -> Sequence[CellKey] | None:
+        """Every live (active or retired) key of the tenant, the active one first; None
+        unless all of them are in memory (the fetch for `tenant` loads them)."""
+        ...
+
+    def destroyed(self, key_id: int) -> str | None:
+        """The tenant of `key_id` when that key is known to be destroyed (crypto-shredded)."""
+        ...
 
     def failure(self) -> PgsealError | None:
         """A standing fault that must fail key uses (audit sink down with on_failure block)."""
@@ -247,6 +270,13 @@ class DataPath:
         self.role = info.user
         self.parameters = parameters  # the session's ParameterStatus values (shared, live)
         self.tenant = TenantTracker(info.startup_tenant)
+        # extra_float_digits and bytea_output, with the same transaction rules as the
+        # tenant: from the startup packet, then the server's own values (catalog query),
+        # then SET / RESET. A value opened in text format must print as PostgreSQL would.
+        self.output_settings = {
+            "extra_float_digits": TenantTracker(str(info.extra_float_digits)),
+            "bytea_output": TenantTracker(info.bytea_output),
+        }
         self.search_path: tuple[str, ...] = ("public",)
         self.statements: dict[str, _Statement] = {}
         self.portals: dict[str, _Portal] = {}
@@ -256,6 +286,13 @@ class DataPath:
         self._catalog_rows: list[tuple[int, TableKey]] = []
         self._format_cache: tuple[tuple[str, ...], SessionFormat] | None = None
         self.skip_until_sync = False  # after a client-side refusal we cannot substitute
+        # COPY (see the COPY section): column lists of the protected tables (catalog query),
+        # the COPY FROM STDIN whose stream the client sends, the COPY TO STDOUT whose stream
+        # the server sends, and Syncs PostgreSQL ignored inside a COPY (none answered).
+        self.table_columns: dict[TableKey, tuple[str, ...]] = {}
+        self.copy_in: _CopyInJob | None = None
+        self.copy_out: _CopyOutJob | None = None
+        self.ignored_syncs = 0
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -267,11 +304,16 @@ class DataPath:
             p.get("DateStyle", "ISO, MDY"),
             p.get("client_encoding", "UTF8"),
             p.get("IntervalStyle", "postgres"),
+            self.output_settings["bytea_output"].current or "hex",
+            self.output_settings["extra_float_digits"].current or "1",
         )
         cached = self._format_cache
         if cached is None or cached[0] != key:
+            digits = key[5].strip()
             fmt = SessionFormat(
-                timezone=key[0], datestyle=key[1], client_encoding=key[2], intervalstyle=key[3]
+                timezone=key[0], datestyle=key[1], client_encoding=key[2], intervalstyle=key[3],
+                bytea_output=key[4].strip().lower(),
+                extra_float_digits=int(digits) if digits.lstrip("+-").isdigit() else 1,
             )
             self._format_cache = (key, fmt)
             return fmt
@@ -294,9 +336,12 @@ class DataPath:
             f"({_quote(schema)}, {_quote(table)})" for schema, table in sorted(self.policies.tables)
         )
         sql = (
-            "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
+            "SELECT c.oid, n.nspname, c.relname, ARRAY(SELECT a.attname "  # noqa: S608 - _quote
+            "FROM pg_catalog.pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 "
+            "AND NOT a.attisdropped ORDER BY a.attnum)::text FROM pg_catalog.pg_class c "
             "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-            f"WHERE (n.nspname, c.relname) IN ({pairs})"
+            f"WHERE (n.nspname, c.relname) IN ({pairs}); "
+            "SELECT current_setting('extra_float_digits'), current_setting('bytea_output')"
         )
         self.pending.append(_Pending(_Kind.CATALOG, swallow=True))
         return m.Query(sql).encode()
@@ -308,6 +353,8 @@ class DataPath:
         t = frame.type
         if self.skip_until_sync and t not in (0x53, 0x58):  # pragma: no cover - defensive
             return b""
+        if self.copy_in is not None and t in (0x64, 0x63, 0x66):  # CopyData, Done, Fail
+            return self._copy_client(frame, self.copy_in)
         if t == 0x50:  # Parse
             return self._parse(m.decode_parse(frame.body), frame)
         if t == 0x42:  # Bind
@@ -327,10 +374,12 @@ class DataPath:
             if portal is not None:
                 # SET pgseal.tenant, BEGIN, COMMIT... sent through the extended protocol
                 # (pipeline mode, drivers that never use the simple one) take effect here.
-                self._track_settings((portal.statement.plan,))
+                self._track_settings((portal.statement.plan,), portal.statement.sql)
             self.pending.append(
                 _Pending(_Kind.EXECUTE, portal=portal, tenants=(self.tenant.current,))
             )
+            if portal is not None and portal.statement.plan.copy is not None:
+                return self._execute_copy(portal.statement, self.pending[-1], frame)
             return frame.raw
         if t == 0x43:  # Close
             c = m.decode_close(frame.body)
@@ -377,6 +426,11 @@ class DataPath:
         # client's; Bind appends its sealed value and ParameterDescription hides it.
         n_client = parameter_count(parse.sql, len(parse.param_types))
         edits = list(plan.edits)
+        if plan.copy is not None:
+            try:
+                edits.extend(self._copy_edits(plan, plans, extended=True))
+            except Refused as exc:
+                return self._refuse_parse(parse, exc.sqlstate, str(exc))
         for k, literal in enumerate(plan.literals):
             edits.append(literal.edit(f"${n_client + 1 + k}"))
         sql = apply_edits(parse.sql, edits) if edits else parse.sql
@@ -388,9 +442,9 @@ class DataPath:
             n_client + len(plan.literals) - len(parse.param_types)
         )
         for index, target in plan.params.items():
-            types[index - 1] = BYTEA_ARRAY_OID if target.array else BYTEA_OID
+            types[index - 1] = BYTEA_ARRAY_OID if target.array or target.versions else BYTEA_OID
         for k in range(len(plan.literals)):
-            types[n_client + k] = BYTEA_OID
+            types[n_client + k] = BYTEA_ARRAY_OID if plan.literals[k].versions else BYTEA_OID
         return m.Parse(parse.name, sql, tuple(types)).encode()
 
     def _remember(self, parse: m.Parse, plan: StatementPlan) -> _Statement:
@@ -419,8 +473,7 @@ class DataPath:
             params, formats, notes = self._seal_params(bind, statement)
         except Refused as exc:
             self._audit_deny(statement.sql, str(exc))
-            self.pending.append(_Pending(_Kind.BIND, refusal=_error(exc.sqlstate, str(exc))))
-            return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
+            return self._refuse_bind(bind, exc.sqlstate, str(exc))
         openers: tuple[_Opener, ...] | None
         try:
             if plan.outputs_exact or statement.fields is not None:
@@ -434,8 +487,7 @@ class DataPath:
                 openers = None
         except Refused as exc:
             self._audit_deny(statement.sql, str(exc))
-            self.pending.append(_Pending(_Kind.BIND, refusal=_error(exc.sqlstate, str(exc))))
-            return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
+            return self._refuse_bind(bind, exc.sqlstate, str(exc))
         self.audit.extend(notes)
         portal = _Portal(statement, bind.result_formats, self.tenant.current, openers, bind)
         self.portals[bind.portal] = portal
@@ -447,6 +499,13 @@ class DataPath:
             self.pending.append(_Pending(_Kind.DESCRIBE_P, swallow=True, portal=portal))
             out += m.Describe("P", bind.portal).encode()
         return out
+
+    def _refuse_bind(self, bind: m.Bind, sqlstate: str, message: str) -> bytes:
+        # The portal is not (re)created: forget an older one of that name, so a following
+        # Execute is never taken for it (its SET re-applied, its openers used).
+        self.portals.pop(bind.portal, None)
+        self.pending.append(_Pending(_Kind.BIND, refusal=_error(sqlstate, message)))
+        return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
 
     def _seal_params(
         self, bind: m.Bind, statement: _Statement
@@ -461,6 +520,8 @@ class DataPath:
                 raise Refused("08P01", f"pgseal: Bind has no value for ${index}")
             raw = values[index - 1]
             if raw is None:
+                if target.versions and not target.array:
+                    values[index - 1] = _bytea_array([None])  # compares as NULL does
                 formats[index - 1] = 1
                 continue
             tenant = self._value_tenant(
@@ -470,8 +531,8 @@ class DataPath:
                 statement,
                 "write" if target.use == "store" else "read",
             )
-            key = self.keys.current(tenant, 1)
-            if key is None:
+            keys = self._sealing_keys(tenant, target.versions)
+            if keys is None:
                 need.add(tenant)
                 continue
             client_type = (
@@ -484,26 +545,39 @@ class DataPath:
             column = str(target.column)
             if target.array:
                 elements = _array_elements(raw, fmt, target.policy.type, client_type)
-                cells = [
-                    None
-                    if e is None
-                    else key.seal(
-                        column, self._canonical(target, e, efmt, client_type), deterministic=True
-                    )
+                canonicals = [
+                    None if e is None else self._canonical(target, e, efmt, client_type)
                     for e, efmt in elements
                 ]
+                # Each element under every live key version: a search finds old cells too.
+                cells = [
+                    c
+                    for canonical in canonicals
+                    for c in (
+                        [None]
+                        if canonical is None
+                        else [k.seal(column, canonical, deterministic=True) for k in keys]
+                    )
+                ]
                 values[index - 1] = _bytea_array(cells)
-                count = sum(1 for c in cells if c is not None)
+                count = sum(1 for c in canonicals if c is not None)
+            elif target.versions:
+                canonical = self._canonical(target, raw, fmt, client_type)
+                values[index - 1] = _bytea_array(
+                    [k.seal(column, canonical, deterministic=True) for k in keys]
+                )
+                count = 1
             else:
                 canonical = self._canonical(target, raw, fmt, client_type)
-                values[index - 1] = key.seal(column, canonical, deterministic=deterministic)
+                values[index - 1] = keys[0].seal(column, canonical, deterministic=deterministic)
                 count = 1
             formats[index - 1] = 1
-            slot = sealed.setdefault(
-                (tenant, key.key_id, _table_name(target.column.table_key)), (set(), [0])
-            )
-            slot[0].add(target.column.column)
-            slot[1][0] += count
+            for key in keys:
+                slot = sealed.setdefault(
+                    (tenant, key.key_id, _table_name(target.column.table_key)), (set(), [0])
+                )
+                slot[0].add(target.column.column)
+                slot[1][0] += count
         for literal in statement.synthetic:
             tenant = self._value_tenant(
                 literal.tenant,
@@ -512,24 +586,22 @@ class DataPath:
                 statement,
                 "write" if literal.use == "store" else "read",
             )
-            key = self.keys.current(tenant, 1)
-            if key is None:
+            keys = self._sealing_keys(tenant, literal.versions)
+            if keys is None:
                 need.add(tenant)
                 continue
             canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
-            values.append(
-                key.seal(
-                    str(literal.column),
-                    canonical,
-                    deterministic=literal.policy.searchable or literal.use == "compare",
-                )
-            )
+            deterministic = literal.policy.searchable or literal.use == "compare"
+            cells = [k.seal(str(literal.column), canonical, deterministic=deterministic)
+                     for k in keys]
+            values.append(_bytea_array(cells) if literal.versions else cells[0])
             formats.append(1)
-            slot = sealed.setdefault(
-                (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
-            )
-            slot[0].add(literal.column.column)
-            slot[1][0] += 1
+            for key in keys:
+                slot = sealed.setdefault(
+                    (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
+                )
+                slot[0].add(literal.column.column)
+                slot[1][0] += 1
         if need:
             raise NeedKeys(tenants=frozenset(need))
         notes = [
@@ -545,6 +617,14 @@ class DataPath:
             for (tenant, key_id, table), (cols, n) in sealed.items()
         ]
         return tuple(values), tuple(formats), notes
+
+    def _sealing_keys(self, tenant: str, versions: bool) -> Sequence[CellKey] | None:
+        """The keys a value is sealed with: the tenant's active key, or for a compared value
+        every live version, the active one first. None: not all in memory (NeedKeys)."""
+        if versions:
+            return self.keys.versions(tenant, 1)
+        key = self.keys.current(tenant, 1)
+        return None if key is None else (key,)
 
     def _canonical(
         self, target: ParamTarget | LiteralTarget, raw: bytes, fmt: int, client_type: int
@@ -668,27 +748,27 @@ class DataPath:
             assert refused.refusal is not None
             return self._refuse_query(query.sql, refused.refusal.sqlstate, refused.refusal.message)
         if all(p.kind == "passthrough" for p in plans):
-            self._track_settings(plans)
+            self._track_settings(plans, query.sql)
             self.pending.append(_Pending(_Kind.QUERY, plans=tuple(plans), sql=query.sql))
             return frame.raw
         # Settings apply statement by statement (`SET pgseal.tenant = 'a'; INSERT ...; SET
         # ...`): undo them if the Query is not sent now (refused, or waiting for keys).
-        saved = (self.tenant.snapshot(), self.search_path, self.role)
+        saved = ([t.snapshot() for t in self._trackers()], self.search_path, self.role)
         tenants: list[str | None] = []
         try:
             self._check_key_service()
             sql = self._sealed_sql(query.sql, plans, tenants)
         except Refused as exc:
-            self.tenant.restore(saved[0])
-            self.search_path, self.role = saved[1], saved[2]
+            self._restore(saved)
             return self._refuse_query(query.sql, exc.sqlstate, str(exc))
         except NeedKeys:
-            self.tenant.restore(saved[0])
-            self.search_path, self.role = saved[1], saved[2]
+            self._restore(saved)
             raise
         self.pending.append(
             _Pending(_Kind.QUERY, plans=tuple(plans), sql=query.sql, tenants=tuple(tenants))
         )
+        for plan, tenant in zip(plans, tenants, strict=True):
+            self._arm_copy(plan, tenant, self.pending[-1], query.sql)
         return m.Query(sql).encode()
 
     def _refuse_query(self, sql: str, sqlstate: str, message: str) -> bytes:
@@ -706,9 +786,10 @@ class DataPath:
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
         conforming = self.parameters.get("standard_conforming_strings", "on") == "on"
         for plan in plans:
-            self._track_settings((plan,))
+            self._track_settings((plan,), sql)
             tenants.append(self.tenant.current)
             edits.extend(plan.edits)
+            edits.extend(self._copy_edits(plan, plans))
             for literal in plan.literals:
                 tenant = self._value_tenant(
                     literal.tenant,
@@ -717,22 +798,27 @@ class DataPath:
                     None,
                     "write" if literal.use == "store" else "read",
                 )
-                key = self.keys.current(tenant, 1)
-                if key is None:
+                keys = self._sealing_keys(tenant, literal.versions)
+                if keys is None:
                     need.add(tenant)
                     continue
                 canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
-                cell = key.seal(
-                    str(literal.column), canonical, deterministic=literal.policy.searchable
-                )
-                hexed = cell.hex()
-                text = f"'\\x{hexed}'::bytea" if conforming else f"E'\\\\x{hexed}'::bytea"
+                deterministic = literal.policy.searchable or literal.versions
+                texts = [
+                    f"'\\x{cell.hex()}'::bytea" if conforming else f"E'\\\\x{cell.hex()}'::bytea"
+                    for cell in (
+                        k.seal(str(literal.column), canonical, deterministic=deterministic)
+                        for k in keys
+                    )
+                ]
+                text = f"ARRAY[{', '.join(texts)}]" if literal.versions else texts[0]
                 edits.append(literal.edit(text))
-                slot = sealed.setdefault(
-                    (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
-                )
-                slot[0].add(literal.column.column)
-                slot[1][0] += 1
+                for key in keys:
+                    slot = sealed.setdefault(
+                        (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
+                    )
+                    slot[0].add(literal.column.column)
+                    slot[1][0] += 1
         if need:
             raise NeedKeys(tenants=frozenset(need))
         for (tenant, key_id, table), (cols, n) in sealed.items():
@@ -749,15 +835,29 @@ class DataPath:
             )
         return apply_edits(sql, edits) if edits else sql
 
-    def _track_settings(self, plans: Sequence[StatementPlan]) -> None:
+    def _trackers(self) -> tuple[TenantTracker, ...]:
+        return (self.tenant, *self.output_settings.values())
+
+    def _restore(self, saved: tuple[list[TrackerSnapshot], tuple[str, ...], str]) -> None:
+        for tracker, state in zip(self._trackers(), saved[0], strict=True):
+            tracker.restore(state)
+        self.search_path, self.role = saved[1], saved[2]
+
+    def _track_settings(self, plans: Sequence[StatementPlan], sql: str) -> None:
+        """Apply what the statements change in the session (as sent; see tenant.py)."""
         for plan in plans:
             command = plan.command
             if command in ("BEGIN", "START"):
-                self.tenant.begin()
+                for tracker in self._trackers():
+                    tracker.begin()
             elif command in ("COMMIT", "END"):
-                self.tenant.commit()
+                for tracker in self._trackers():
+                    tracker.commit()
             elif command in ("ROLLBACK", "ABORT"):
-                self.tenant.rollback()
+                for tracker in self._trackers():
+                    tracker.rollback()
+            elif command in ("SET", "RESET"):
+                self._track_output_setting(sql[plan.start : plan.end])
             for setting in plan.session_settings:
                 if setting.name == "pgseal.tenant":
                     value = setting.value if setting.action == "set" else None
@@ -771,11 +871,25 @@ class DataPath:
                     else:
                         self.search_path = ("public",)
                 elif setting.name in ("all", "discard_all"):
-                    self.tenant.reset_all()
+                    for tracker in self._trackers():
+                        tracker.reset_all()
                     self.search_path = ("public",)
                 elif setting.name in ("role", "session_authorization"):
                     value = setting.value if setting.action == "set" else None
                     self.role = value if isinstance(value, str) else self.info.user
+
+    def _track_output_setting(self, text: str) -> None:
+        match = _OUTPUT_SETTING_RE.fullmatch(text)
+        if match is None:
+            return
+        scope, name, quoted, bare, reset = match.groups()
+        if reset is not None:
+            self.output_settings[reset.lower()].set(None)
+            return
+        value = quoted if quoted is not None else bare
+        if bare is not None and bare.lower() == "default":
+            value = None
+        self.output_settings[name.lower()].set(value, local=(scope or "").upper() == "LOCAL")
 
     # -- server -> client ------------------------------------------------------------------
 
@@ -797,6 +911,10 @@ class DataPath:
             return frame.raw
         if head is None:
             return frame.raw  # nothing outstanding: pass (e.g. FATAL at shutdown)
+        if t in _COPY_SERVER_TYPES:
+            return self._copy_server(frame, head)
+        if (self.copy_in is not None or self.copy_out is not None) and t in (0x45, 0x43, 0x5A):
+            self._copy_statement_end(t, head)
         if t == 0x45:  # ErrorResponse
             return self._error(frame, head)
         if t == 0x5A:  # ReadyForQuery
@@ -855,7 +973,9 @@ class DataPath:
         out = head.refusal if head.refusal is not None else frame.raw
         if head.failed or head.swallow:
             out = b""
-        self.tenant.error(later_segments_sent=self._segments_in_flight() > 1)
+        later = self._segments_in_flight() > 1
+        for tracker in self._trackers():
+            tracker.error(later_segments_sent=later)
         if head.kind in (_Kind.QUERY, _Kind.CATALOG, _Kind.FUNCTION):
             head.failed = head.kind is _Kind.CATALOG or head.failed
             head.refusal = None
@@ -878,7 +998,9 @@ class DataPath:
         self.pending.popleft()
         self._flush_opened(head)
         status = chr(frame.body[0]) if frame.body else "I"
-        self.tenant.ready(status, last=self._segments_in_flight() == 0)
+        last = self._segments_in_flight() == 0
+        for tracker in self._trackers():
+            tracker.ready(status, last=last)
         if head.kind is _Kind.CATALOG:
             self.table_oids = dict(self._catalog_rows)
             return b""
@@ -891,9 +1013,19 @@ class DataPath:
 
     def _catalog_row(self, frame: Frame) -> None:
         row = m.decode_data_row(frame.body).values
-        if len(row) == 3 and all(v is not None for v in row):
-            oid, schema, table = (v.decode() for v in row if v is not None)
+        if len(row) == 4 and all(v is not None for v in row):
+            oid, schema, table, columns = (v.decode() for v in row if v is not None)
             self._catalog_rows.append((int(oid), (schema, table)))
+            # For a COPY without a column list (see _copy_columns).
+            self.table_columns[(schema, table)] = tuple(
+                c.decode() for c in _parse_text_array(columns) if c is not None
+            )
+        elif len(row) == 2 and all(v is not None for v in row):
+            # The session's values as PostgreSQL starts it (role and database defaults,
+            # startup options): also what RESET goes back to.
+            for name, value in zip(_OUTPUT_SETTINGS, row, strict=True):
+                assert value is not None
+                self.output_settings[name] = TenantTracker(value.decode())
 
     def _parameter_description(self, frame: Frame, statement: _Statement) -> bytes:
         plan = statement.plan
@@ -1067,9 +1199,29 @@ class DataPath:
                 )
             key = self.keys.by_id(key_id, 1)
             if key is None:
-                need.add(key_id)
-                continue
-            denial = self._read_denial(opener.target, key, session_tenant)
+                shredded = self.keys.destroyed(key_id)
+                if shredded is None:
+                    need.add(key_id)
+                    continue
+                # Crypto-shredded: never openable again; on_denied says NULL or an error.
+                # The tenant and role rules come first: a reader who could not see this
+                # cell anyway learns nothing about its tenant's keys.
+                table = self._policy(opener.target.column.table_key)
+                rule = self._read_denial(opener.target, shredded, session_tenant)
+                gone = rule or (f"pgseal: a cell of {opener.target.column} cannot be opened: "
+                                f"data key {key_id} of tenant {shredded!r} was destroyed "
+                                "(crypto-shredded)")
+                denials.append(AuditNote(
+                    "data.deny", shredded, key_id, table.qualified_name,
+                    (opener.target.column.column,), 1, fingerprint(head.sql or ""),
+                    outcome="denied", error=gone,
+                ))
+                if table.on_denied == "null":
+                    opened.append((opener.index, None))
+                    continue
+                self.audit.extend(denials)
+                return self._fail_result(head, "42501" if rule else "58030", gone)
+            denial = self._read_denial(opener.target, key.tenant, session_tenant)
             if denial is None:
                 denial = self._row_tenant_denial(opener, row, key)
             if denial is not None:
@@ -1159,7 +1311,7 @@ class DataPath:
         except (UnicodeDecodeError, ValueFormatError):
             return None
 
-    def _read_denial(self, target: OutputTarget, key: CellKey, session: str | None) -> str | None:
+    def _read_denial(self, target: OutputTarget, tenant: str, session: str | None) -> str | None:
         table = self._policy(target.column.table_key)
         if not table.may_decrypt(self.role):
             return f"pgseal: role {self.role} may not read {target.column} in plaintext"
@@ -1171,7 +1323,7 @@ class DataPath:
             if self.role in self.policies.cross_tenant_roles:
                 return None
             return f"pgseal: reading {target.column} needs a session tenant (SET pgseal.tenant)"
-        if key.tenant != session and self.role not in self.policies.cross_tenant_roles:
+        if tenant != session and self.role not in self.policies.cross_tenant_roles:
             return f"pgseal: {target.column} of another tenant is not readable in this session"
         return None
 
@@ -1225,17 +1377,309 @@ class DataPath:
             parse = m.decode_parse(frame.body)
             return self._refuse_parse(parse, sqlstate, message)
         if t == 0x42:
-            bind = m.decode_bind(frame.body)
-            self.pending.append(_Pending(_Kind.BIND, refusal=_error(sqlstate, message)))
-            return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
+            return self._refuse_bind(m.decode_bind(frame.body), sqlstate, message)
         if t == 0x51:
             return self._refuse_query(m.decode_query(frame.body).sql, sqlstate, message)
-        raise error  # pragma: no cover - only those three need keys
+        if t in (0x64, 0x63) and self.copy_in is not None:  # CopyData / CopyDone of a COPY
+            return self._copy_in_stop(self.copy_in, CopyStop(sqlstate, message), t)
+        raise error  # pragma: no cover - only those need keys
 
     def fail_server_frame(self, error: PgsealError) -> bytes:
         """The keys to open a DataRow could not be had: end that result with an error."""
         head = self.pending[0]
         return self._fail_result(head, error.sqlstate, f"pgseal: {error}")
+
+    # -- COPY (copystream.py streams the rows) ---------------------------------------------
+    #
+    # A protected COPY is planned like any statement (proxy/rewrite/copy.py). COPY FROM
+    # STDIN: when it is sent, a CopyIn job is armed; the client's CopyData, CopyDone and
+    # CopyFail then go through it (the session holds them only while one is armed), are
+    # sealed row by row, and a row that breaks the rules fails the COPY upstream
+    # (CopyFail) with our error substituted for the server's. COPY TO STDOUT: the
+    # server's CopyOutResponse starts a CopyOut job for the statement at the head of the
+    # queue; its CopyData are opened until the statement ends.
+
+    def _copy_columns(self, copy: CopyPlan) -> tuple[str, ...]:
+        """The COPY's columns: as listed, else the live table's (from the catalog query)."""
+        if copy.columns is not None:
+            return copy.columns
+        assert copy.table is not None
+        columns = self.table_columns.get(copy.table)
+        if columns is None:
+            raise Refused(
+                "0A000",
+                f"pgseal: COPY of {_table_name(copy.table)} without a column list: the proxy "
+                "does not know the table's columns (created after this connection started?); "
+                "list them",
+            )
+        return columns
+
+    def _copy_edits(
+        self, plan: StatementPlan, plans: Sequence[StatementPlan], *, extended: bool = False
+    ) -> list[TextEdit]:
+        """What a protected COPY needs before it is sent: refusals, and an explicit column
+        list when it has none (PostgreSQL and the proxy must agree on every field)."""
+        copy = plan.copy
+        if copy is None:
+            return []
+        name = _table_name(copy.table) if copy.table is not None else "a protected table"
+        if extended and plan.literals:
+            raise Refused(
+                "0A000",
+                f"pgseal: COPY (query) with constants on encrypted columns of {name} needs the "
+                "simple query protocol (COPY takes no parameters)",
+            )
+        encoding = copy.options.encoding or self.session_format.client_encoding
+        if not is_utf8_encoding(encoding):
+            raise Refused("0A000", f"pgseal: COPY of protected table {name} needs UTF8 data")
+        try:
+            dialect_of(copy.options)
+        except CopyStop as stop:
+            raise Refused(stop.sqlstate, f"{stop.message} (COPY of {name})") from None
+        if copy.direction == "from" and not extended:
+            self._check_copy_alone(plans, name, None)
+        if copy.table is None or copy.columns is not None:
+            return []
+        listed = ", ".join(_quote_ident(c) for c in self._copy_columns(copy))
+        return [TextEdit(copy.columns_at, copy.columns_at, f" ({listed})")]
+
+    def _check_copy_alone(
+        self, plans: Sequence[StatementPlan], name: str, entry: _Pending | None
+    ) -> None:
+        """CopyData messages name no statement: a protected COPY FROM must be the only COPY
+        in flight, so that the client's stream can only be its own."""
+        in_flight = self.copy_in is not None or sum(1 for p in plans if p.command == "COPY") > 1
+        for p in self.pending:
+            if p is entry:
+                continue
+            if p.kind is _Kind.QUERY and any(x.command == "COPY" for x in p.plans):
+                in_flight = True
+            elif p.kind is _Kind.EXECUTE and p.portal is not None:
+                in_flight = in_flight or p.portal.statement.plan.command == "COPY"
+        if in_flight:
+            raise Refused(
+                "0A000",
+                f"pgseal: COPY FROM STDIN into {name} must be the only COPY in flight on the "
+                "connection (not beside another COPY in one query string or pipeline)",
+            )
+
+    def _arm_copy(self, plan: StatementPlan, tenant: str | None, entry: _Pending, sql: str) -> None:
+        """A COPY FROM STDIN of a protected table is being sent: its stream comes next."""
+        copy = plan.copy
+        if copy is None or copy.direction != "from":
+            return
+        assert copy.table is not None
+        job = CopyIn(
+            self._policy(copy.table),
+            self._copy_columns(copy),
+            copy.options,
+            self.keys,
+            self.session_format,
+            tenant,
+            tenant_uncertain=self.tenant.uncertain,
+        )
+        self.copy_in = _CopyInJob(job, entry, sql)
+
+    def _execute_copy(self, statement: _Statement, entry: _Pending, frame: Frame) -> bytes:
+        plan = statement.plan
+        copy = plan.copy
+        if copy is None or copy.direction != "from":
+            return frame.raw
+        try:
+            self._check_copy_alone((plan,), _table_name(copy.table or ("", "")), entry)
+            self._arm_copy(plan, self.tenant.current, entry, statement.sql)
+        except Refused as exc:
+            # Substituted by an Execute that fails at once; our error replaces its own.
+            self._audit_deny(statement.sql, str(exc))
+            entry.refusal = _error(exc.sqlstate, str(exc))
+            return m.Execute(_REFUSED_STATEMENT).encode()
+        return frame.raw
+
+    def _copy_client(self, frame: Frame, job: _CopyInJob) -> bytes:
+        """CopyData / CopyDone / CopyFail of the armed COPY FROM STDIN."""
+        t = frame.type
+        if job.failed or job.server_done or t == 0x66:
+            # A COPY already over upstream: drop the rest of its stream (never forward it).
+            # The client's own CopyFail is forwarded while PostgreSQL still reads.
+            if t != 0x64:
+                self.copy_in = None
+                self._copy_in_done(job)
+            return frame.raw if t == 0x66 and not (job.failed or job.server_done) else b""
+        try:
+            if job.stop is not None:
+                raise job.stop
+            self._check_key_service()
+            data = job.copy.feed(frame.body, final=t == 0x63)
+        except MissingKeys as need:
+            raise NeedKeys(tenants=need.tenants, key_ids=need.key_ids) from None
+        except Refused as exc:
+            return self._copy_in_stop(job, CopyStop(exc.sqlstate, str(exc)), t)
+        except CopyStop as stop:
+            return self._copy_in_stop(job, stop, t)
+        out = m.CopyData(data).encode() if data else b""
+        if t == 0x63:
+            self.copy_in = None
+            self._copy_in_done(job)
+            out += frame.raw
+        return out
+
+    def _copy_in_stop(self, job: _CopyInJob, stop: CopyStop, t: int) -> bytes:
+        """Fail the whole COPY upstream; the client gets our error in place of the server's."""
+        job.failed = True
+        if t != 0x64:
+            self.copy_in = None
+        self._audit_deny(job.sql, stop.message)
+        self._copy_in_done(job)
+        if any(p is job.entry for p in self.pending):
+            job.entry.refusal = _error(stop.sqlstate, stop.message)
+        return m.CopyFail(stop.message).encode()
+
+    def _copy_in_done(self, job: _CopyInJob) -> None:
+        if job.audited:
+            return
+        job.audited = True
+        for (tenant, key_id, table), (cols, n) in job.copy.sealed.items():
+            self.audit.append(
+                AuditNote(
+                    "data.encrypt", tenant, key_id, table, tuple(sorted(cols)), n[0],
+                    fingerprint(job.sql),
+                )
+            )
+
+    def _copy_server(self, frame: Frame, head: _Pending) -> bytes:
+        """CopyInResponse, CopyOutResponse, and the server's CopyData / CopyDone."""
+        t = frame.type
+        if t == 0x47:  # CopyInResponse (forwarded even in a failed result: the server now
+            # waits for the client's stream, which only the client can end)
+            self._drop_ignored_syncs(head)
+            job = self.copy_in
+            if job is not None and job.entry is head:
+                job.started = True
+                response = m.decode_copy_response(frame.body)
+                if response.format != 0 or len(response.column_formats) != len(job.copy.columns):
+                    job.stop = CopyStop(
+                        "XX000",
+                        "pgseal: the server's COPY does not match the statement the proxy read",
+                    )
+            return frame.raw
+        if t == 0x48:  # CopyOutResponse
+            if head.failed or head.swallow:
+                # A result we already ended with an error: hold its stream, to drop it.
+                self.copy_out = _CopyOutJob(None, head, "")
+                return b""
+            return self._copy_out_start(frame, head)
+        if head.failed or head.swallow:
+            return b""
+        out_job = self.copy_out
+        if out_job is None or out_job.copy is None or out_job.entry is not head:
+            return frame.raw
+        try:
+            data = out_job.copy.feed(frame.body, final=t == 0x63)
+        except MissingKeys as need:
+            raise NeedKeys(key_ids=need.key_ids) from None
+        except CopyStop as stop:
+            self._copy_out_denials(out_job, stop.denials)
+            return self._fail_result(head, stop.sqlstate, stop.message)
+        self._copy_out_denials(out_job, tuple(out_job.copy.denials))
+        out_job.copy.denials.clear()
+        out = m.CopyData(data).encode() if data else b""
+        return out + frame.raw if t == 0x63 else out
+
+    def _copy_out_start(self, frame: Frame, head: _Pending) -> bytes:
+        if head.kind is _Kind.QUERY:
+            at = head.result_index
+            plan = head.plans[at] if at < len(head.plans) else None
+            tenant = head.tenants[at] if at < len(head.tenants) else self.tenant.current
+            sql = head.sql
+        elif head.kind is _Kind.EXECUTE and head.portal is not None:
+            plan = head.portal.statement.plan
+            tenant = head.tenants[0] if head.tenants else self.tenant.current
+            sql = head.portal.statement.sql
+        else:
+            return frame.raw
+        copy = plan.copy if plan is not None else None
+        if plan is None or copy is None:
+            return frame.raw
+        try:
+            targets = (
+                plan.outputs
+                if copy.table is None or copy.columns is not None
+                else copy_targets(self._policy(copy.table), self._copy_columns(copy))
+            )
+            response = m.decode_copy_response(frame.body)
+            if response.format != 0 or len(response.column_formats) != len(targets):
+                raise CopyStop(
+                    "XX000",
+                    "pgseal: the server's COPY stream does not match the statement the proxy "
+                    "read; it is not shown",
+                )
+            job = CopyOut(
+                targets,
+                copy.options,
+                self.keys,
+                self.session_format,
+                self.policies,
+                lambda target, cell_tenant: self._read_denial(target, cell_tenant, tenant),
+                _text_cell,
+            )
+        except Refused as exc:
+            return self._fail_result(head, exc.sqlstate, str(exc))
+        except CopyStop as stop:
+            return self._fail_result(head, stop.sqlstate, stop.message)
+        self.copy_out = _CopyOutJob(job, head, sql)
+        return frame.raw
+
+    def _copy_out_denials(self, job: _CopyOutJob, denials: Sequence[Denial]) -> None:
+        for d in denials:
+            self.audit.append(
+                AuditNote(
+                    "data.deny", d.tenant, d.key_id, d.table, (d.column,), 1,
+                    fingerprint(job.sql), outcome="denied", error=d.message,
+                )
+            )
+
+    def _copy_statement_end(self, t: int, head: _Pending) -> None:
+        """Before an ErrorResponse, CommandComplete or ReadyForQuery is handled: let go of
+        the COPY whose statement it ends."""
+        out_job = self.copy_out
+        if out_job is not None and (t == 0x5A or out_job.entry is head):
+            self.copy_out = None
+            opened = out_job.copy.opened if out_job.copy is not None else {}
+            for (tenant, key_id, table), (cols, n) in opened.items():
+                self.audit.append(
+                    AuditNote(
+                        "data.decrypt", tenant, key_id, table, tuple(sorted(cols)), n[0],
+                        fingerprint(out_job.sql),
+                    )
+                )
+        job = self.copy_in
+        if job is None or t == 0x43:
+            return
+        ends = job.entry is head
+        if not ends and head.kind not in _ENDS_WITH_READY:
+            # An error (or a ReadyForQuery) that drops the entries up to the next Sync.
+            for p in self.pending:
+                if p.kind in _ENDS_WITH_READY:
+                    break
+                ends = ends or p is job.entry
+        if not ends:
+            return
+        if job.started:
+            job.server_done = True  # the client still ends its stream; nothing more goes up
+        else:
+            self.copy_in = None  # refused before CopyInResponse: no stream will come
+            self._copy_in_done(job)
+
+    def _drop_ignored_syncs(self, head: _Pending) -> None:
+        """PostgreSQL ignores Sync and Flush while it reads COPY data (libpq sends a Sync
+        right behind an Execute without knowing it runs a COPY): the Syncs queued behind
+        the COPY's Execute get no ReadyForQuery."""
+        if head.kind is not _Kind.EXECUTE:
+            return
+        pending = self.pending
+        while len(pending) > 1 and pending[1].kind is _Kind.SYNC:
+            del pending[1]
+            self.ignored_syncs += 1
 
 
 # --- small pure helpers ------------------------------------------------------------------
@@ -1254,15 +1698,28 @@ def _error(sqlstate: str, message: str) -> bytes:
 
 
 def _cell_bytes(value: bytes, fmt: int) -> bytes:
-    """The cell inside a bytea field as PostgreSQL sent it (binary, or text in hex)."""
+    """The cell inside a bytea field as PostgreSQL sent it (binary, or text in hex or, with
+    bytea_output=escape, in escape format: a backslash there is always doubled)."""
     if fmt == 1:
         return value
     if value[:2] != b"\\x":
-        raise CellError()  # bytea_output=escape: not supported, fail closed
+        return _unescape_bytea(value)
     try:
         return bytes.fromhex(value[2:].decode("ascii"))
     except ValueError:
         raise CellError() from None
+
+
+_ESCAPED_BYTE = re.compile(rb"\\(\\|[0-3][0-7]{2})")
+
+
+def _unescape_bytea(value: bytes) -> bytes:
+    """PostgreSQL's escape-format bytea output: `\\\\` and `\\ooo`, other bytes as they are."""
+    if b"\\" in _ESCAPED_BYTE.sub(b"", value):
+        raise CellError()  # a lone backslash: not bytea output, fail closed
+    return _ESCAPED_BYTE.sub(
+        lambda e: b"\\" if e.group(1) == b"\\" else bytes((int(e.group(1), 8),)), value
+    )
 
 
 def _bytea_array(cells: Sequence[bytes | None]) -> bytes:
@@ -1358,3 +1815,34 @@ def _parse_text_array(text: str) -> list[bytes | None]:
 
 
 KeyFetcher = Callable[[frozenset[str], frozenset[int]], None]
+
+
+# --- COPY jobs -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _CopyInJob:
+    copy: CopyIn
+    entry: _Pending  # the Query / Execute that runs the COPY
+    sql: str
+    started: bool = False  # CopyInResponse seen
+    server_done: bool = False  # PostgreSQL ended the COPY (an error) before the client did
+    failed: bool = False  # we failed it (CopyFail sent)
+    audited: bool = False
+    stop: CopyStop | None = None  # fail at the next message (the server disagrees with us)
+
+
+@dataclass(slots=True)
+class _CopyOutJob:
+    copy: CopyOut | None  # None: the stream of a result already failed, dropped
+    entry: _Pending
+    sql: str
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _text_cell(value: bytes) -> bytes:
+    """The cell inside a bytea field's text (COPY streams are always text)."""
+    return _cell_bytes(value, 0)

@@ -38,6 +38,10 @@ class _State:
     block_start: str | None
 
 
+# What `snapshot` returns and `restore` takes; opaque to callers.
+TrackerSnapshot = tuple[_State, _State, bool]
+
+
 class TenantTracker:
     def __init__(self, startup_value: str | None) -> None:
         self.startup_value = startup_value
@@ -54,11 +58,11 @@ class TenantTracker:
     def in_block(self) -> bool:
         return self._s.in_block
 
-    def snapshot(self) -> tuple[_State, _State, bool]:
+    def snapshot(self) -> TrackerSnapshot:
         """The whole state, for `restore` when a statement is not sent after all."""
         return (replace(self._s), replace(self._segment), self.uncertain)
 
-    def restore(self, saved: tuple[_State, _State, bool]) -> None:
+    def restore(self, saved: TrackerSnapshot) -> None:
         self._s, self._segment, self.uncertain = replace(saved[0]), replace(saved[1]), saved[2]
 
     # -- as statements are sent --------------------------------------------------

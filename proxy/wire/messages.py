@@ -224,7 +224,7 @@ class Authentication:
         if self.code != AUTH_SASL:
             return ()
         r = Reader(self.data, "server")
-        names = []
+        names: list[str] = []
         while True:
             name = r.cstring()
             if not name:
@@ -667,6 +667,48 @@ def decode_notification_response(body: bytes) -> NotificationResponse:
     return msg
 
 
+# --- COPY ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CopyResponse:
+    """CopyInResponse ('G') or CopyOutResponse ('H'): overall format (0 text, 1 binary)
+    and one format code per column."""
+
+    format: int
+    column_formats: tuple[int, ...]
+
+
+def decode_copy_response(body: bytes) -> CopyResponse:
+    r = Reader(body, "server")
+    fmt = r.byte()
+    n = r.int16()
+    if n < 0:
+        raise r.fail("negative column count")
+    msg = CopyResponse(fmt, tuple(r.int16() for _ in range(n)))
+    r.done()
+    return msg
+
+
+@dataclass(frozen=True, slots=True)
+class CopyData:
+    data: bytes
+
+    def encode(self) -> bytes:
+        return frame(b"d", self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFail:
+    message: str
+
+    def encode(self) -> bytes:
+        return frame(b"f", _cstr(self.message))
+
+
+COPY_DONE = frame(b"c", b"")
+
+
 __all__ = [
     "PROTOCOL_3_0",
     "Authentication",
@@ -675,6 +717,9 @@ __all__ = [
     "CancelRequest",
     "Close",
     "CommandComplete",
+    "CopyData",
+    "CopyFail",
+    "CopyResponse",
     "DataRow",
     "Describe",
     "ErrorResponse",
