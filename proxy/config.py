@@ -97,7 +97,7 @@ def default_softhsm_module() -> str:
 @dataclass(frozen=True, slots=True)
 class HsmConfig:
     module: str = field(default_factory=default_softhsm_module)
-    token_label: str = "pgseal"
+    token_label: str = "pgseal"  # noqa: S105 - a token's name, not a secret
     pin: str = "env:PGSEAL_HSM_PIN"
     so_pin: str = "env:PGSEAL_HSM_SO_PIN"
     master_key_label: str = "pgseal-master"
@@ -184,6 +184,41 @@ class MetricsConfig:
     listen: HostPort | None = None
 
 
+# Defaults from NIST SP 800-57 Part 1 Rev. 5, section 5.3.6, Table 1 ("Suggested
+# cryptoperiods for key types"): a symmetric data-encryption key (our tenant data keys)
+# and a symmetric key-wrapping key (our HSM master key) both have an originator-usage
+# period of up to 2 years (recipient-usage up to that + 3 years: a retired data key keeps
+# opening old cells meanwhile, and `pgseal rekey` moves them on before it is destroyed).
+NIST_SYMMETRIC_OUP_DAYS = 730
+MAX_CRYPTOPERIOD_DAYS = 36500  # a typo guard: a century is never meant
+
+
+@dataclass(frozen=True, slots=True)
+class CryptoperiodConfig:
+    """How long a key may protect new data before it must be rotated (originator usage).
+
+    `pgseal keys list` flags keys past it; with `rotate_on_schedule` every encrypting
+    proxy checks every `check_interval_seconds` and one of them (advisory lock on the
+    keystore) rotates the keys found due.
+    """
+
+    data_key_days: int = NIST_SYMMETRIC_OUP_DAYS
+    master_key_days: int = NIST_SYMMETRIC_OUP_DAYS
+    rotate_on_schedule: bool = False
+    check_interval_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("data_key_days", "master_key_days"):
+            days = getattr(self, name)
+            if not 1 <= days <= MAX_CRYPTOPERIOD_DAYS:
+                raise ConfigError(f"cryptoperiod.{name}: 1..{MAX_CRYPTOPERIOD_DAYS}, got {days}")
+        if not 0 < self.check_interval_seconds <= 86400 * 7:
+            raise ConfigError(
+                "cryptoperiod.check_interval_seconds: more than 0 and at most a week "
+                f"(604800), got {self.check_interval_seconds}"
+            )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: HostPort = HostPort("127.0.0.1", 6432)
@@ -197,6 +232,7 @@ class Config:
     audit: AuditConfig = AuditConfig()
     policies: tuple[str, ...] = ()
     metrics: MetricsConfig = MetricsConfig()
+    cryptoperiod: CryptoperiodConfig = CryptoperiodConfig()
     # Directory the relative paths above were written against (the config file's folder).
     base_dir: str = "."
 

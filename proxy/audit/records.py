@@ -162,6 +162,9 @@ class VerifyReport:
     head: ChainHead = field(default_factory=ChainHead)
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # The trail does not end with audit.stop (one of `problems`): cut, or a writer is
+    # still running. Readers that know writers are live can tell it from a broken chain.
+    open_tail: bool = False
 
     @property
     def ok(self) -> bool:
@@ -231,6 +234,7 @@ def verify_lines(lines: Iterable[tuple[str, str]], source: str) -> VerifyReport:
     if report.records == 0 and not report.problems:
         problem("empty trail (no records)")
     elif last_event != "audit.stop" and report.records:
+        report.open_tail = True
         problem(
             f"last record (seq {expected.seq}) is not audit.stop: the trail was truncated, "
             "or its writer crashed or is still running"

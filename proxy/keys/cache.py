@@ -15,6 +15,10 @@ Entries: ``k:<key_id>`` -> _Entry (the DataKey and how often it was used); ``t:<
 same tenant or key id share one load (one keystore read and one HSM unwrap). An eviction
 bumps `epoch`; a load that began before it returns its key to its callers but does not
 store it (it may predate the rotation or destruction that caused the eviction).
+
+Destroyed keys are remembered too (key id -> tenant, bounded like the entries): a
+destroyed key never comes back (key ids are never reused), and without the mark every
+row of a shredded tenant would cost a keystore round trip to learn the same thing.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ class TenantKeyCache:
         self._store = _MemoryBackend(timeout=None)
         self._lru: OrderedDict[int, None] = OrderedDict()  # key ids, least recently used first
         self._inflight: dict[str, asyncio.Task[DataKey]] = {}
+        self._destroyed: OrderedDict[int, str] = OrderedDict()  # key id -> tenant
         self.epoch = 0
         # True while other processes' notifications may be missed (LISTEN down or not yet
         # up): entries then live DEGRADED_TTL at most, so a rotate or destroy made
@@ -181,9 +186,31 @@ class TenantKeyCache:
                 dropped += 1
         return dropped
 
+    def mark_destroyed(self, key_id: int, tenant: str) -> None:
+        """Remember that `key_id` (of `tenant`) was destroyed: see module doc."""
+        self._destroyed[key_id] = tenant
+        self._destroyed.move_to_end(key_id)
+        while len(self._destroyed) > self.max_entries:
+            self._destroyed.popitem(last=False)
+
+    def destroyed_tenant(self, key_id: int) -> str | None:
+        """The tenant of `key_id` when it is known to be destroyed, else None."""
+        return self._destroyed.get(key_id)
+
+    def holds_tenant(self, tenant: str) -> bool:
+        """Whether any key of `tenant` (or a pointer to one) is in memory now."""
+        if self._store.peek(f"t:{tenant}") is not None:
+            return True
+        for key_id in self._lru:
+            entry: _Entry | None = self._store.peek(f"k:{key_id}")
+            if entry is not None and entry.key.tenant == tenant:
+                return True
+        return False
+
     def clear(self) -> None:
         """Drop everything (listener reconnected: notifications may have been missed)."""
         self.epoch += 1
+        self._destroyed.clear()
         for key_id in list(self._lru):
             entry: _Entry | None = self._store.peek(f"k:{key_id}")
             if entry is not None:

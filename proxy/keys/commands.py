@@ -9,14 +9,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from proxy.config import Config
+from proxy.config import Config, CryptoperiodConfig
 from proxy.errors import PgsealError
+from proxy.keys.cryptoperiod import data_key_status, master_key_status
 from proxy.keys.hsm import HsmClient, ensure_softhsm_token, prepare_softhsm_env
+from proxy.keys.keystore import MasterRow
 from proxy.keys.model import KeyInfo
 from proxy.keys.service import KeyService
+from proxy.keys.shred import gather_evidence
 
 _T = TypeVar("_T")
 
@@ -68,14 +72,11 @@ def _age(when: dt.datetime, now: dt.datetime) -> str:
     return f"{seconds}s"
 
 
-def format_keys(keys: list[KeyInfo], now: dt.datetime | None = None) -> str:
-    now = now or dt.datetime.now(dt.UTC)
-    header = ("TENANT", "VERSION", "KEY_ID", "STATE", "CREATED", "AGE")
-    rows = [
-        (k.tenant, str(k.version), str(k.key_id), k.state,
-         k.created_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ"), _age(k.created_at, now))
-        for k in keys
-    ]
+def _when(when: dt.datetime | None) -> str:
+    return "-" if when is None else when.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
@@ -83,13 +84,69 @@ def format_keys(keys: list[KeyInfo], now: dt.datetime | None = None) -> str:
     )
 
 
+def format_keys(keys: list[KeyInfo], now: dt.datetime | None = None,
+                periods: CryptoperiodConfig | None = None) -> str:
+    """The data keys as a table; CRYPTOPERIOD says `EXPIRED ...` for an active key past it."""
+    now = now or dt.datetime.now(dt.UTC)
+    periods = periods or CryptoperiodConfig()
+    header = ("TENANT", "VERSION", "KEY_ID", "STATE", "CREATED", "AGE", "CRYPTOPERIOD")
+    rows = [
+        (k.tenant, str(k.version), str(k.key_id), k.state, _when(k.created_at),
+         _age(k.created_at, now),
+         data_key_status(k.state, k.created_at, periods, now).describe(now))
+        for k in keys
+    ]
+    return _table(header, rows)
+
+
+def format_masters(masters: list[MasterRow], now: dt.datetime | None = None,
+                   periods: CryptoperiodConfig | None = None) -> str:
+    """The master keys as a table; the active one's age counts from its activation."""
+    now = now or dt.datetime.now(dt.UTC)
+    periods = periods or CryptoperiodConfig()
+    header = ("MASTER", "LABEL", "STATE", "ACTIVATED", "AGE", "CRYPTOPERIOD")
+    rows = [
+        (m.kek, m.label, m.state, _when(m.activated_at),
+         _age(m.activated_at, now) if m.activated_at else "-",
+         master_key_status(m.state, m.activated_at, periods, now).describe(now))
+        for m in masters
+    ]
+    return _table(header, rows)
+
+
 def cmd_keys_list(args: argparse.Namespace, config: Config) -> int:
     tenant: str | None = getattr(args, "tenant", None)
-    keys = _run(_with_service(config, lambda s: s.list_keys(tenant)))
+    periods = config.cryptoperiod
+
+    async def read(s: KeyService) -> tuple[list[KeyInfo], list[MasterRow]]:
+        return await s.list_keys(tenant), await s.list_masters()
+
+    keys, masters = _run(_with_service(config, read))
+    now = dt.datetime.now(dt.UTC)
+    if getattr(args, "masters", False):
+        print(format_masters(masters, now, periods) if masters else "no master keys recorded")
+        return 0
     if not keys:
         print(f"no data keys for tenant {tenant!r}" if tenant else "no data keys")
-        return 0
-    print(format_keys(keys))
+    else:
+        print(format_keys(keys, now, periods))
+    # The master key is not in this table, but an expired one must not go unnoticed.
+    for m in masters:
+        if master_key_status(m.state, m.activated_at, periods, now).expired:
+            print(f"pgseal: warning: master key {m.kek} is past its cryptoperiod "
+                  f"({periods.master_key_days} days since {_when(m.activated_at)}): run "
+                  "`pgseal keys rotate-master` (see `pgseal keys list --masters`)",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_keys_shred_report(args: argparse.Namespace, config: Config) -> int:
+    """Print the evidence that a tenant was crypto-shredded; exit 1 unless it fully was."""
+    report = _run(gather_evidence(config, args.tenant))
+    print(report.render(dt.datetime.now(dt.UTC)))
+    reasons = report.reasons()
+    if reasons:
+        raise PgsealError(reasons[0])
     return 0
 
 

@@ -16,7 +16,9 @@ transaction-scoped advisory locks: one per tenant (create / rotate / destroy of 
 tenant), and a master lock taken shared by every wrap and exclusively by master-key
 rotation, so no key is wrapped under a master key that a rotation is replacing.
 Every change sends a NOTIFY on ``channel`` inside its transaction: other proxies evict
-their cached keys when it commits.
+their cached keys when it commits. A job the fleet must run once at a time (the
+cryptoperiod check) holds a session advisory lock on a connection of its own
+(``fleet_lock``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 from urllib.parse import urlsplit
 
@@ -114,6 +116,10 @@ class MasterRow:
     kek: str
     label: str
     state: str
+    created_at: datetime | None = None
+    activated_at: datetime | None = None  # when it began wrapping data keys
+    retired_at: datetime | None = None
+    destroyed_at: datetime | None = None
 
 
 KEY_COLUMNS = (
@@ -167,7 +173,24 @@ _SQL = {
         "ORDER BY key_id FOR UPDATE"
     ),
     "set_wrapped": "UPDATE {s}.keys SET kek = $2, nonce = $3, wrapped = $4 WHERE key_id = $1",
-    "masters": "SELECT kek, label, state FROM {s}.masters ORDER BY created_at",
+    "masters": (
+        "SELECT kek, label, state, created_at, activated_at, retired_at, destroyed_at "
+        "FROM {s}.masters ORDER BY created_at"
+    ),
+    # Active keys that began protecting data at least $1 ago (the database's clock, the
+    # one that wrote created_at), oldest first.
+    "due": (
+        "SELECT {cols} FROM {s}.keys WHERE state = 'active' AND created_at <= now() - $1::interval "
+        "ORDER BY created_at, key_id LIMIT $2"
+    ),
+    "dead_rows": (
+        "SELECT n_dead_tup, last_vacuum, last_autovacuum FROM pg_catalog.pg_stat_user_tables "
+        "WHERE schemaname = $1 AND relname = 'keys'"
+    ),
+    "listeners": (
+        "SELECT count(*) FROM pg_catalog.pg_stat_activity "
+        "WHERE application_name = 'pgseal-keystore-listener' AND datname = current_database()"
+    ),
     "adopt_master": (
         "INSERT INTO {s}.masters (kek, label, state, activated_at) "
         "VALUES ($1, $2, 'active', now()) ON CONFLICT (kek) DO NOTHING"
@@ -362,6 +385,23 @@ class Keystore:
             return await self.tenant_rows(conn, tenant)
         return [KeyRow.from_record(r) for r in await conn.fetch(self.q["all"])]
 
+    async def due_rows(self, conn: Conn, older_than: timedelta, limit: int) -> list[KeyRow]:
+        """Active keys created at least `older_than` ago by the database's clock."""
+        return [KeyRow.from_record(r)
+                for r in await conn.fetch(self.q["due"], older_than, limit)]
+
+    async def dead_rows(self, conn: Conn) -> tuple[int, datetime | None] | None:
+        """Dead row versions of the keys table (statistics) and when it was last vacuumed."""
+        r = await conn.fetchrow(self.q["dead_rows"], self.schema)
+        if r is None:
+            return None
+        vacuums = [v for v in (r["last_vacuum"], r["last_autovacuum"]) if v is not None]
+        return int(r["n_dead_tup"]), max(vacuums, default=None)
+
+    async def listener_count(self, conn: Conn) -> int:
+        """Change listeners of every pgseal keystore in this database, connected now."""
+        return int(await conn.fetchval(self.q["listeners"]))
+
     async def insert_key(self, conn: Conn, tenant: str, version: int, kek: str,
                          nonce: bytes, wrapped: bytes) -> KeyRow:
         r = await conn.fetchrow(self.q["insert"], tenant, version, kek, nonce, wrapped)
@@ -385,7 +425,8 @@ class Keystore:
     # -- master keys
 
     async def masters(self, conn: Conn) -> list[MasterRow]:
-        return [MasterRow(r["kek"], r["label"], r["state"])
+        return [MasterRow(r["kek"], r["label"], r["state"], r["created_at"], r["activated_at"],
+                          r["retired_at"], r["destroyed_at"])
                 for r in await conn.fetch(self.q["masters"])]
 
     async def adopt_master(self, conn: Conn, kek: str, label: str) -> None:
@@ -403,6 +444,37 @@ class Keystore:
 
     async def mark_master_destroyed(self, conn: Conn, kek: str) -> None:
         await conn.execute(self.q["master_destroyed"], kek)
+
+    # -- fleet-wide jobs
+
+    @asynccontextmanager
+    async def fleet_lock(self, job: str) -> AsyncIterator[bool]:
+        """Try to become the one process of the fleet running `job`; yields whether we are.
+
+        A session advisory lock on a connection of its own (not a pooled one: the pool's
+        reset sends no unlock, and a lock must not outlive the job on a reused session).
+        Held until the block ends; a crash drops it with the connection.
+        """
+        try:
+            conn = await asyncpg.connect(
+                self.dsn, timeout=self._timeout,
+                server_settings={"application_name": f"pgseal-{job}"},
+            )
+        except (*_LOST, asyncpg.PostgresError) as exc:
+            raise self.unavailable(exc) from None
+        try:
+            try:
+                got = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtext($1), 0)",
+                                               f"pgseal:{self.schema}:{job}"))
+            except (*_LOST, asyncpg.PostgresError) as exc:
+                raise self.unavailable(exc) from None
+            yield got
+        finally:
+            # Closing the session releases its advisory locks; no explicit unlock needed.
+            try:
+                await asyncio.wait_for(conn.close(), 2)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn.terminate()
 
     # -- the change listener
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import secrets
 from collections.abc import Awaitable, Callable, Coroutine
@@ -33,7 +34,7 @@ from proxy.crypto.cells import DEK_LEN, CellKey
 from proxy.errors import AccessDenied, KeyNotFound, KeyServiceUnavailable, PgsealError
 from proxy.keys.cache import TenantKeyCache
 from proxy.keys.hsm import HsmClient, dek_aad, prepare_softhsm_env
-from proxy.keys.keystore import ACTIVE, DESTROYED, RETIRED, Conn, KeyRow, Keystore
+from proxy.keys.keystore import ACTIVE, DESTROYED, RETIRED, Conn, KeyRow, Keystore, MasterRow
 from proxy.keys.model import DataKey, KeyInfo, MasterRotation
 
 log = logging.getLogger("pgseal.keys")
@@ -133,6 +134,12 @@ def _fail(futures: list[asyncio.Future[DataKey]], error: BaseException) -> None:
 
 class KeyExists(PgsealError):
     """`keys create` for a tenant that already has an active key."""
+
+    sqlstate = "58030"
+
+
+class StaleRotation(PgsealError):
+    """`rotate(expect_active=...)` found another active key: someone rotated it already."""
 
     sqlstate = "58030"
 
@@ -315,6 +322,7 @@ class KeyService:
         for key_id, futs in waiting.items():
             row = by_id[key_id]
             if row.state == DESTROYED or row.wrapped is None or row.nonce is None:
+                self.cache.mark_destroyed(key_id, row.tenant)
                 error = KeyNotFound(f"data key {key_id} of tenant {row.tenant!r} was destroyed")
                 for fut in futs:
                     fut.set_exception(error)
@@ -358,6 +366,7 @@ class KeyService:
     async def _unwrap(self, row: KeyRow) -> DataKey:
         for attempt in (1, 2):
             if row.state == DESTROYED or row.wrapped is None or row.nonce is None:
+                self.cache.mark_destroyed(row.key_id, row.tenant)
                 raise KeyNotFound(f"data key {row.key_id} of tenant {row.tenant!r} was destroyed")
             try:
                 dek = await self.hsm.unwrap(row.kek, row.nonce, row.wrapped,
@@ -470,10 +479,13 @@ class KeyService:
         self.cache.evict_tenant(tenant)  # a destroyed tenant starting over
         return _info(row)
 
-    async def rotate(self, tenant: str) -> tuple[KeyInfo, KeyInfo]:
+    async def rotate(self, tenant: str, *, expect_active: int | None = None,
+                     reason: str | None = None) -> tuple[KeyInfo, KeyInfo]:
         """New active version for the tenant; the previous one retired (still opens its cells).
 
-        Returns (new, retired).
+        Returns (new, retired). `expect_active`: rotate only if that key id is still the
+        active one, else StaleRotation (a job that chose the key earlier must not rotate
+        its successor). `reason` goes in front of the key.rotate audit record's statement.
         """
         check_tenant(tenant)
         ks = self.keystore
@@ -490,6 +502,11 @@ class KeyService:
                         f"(pgseal keys create --tenant {tenant})"
                     )
                 old = active[0]
+                if expect_active is not None and old.key_id != expect_active:
+                    raise StaleRotation(
+                        f"tenant {tenant!r}: key id {expect_active} is no longer the active "
+                        f"one (now {old.key_id})"
+                    )
                 version = max(r.version for r in rows) + 1
                 kek, _dek, nonce, wrapped = await self._new_wrapped(conn, tenant, version)
                 retired = await ks.retire(conn, old.key_id)
@@ -497,7 +514,8 @@ class KeyService:
                 await ks.notify(conn, "rotate", tenant, [old.key_id, new.key_id])
                 await self.audit.record(AuditRecord(
                     "key.rotate", tenant=tenant, key_id=new.key_id, key_version=version, kek=kek,
-                    statement=f"retired version {old.version} (key id {old.key_id})",
+                    statement=(f"{reason}: " if reason else "")
+                    + f"retired version {old.version} (key id {old.key_id})",
                 ))
                 return new, retired
 
@@ -537,15 +555,79 @@ class KeyService:
 
         destroyed = await ks.run(work)
         self.cache.evict_tenant(tenant, [r.key_id for r in destroyed], close=True)
+        for r in destroyed:
+            self.cache.mark_destroyed(r.key_id, tenant)
         if destroyed:
             log.info("destroyed %d data keys of tenant %r", len(destroyed), tenant)
         return [_info(r) for r in destroyed]
+
+    async def destroy_version(self, key_id: int) -> KeyInfo | None:
+        """Crypto-shred one retired version of a tenant's key; its other versions stay.
+
+        For `pgseal rekey --destroy-old`, once no cell is sealed under that version: its
+        wrapped bytes are erased and every proxy evicts it (NOTIFY destroy). Refuses an
+        active version (rotate first). Returns None when it was destroyed already.
+        """
+        ks = self.keystore
+
+        async def work(conn: Conn) -> KeyRow | None:
+            async with conn.transaction():
+                row = await ks.row_by_id(conn, key_id)
+                if row is None:
+                    raise KeyNotFound(f"no data key with id {key_id}")
+                await ks.lock_tenant(conn, row.tenant)
+                row = await ks.row_by_id(conn, key_id)  # settled under the tenant's lock
+                if row is None or row.state == DESTROYED:
+                    return None
+                if row.state != RETIRED:
+                    raise PgsealError(
+                        f"data key {key_id} of tenant {row.tenant!r} is {row.state}: only a "
+                        "retired version can be destroyed on its own (rotate first)"
+                    )
+                await conn.execute(
+                    f"UPDATE {ks.s}.keys SET state = 'destroyed', nonce = NULL, "  # noqa: S608
+                    "wrapped = NULL, destroyed_at = now() WHERE key_id = $1", key_id)
+                done = await ks.row_by_id(conn, key_id)
+                assert done is not None
+                await ks.notify(conn, "destroy", done.tenant, [key_id])
+                await self.audit.record(AuditRecord(
+                    "key.destroy", tenant=done.tenant, key_id=key_id, key_version=done.version,
+                    kek=done.kek, statement=f"destroyed retired version {done.version} alone",
+                ))
+                return done
+
+        done = await ks.run(work)
+        if done is None:
+            return None
+        self.cache.evict_tenant(done.tenant, [key_id], close=True)
+        self.cache.mark_destroyed(key_id, done.tenant)
+        log.info("destroyed retired version %d (key id %d) of tenant %r", done.version, key_id,
+                 done.tenant)
+        return _info(done)
 
     async def list_keys(self, tenant: str | None = None) -> list[KeyInfo]:
         ks = self.keystore
 
         async def read(conn: Conn) -> list[KeyRow]:
             return await ks.all_rows(conn, tenant)
+
+        return [_info(r) for r in await ks.run(read)]
+
+    async def list_masters(self) -> list[MasterRow]:
+        """The master keys this keystore knows, oldest first (pending to destroyed)."""
+        ks = self.keystore
+
+        async def read(conn: Conn) -> list[MasterRow]:
+            return await ks.masters(conn)
+
+        return await ks.run(read)
+
+    async def due_keys(self, older_than: dt.timedelta, limit: int = 1000) -> list[KeyInfo]:
+        """Active data keys created at least `older_than` ago (keystore clock), oldest first."""
+        ks = self.keystore
+
+        async def read(conn: Conn) -> list[KeyRow]:
+            return await ks.due_rows(conn, older_than, limit)
 
         return [_info(r) for r in await ks.run(read)]
 
@@ -637,6 +719,9 @@ class KeyService:
             self.cache.clear()
         else:
             self.cache.evict_tenant(tenant, ids, close=op == "destroy")
+            if op == "destroy":
+                for key_id in ids:
+                    self.cache.mark_destroyed(key_id, tenant)
 
     def _on_listener_lost(self) -> None:
         # Until LISTEN is back we might miss a rotate or destroy: forget what we hold and

@@ -55,7 +55,8 @@ def test_keys_lifecycle_from_the_command_line(make_keys_config: Any,
     listed = pgseal("keys", "list", "--config", cfg)
     assert listed.returncode == 0
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["TENANT", "VERSION", "KEY_ID", "STATE", "CREATED", "AGE"]
+    assert header.split() == ["TENANT", "VERSION", "KEY_ID", "STATE", "CREATED", "AGE",
+                              "CRYPTOPERIOD"]
     assert [(r.split()[0], r.split()[1], r.split()[3]) for r in rows] == [
         ("acme", "1", "retired"), ("acme", "2", "active")]
 
