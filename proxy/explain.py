@@ -35,9 +35,12 @@ def explain_plan(sql: str, plan: StatementPlan) -> list[str]:
         if target.use == "compare":
             mode = "deterministic (AES-SIV)"
         array = ", each array element" if target.array else ""
+        versions = ", under every live key version" if target.versions else ""
+        sent = "bytea[]" if target.array or target.versions else "bytea"
         lines.append(
-            f"  ${index}: sealed for {target.column} ({target.policy.type}, {target.use}, {mode}{array}); "
-            f"tenant from {target.tenant.describe()}; sent as bytea"
+            f"  ${index}: sealed for {target.column} "
+            f"({target.policy.type}, {target.use}, {mode}{array}"
+            f"{versions}); tenant from {target.tenant.describe()}; sent as {sent}"
         )
     for literal in plan.literals:
         mode = (
@@ -47,18 +50,22 @@ def explain_plan(sql: str, plan: StatementPlan) -> list[str]:
         )
         lines.append(
             f"  literal at {literal.start}..{literal.end}: sealed for {literal.column} "
-            f"({literal.policy.type}, {literal.use}, {mode}); tenant from {literal.tenant.describe()}"
+            f"({literal.policy.type}, {literal.use}, {mode}"
+            f"{', under every live key version' if literal.versions else ''}); "
+            f"tenant from {literal.tenant.describe()}"
         )
     for write in plan.tenant_writes:
         row = "every row" if write.row is None else f"row {write.row + 1}"
         lines.append(
-            f"  writes {write.table[0]}.{write.table[1]} ({row}): row tenant from {write.source.describe()}"
+            f"  writes {write.table[0]}.{write.table[1]} ({row}): "
+            f"row tenant from {write.source.describe()}"
         )
     if plan.outputs_exact:
         for position, out in enumerate(plan.outputs):
             if out is not None:
                 lines.append(
-                    f"  output {position + 1} ({out.name}): opened from {out.column} as {out.policy.type}; "
+                    f"  output {position + 1} ({out.name}): opened from {out.column} "
+                    f"as {out.policy.type}; "
                     f"tenant check: {out.tenant.describe()}"
                 )
     else:
@@ -71,6 +78,18 @@ def explain_plan(sql: str, plan: StatementPlan) -> list[str]:
         if plan.star_tables:
             tables = ", ".join(f"{s}.{t}" for s, t in sorted(plan.star_tables))
             lines.append(f"  * expands {tables}: its encrypted columns are opened")
+    copy = plan.copy
+    if copy is not None:
+        if copy.table is None:
+            what = "COPY (query) TO STDOUT"
+        else:
+            columns = ", ".join(copy.columns) if copy.columns is not None else "every column"
+            pipe = "FROM STDIN" if copy.direction == "from" else "TO STDOUT"
+            what = f"COPY {copy.table[0]}.{copy.table[1]} ({columns}) {pipe}"
+        action = "sealed" if copy.direction == "from" else "opened"
+        lines.append(
+            f"  {what}, {copy.options.format} format: encrypted fields {action} row by row"
+        )
     return lines
 
 

@@ -31,7 +31,8 @@ def check_policy(
                 problems.append(f"{where}{table.qualified_name}.{name} does not exist")
             elif actual != "bytea":
                 problems.append(
-                    f"{where}{table.qualified_name}.{name} is {actual}; an encrypted column must be bytea "
+                    f"{where}{table.qualified_name}.{name} is {actual}; "
+                    "an encrypted column must be bytea "
                     f"(it holds {column.type} values sealed)"
                 )
             elif column.searchable and (key[0], key[1], name) not in indexed:

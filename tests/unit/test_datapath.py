@@ -38,6 +38,16 @@ class FakeKeyRing:
     def by_id(self, key_id: int, uses: int) -> CellKey | None:
         return self.keys.get(key_id)
 
+    def versions(self, tenant: str, uses: int) -> list[CellKey] | None:
+        active = self.by_tenant.get(tenant)
+        if active is None:
+            return None
+        older = [k for k in self.keys.values() if k.tenant == tenant and k is not active]
+        return [active, *sorted(older, key=lambda k: -k.key_id)]
+
+    def destroyed(self, key_id: int) -> str | None:
+        return None
+
     def failure(self) -> PgsealError | None:
         return self.fault
 
@@ -187,14 +197,14 @@ def test_prepared_literals_become_parameters_sealed_at_bind(policies) -> None:  
     dp, ring = make(policies, tenant="acme")
     parse = m.decode_parse(client(dp, m.Parse("s", "SELECT id FROM patients WHERE ssn = '1-2-3' AND id > $1"))[5:])
     assert "1-2-3" not in parse.sql and "$2" in parse.sql
-    assert parse.param_types == (0, 17)
+    assert parse.param_types == (0, 1001)  # compared: its cells under every key version
     bind = m.decode_bind(client(dp, m.Bind("", "s", (), (b"5",), ()))[5:])
     assert bind.params[0] == b"5" and len(bind.params) == 2
     # ParameterDescription hides the proxy's own parameter.
     client(dp, m.Describe("S", "s"))
     server(dp, PARSE_COMPLETE)
     server(dp, BIND_COMPLETE)
-    pd = server(dp, m.ParameterDescription((23, 17)).encode())
+    pd = server(dp, m.ParameterDescription((23, 1001)).encode())
     assert m.decode_parameter_description(pd[5:]).type_oids == (23,)
 
 
@@ -208,3 +218,36 @@ def test_session_tenant_follows_set_local_and_rollback(policies) -> None:  # typ
     assert dp.tenant.current == "globex"
     client(dp, m.Query("RESET ALL"))
     assert dp.tenant.current is None
+
+
+def test_compared_values_match_every_key_version(policies) -> None:  # type: ignore[no-untyped-def]
+    """After a rotation a search column holds cells of several versions: a compared value
+    is sent as the bytea[] of its cells under each live version, the active one first;
+    a stored value only under the active one."""
+    dp, ring = make(policies, tenant="acme")
+    old = ring.keys[1]
+    new = ring.add(7, "acme")  # rotated: 7 active, 1 retired
+    sql = "UPDATE patients SET ssn = $1 WHERE ssn = $2 AND ssn IN ($3, NULL)"
+    parse = m.decode_parse(client(dp, m.Parse("", sql))[5:])
+    assert parse.param_types == (17, 1001, 1001)
+    assert parse.sql == (
+        "UPDATE patients SET ssn = $1 WHERE ssn = ANY($2) AND ssn = ANY ($3 || ARRAY[NULL]::bytea[])"
+    )
+    bind = m.decode_bind(client(dp, m.Bind("", "", (), (b"new", b"old", None), ()))[5:])
+    stored, compared, missing = bind.params
+    assert stored is not None and read_cell_header(stored).key_id == 7
+    assert compared is not None and b"old" not in compared
+    ssn = "public.patients.ssn"
+    cells = [new.seal(ssn, b"\x01old", deterministic=True), old.seal(ssn, b"\x01old", deterministic=True)]
+    assert all(c in compared for c in cells) and compared.index(cells[0]) < compared.index(cells[1])
+    assert missing is not None and missing.endswith(b"\xff\xff\xff\xff")  # {NULL}: one NULL element
+    notes = dp.take_audit()
+    assert {(n.event, n.key_id) for n in notes} == {("data.encrypt", 7), ("data.encrypt", 1)}
+
+
+def test_compared_literal_in_a_query_becomes_an_array_of_versions(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies, tenant="acme")
+    ring.add(7, "acme")
+    out = m.decode_query(client(dp, m.Query("SELECT name FROM patients WHERE ssn <> '1-2-3'"))[5:]).sql
+    assert out.startswith("SELECT name FROM patients WHERE ssn <> ALL(ARRAY['\\x01020000000")
+    assert out.count("::bytea") == 2 and "1-2-3" not in out

@@ -97,6 +97,7 @@ class Case:
     writes: list[str] | None = None
     search_path: tuple[str, ...] = ("public",)
     settings: list[str] | None = None
+    rewritten: str | None = None  # the text after plan.edits (literal splices not applied)
     note: str = ""
 
 
@@ -173,8 +174,10 @@ CASES: list[Case] = [
         "patients_name \nFROM patients \nWHERE patients.ssn = $1::VARCHAR",
         R,
         params={1: "patients.ssn compare @session"},
-        edits={"$1::VARCHAR": "$1::bytea"},
+        rewritten="SELECT patients.id AS patients_id, patients.ssn AS patients_ssn, patients.name AS "
+        "patients_name \nFROM patients \nWHERE patients.ssn = ANY($1::bytea[])",
         outputs=[None, "patients.ssn", "patients.name"],
+        note="a compared value matches its cells under every key version",
     ),
     Case(
         "SELECT patients.id, patients.email \nFROM patients \nWHERE patients.email IN "
@@ -224,8 +227,66 @@ CASES: list[Case] = [
     Case(
         "SELECT patients.id FROM patients WHERE (patients.tenant_id, patients.ssn) IN "
         "(($1, $2), ($3, $4))",
+        X,
+        refuse="row IN (...) with a value for encrypted column public.patients.ssn",
+        note="a value must match every key version's cell: not expressible in a row IN",
+    ),
+    Case(
+        "SELECT id FROM patients WHERE (tenant_id, ssn) = ($1, $2)",
+        X,
+        refuse="row comparison with a value for encrypted column public.patients.ssn",
+    ),
+    Case("SELECT a.id FROM patients a, patients b WHERE (a.tenant_id, a.ssn) = (b.tenant_id, b.ssn)", P),
+    Case(
+        "SELECT id FROM patients WHERE ssn <> $1 AND $2 = email AND ssn != 'x'",
         R,
-        params={2: "patients.ssn compare", 4: "patients.ssn compare"},
+        params={1: "patients.ssn compare", 2: "patients.email compare"},
+        literals={"'x'": "patients.ssn compare"},
+        rewritten="SELECT id FROM patients WHERE ssn <> ALL($1) AND email = ANY($2) AND ssn "
+        "<> ALL('x')",
+    ),
+    Case(
+        'SELECT id FROM patients WHERE $1::text = "patients"."ssn" OR (ssn) = ($2)',
+        R,
+        params={1: "patients.ssn compare", 2: "patients.ssn compare"},
+        rewritten='SELECT id FROM patients WHERE "patients"."ssn" = ANY($1::bytea[]) OR (ssn) = '
+        "ANY($2::bytea[])",
+    ),
+    Case(
+        "SELECT id FROM patients WHERE ssn IS NOT DISTINCT FROM $1 AND email IS DISTINCT FROM 'a'",
+        R,
+        params={1: "patients.ssn compare"},
+        literals={"'a'": "patients.email compare"},
+        rewritten="SELECT id FROM patients WHERE ((ssn = ANY($1)) IS TRUE OR (ssn IS NULL AND "
+        "($1::bytea[])[1] IS NULL)) AND (NOT ((email = ANY('a')) IS TRUE))",
+    ),
+    Case(
+        "SELECT id FROM patients WHERE $1 IS DISTINCT FROM ssn",
+        R,
+        params={1: "patients.ssn compare"},
+        rewritten="SELECT id FROM patients WHERE (NOT ((ssn = ANY($1)) IS TRUE OR (ssn IS NULL AND "
+        "($1::bytea[])[1] IS NULL)))",
+    ),
+    Case(
+        "SELECT id FROM patients WHERE ssn NOT IN ($1, NULL,'b') OR email IN ($2::text)",
+        R,
+        params={1: "patients.ssn compare", 2: "patients.email compare"},
+        literals={"'b'": "patients.ssn compare"},
+        rewritten="SELECT id FROM patients WHERE ssn <> ALL ($1 || ARRAY[NULL]::bytea[] ||'b') OR "
+        "email = ANY ($2::bytea[])",
+    ),
+    Case(
+        "SELECT a.id FROM patients a JOIN patients b ON a.ssn IN (b.ssn, $1)",
+        R,
+        params={1: "patients.ssn compare"},
+        rewritten="SELECT a.id FROM patients a JOIN patients b ON a.ssn = ANY (ARRAY[b.ssn] || $1)",
+    ),
+    Case(
+        "SELECT id FROM patients WHERE ssn = ANY (ARRAY[$1, $2]::VARCHAR[]) OR email = SOME(ARRAY[])",
+        R,
+        params={1: "patients.ssn compare", 2: "patients.ssn compare"},
+        rewritten="SELECT id FROM patients WHERE ssn = ANY (($1 || $2)) OR email = "
+        "SOME(ARRAY[]::bytea[])",
     ),
     # ---- SELECT: Django -----------------------------------------------------------
     Case(
@@ -946,8 +1007,11 @@ CASES: list[Case] = [
         "INSERT INTO patients (tenant_id, ssn, name) SELECT $3, $1, $2 WHERE NOT EXISTS (SELECT 1 FROM upd)",
         R,
         params={1: "patients.ssn store @$3", 2: "patients.name store @$3"},
-        edits={"$1": "$1::bytea", "$2": "$2::bytea"},
-        note="CTE upsert; select-list parameters get an explicit ::bytea",
+        rewritten="WITH upd AS (UPDATE patients SET name = $2 WHERE tenant_id = $3 AND ssn = ANY($1) "
+        "RETURNING id) INSERT INTO patients (tenant_id, ssn, name) SELECT $3, ($1::bytea[])[1], "
+        "$2::bytea WHERE NOT EXISTS (SELECT 1 FROM upd)",
+        note="CTE upsert: $1 is compared (every key version) and stored (the active one); "
+        "select-list parameters get an explicit ::bytea",
     ),
     Case(
         "WITH upd AS (UPDATE patients SET name = $2 WHERE ssn = $1 RETURNING id) "
@@ -1252,12 +1316,13 @@ CASES: list[Case] = [
     Case("LOCK TABLE patients IN SHARE ROW EXCLUSIVE MODE", P),
     Case("COMMENT ON COLUMN patients.ssn IS 'sealed by pgseal'", P),
     Case("GRANT SELECT, INSERT ON patients TO app", P),
+    # COPY: streamed through the proxy (tests/unit/test_rewrite_copy.py), except these.
     Case(
-        "COPY patients FROM STDIN WITH (FORMAT csv)",
+        "COPY patients FROM STDIN WITH (FORMAT binary)",
         X,
-        refuse="COPY on protected table public.patients",
+        refuse="binary COPY of protected table public.patients",
     ),
-    Case("COPY (SELECT ssn FROM patients) TO STDOUT", X, refuse="COPY"),
+    Case("COPY (SELECT * FROM patients) TO STDOUT", X, refuse="COPY (SELECT * ...)"),
     Case("COPY visits FROM STDIN", P),
     Case("DO $$ BEGIN UPDATE patients SET name = 'x'; END $$", X, refuse="DO on protected table"),
     Case(
@@ -1361,6 +1426,8 @@ def _check(case: Case, plans: list[StatementPlan]) -> None:
     edits = {sql[e.start : e.end]: e.text for p in plans for e in p.edits}
     if case.edits:
         assert edits == case.edits
+    if case.rewritten is not None:
+        assert apply_edits(sql, [e for p in plans for e in p.edits]) == case.rewritten
     last = plans[-1]
     if case.outputs is not None:
         assert last.outputs_exact
@@ -1436,7 +1503,7 @@ def test_edits_and_literal_splices_apply_together(policies: PolicySet) -> None:
     edits = [*plan.edits, *(t.edit("X") for t in plan.literals)]
     assert (
         apply_edits(sql, edits)
-        == "SELECT name FROM patients WHERE ssn = $1::bytea AND email IN (X, X)"
+        == "SELECT name FROM patients WHERE ssn = ANY($1::bytea[]) AND email = ANY (X || X)"
     )
 
 

@@ -1,0 +1,62 @@
+"""The code base itself: the pure packages stay pure, and the linters pass."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+PURE = ("wire", "session", "rewrite", "crypto", "policy")
+# I/O, event loops and the HSM live in the shell packages only.
+FORBIDDEN = {"asyncio", "socket", "ssl", "selectors", "subprocess", "pkcs11", "aiocache", "asyncpg",
+             "psycopg", "uvloop", "urllib", "http"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+            if node.module.startswith("proxy."):
+                names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", PURE)
+def test_pure_packages_do_no_io(package: str) -> None:
+    offenders = []
+    for path in sorted((ROOT / "proxy" / package).rglob("*.py")):
+        imported = imported_modules(path)
+        bad = sorted(imported & FORBIDDEN)
+        shell = sorted(m for m in imported if m.startswith(("proxy.server", "proxy.keys", "proxy.audit")))
+        if bad or shell:
+            offenders.append(f"{path.relative_to(ROOT)}: {', '.join(bad + shell)}")
+    assert not offenders, "pure code imports I/O:\n" + "\n".join(offenders)
+
+
+def _tool(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    if exe.exists():
+        return str(exe)
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+def test_ruff() -> None:
+    result = subprocess.run([_tool("ruff"), "check", "proxy"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict() -> None:
+    result = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
