@@ -382,8 +382,9 @@ class ProxySession:
         server = self._server
         server.hold(_DATA_ROW, datapath.rows_need_looking_at())
         copy_out = datapath.copy_out is not None
-        server.hold(_COPY_DATA, copy_out)
-        server.hold(_COPY_DONE, copy_out)
+        if server.held[_COPY_DATA] != copy_out:
+            server.hold(_COPY_DATA, copy_out)
+            server.hold(_COPY_DONE, copy_out)
         # Client tables are shared by every session: swapped whole, never edited.
         self._client.held = (
             _CLIENT_HELD_DATAPATH_COPY if datapath.copy_in is not None else _CLIENT_HELD_DATAPATH

@@ -358,6 +358,15 @@ class DataPath:
         if t == 0x50:  # Parse
             return self._parse(m.decode_parse(frame.body), frame)
         if t == 0x42:  # Bind
+            names = _bind_names(frame.body)
+            if names is not None:
+                statement = self.statements.get(names[1])
+                if statement is None or statement.plan.kind != "protected":
+                    # Nothing to seal: forward it without decoding the parameters.
+                    if statement is not None:
+                        self.portals[names[0]] = _Portal(statement, (), None, ())
+                    self.pending.append(_Pending(_Kind.BIND))
+                    return frame.raw
             return self._bind(m.decode_bind(frame.body), frame)
         if t == 0x44:  # Describe
             d = m.decode_describe(frame.body)
@@ -1042,6 +1051,12 @@ class DataPath:
         return tuple((f.name, self.table_oids.get(f.table_oid)) for f in rd.fields)
 
     def _row_description(self, frame: Frame, head: _Pending) -> bytes:
+        if _plain_result(head):
+            if head.kind in (_Kind.DESCRIBE_S, _Kind.DESCRIBE_P):
+                self.pending.popleft()
+            elif head.kind is _Kind.QUERY:
+                head.openers = ()
+            return frame.raw
         rd = m.decode_row_description(frame.body)
         fields = self._fields(rd)
         targets: tuple[OutputTarget | None, ...]
@@ -1683,6 +1698,33 @@ class DataPath:
 
 
 # --- small pure helpers ------------------------------------------------------------------
+
+
+def _plain_result(head: _Pending) -> bool:
+    """A RowDescription that needs no rewriting: its statement touches no protected column."""
+    if head.swallow:
+        return False
+    if head.kind is _Kind.DESCRIBE_S:
+        return head.statement is None or head.statement.plan.kind != "protected"
+    if head.kind is _Kind.DESCRIBE_P:
+        return head.portal is None or head.portal.statement.plan.kind != "protected"
+    if head.kind is _Kind.QUERY:
+        index = head.result_index
+        return index >= len(head.plans) or head.plans[index].kind != "protected"
+    return False
+
+
+def _bind_names(body: bytes) -> tuple[str, str] | None:
+    """(portal, statement) of a Bind body without decoding the rest; None if malformed
+    (the full decoder then reports it)."""
+    first = body.find(b"\0")
+    second = body.find(b"\0", first + 1) if first >= 0 else -1
+    if second < 0:
+        return None
+    try:
+        return body[:first].decode(), body[first + 1 : second].decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _quote(text: str) -> str:
