@@ -39,6 +39,7 @@ from proxy.session.connection import (
     StartClientTls,
     WriteAudit,
 )
+from proxy.session.connection import fatal as fatal_error
 from proxy.wire import messages as m
 
 log = logging.getLogger("pgseal.server")
@@ -234,6 +235,13 @@ class Pump:
             log.warning("key fetch failed: %s", exc)
             self.server.stats.key_fetch_failures += 1
             self.session.keys_failed(effect.side, exc)
+        except Exception:  # a bug: the waiting frame must not hang nor go out unexamined
+            log.exception("key fetch failed unexpectedly")
+            self.server.stats.key_fetch_failures += 1
+            self.session.close(
+                "internal error fetching keys",
+                fatal_error("XX000", "pgseal: internal error; the statement was not forwarded"),
+            )
         else:
             self.session.keys_ready(effect.side)
         if not self.closed:

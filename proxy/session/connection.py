@@ -72,6 +72,10 @@ _SERVER_HELD_AUTH = held_table(b"RSKE")
 _SERVER_HELD_READY = held_table(b"SK")
 _SERVER_WATCHED = held_table(b"Z")
 _CLIENT_HELD_AUTH = held_table(b"p")
+# With a policy loaded, nothing but password messages may pass before the data path is
+# ready (startup answered, catalog query sent): a Query pipelined behind the
+# StartupMessage would otherwise reach PostgreSQL unexamined.
+_CLIENT_HELD_ALL = held_table(bytes(sorted(FRONTEND_TYPES)))
 _CLIENT_HELD_READY = held_table(b"X")
 _CLIENT_WATCHED = held_table(b"SQE")
 # With a policy loaded every statement, bind and result message is looked at;
@@ -199,7 +203,10 @@ class ProxySession:
         self.effects: list[Effect] = []
         self._startup_buf = bytearray()
         self._client = FrameBuffer(
-            "client", held=_CLIENT_HELD_AUTH, watched=_CLIENT_WATCHED, valid_types=FRONTEND_TYPES
+            "client",
+            held=_CLIENT_HELD_AUTH if datapath_factory is None else _CLIENT_HELD_ALL,
+            watched=_CLIENT_WATCHED,
+            valid_types=FRONTEND_TYPES,
         )
         self._server = FrameBuffer("server", held=_SERVER_HELD_AUTH, watched=_SERVER_WATCHED)
         self._last_auth_code: int | None = None
@@ -228,7 +235,7 @@ class ProxySession:
     def client_passes(self, data: bytes) -> bool:
         """Hot path: True when `data` goes to the server unchanged (the caller writes it).
         Otherwise nothing happened and the caller uses `client_data`."""
-        if self.phase is not _PHASE_READY or not self._client.passes_whole(data):
+        if self.phase is not _PHASE_READY or self._stalled or not self._client.passes_whole(data):
             return False
         buf = self._client
         seen = buf.seen  # take_seen(), inlined: this runs once per received chunk
@@ -241,7 +248,7 @@ class ProxySession:
 
     def server_passes(self, data: bytes) -> bool:
         """Hot path, server to client; see client_passes."""
-        if self.phase is not _PHASE_READY or not self._server.passes_whole(data):
+        if self.phase is not _PHASE_READY or self._stalled or not self._server.passes_whole(data):
             return False
         buf = self._server
         seen = buf.seen
@@ -312,6 +319,13 @@ class ProxySession:
                 continue
             assert isinstance(item, Frame)
             t = item.type
+            if (
+                self.datapath_factory is not None
+                and not self._catalog_sent
+                and t not in (0x70, 0x58)
+            ):
+                buf.push_back(item)  # wait for the data path (see _CLIENT_HELD_ALL)
+                break
             if datapath is not None and t != 0x58:
                 if t == _SYNC or t == _QUERY:
                     self.awaiting_ready += 1
@@ -496,6 +510,8 @@ class ProxySession:
                         self._catalog_sent = True
                         self.to_server.append(datapath.catalog_query())
                         self._sync_held()  # its DataRows are ours
+                        if self._client.buffered and "client" not in self._stalled:
+                            self._client_messages()  # what the client sent meanwhile
                 elif t == 0x4B:  # BackendKeyData
                     self.backend_key = m.decode_backend_key_data(item.body)
                     out.append(item.raw)

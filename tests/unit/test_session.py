@@ -116,3 +116,31 @@ def test_garbage_after_startup_closes_with_protocol_violation() -> None:
     _, to_client, effects = s.drain()
     assert b"08P01" in b"".join(to_client)
     assert isinstance(effects[-1], CloseConnection)
+
+
+def test_with_a_policy_nothing_passes_before_the_data_path_is_ready() -> None:
+    """A Query pipelined behind the StartupMessage must wait for the data path (it would
+    otherwise reach PostgreSQL unexamined), then be sealed like any other."""
+    from pathlib import Path
+
+    from proxy.policy.loader import load_policies
+    from proxy.session.datapath import DataPath
+    from tests.unit.test_datapath import FakeKeyRing
+
+    policies = load_policies([Path(__file__).resolve().parent.parent / "data" / "policy.yaml"])
+    ring = FakeKeyRing()
+    ring.add(1, "acme")
+    s = ProxySession(
+        client_tls_available=False,
+        datapath_factory=lambda info, params: DataPath(policies, ring, info, parameters=params),
+    )
+    insert = m.Query("INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')")
+    startup = m.StartupMessage(m.PROTOCOL_3_0, (("user", "app"), ("options", "-c pgseal.tenant=acme")))
+    s.client_data(startup.encode() + insert.encode())
+    s.upstream_connected(tls=False)
+    assert b"123-45-6789" not in b"".join(s.drain()[0])
+    s.server_data(m.Authentication(m.AUTH_OK).encode() + m.ReadyForQuery("I").encode())
+    to_server = b"".join(s.drain()[0])
+    assert b"123-45-6789" not in to_server
+    assert b"pg_catalog.pg_class" in to_server  # the catalog query first
+    assert to_server.index(b"pg_catalog.pg_class") < to_server.index(b"INSERT INTO patients")
