@@ -136,6 +136,22 @@ class TablePolicy:
         return self.decrypt_roles is None or role in self.decrypt_roles
 
 
+class AmbiguousTableError(Exception):
+    """An unqualified name matches protected tables in several schemas, none on the path."""
+
+    def __init__(self, name: str, candidates: tuple[str, ...]) -> None:
+        super().__init__(name, candidates)
+        self.name = name
+        self.candidates = candidates
+
+    def describe(self) -> str:
+        return (
+            f"unqualified table name {self.name!r} may refer to protected table "
+            f"{' or '.join(self.candidates)} (the proxy cannot be sure of the server's "
+            "search_path); schema-qualify it"
+        )
+
+
 @dataclass(frozen=True, eq=False)
 class PolicySet:
     """Every protected table, keyed by (schema, table). Identity-hashed (see module doc)."""
@@ -173,6 +189,18 @@ class PolicySet:
         first schema holding any table of that name; the proxy cannot see
         unprotected tables, so it over-approximates (treats the reference as
         protected). That can only make a statement fail, never leak plaintext.
+
+        The proxy's `search_path` is only an estimate (it cannot observe every
+        way the server's path changes: the server's configured default, ALTER
+        ROLE ... SET, set_config(), function-level settings), so it is never
+        trusted to rule a protected table *out*: when no schema on the given
+        path has a protected table of that name, an unqualified name still
+        resolves to the protected table of that name in any schema if there is
+        exactly one, and raises `AmbiguousTableError` if several schemas have
+        one (callers refuse the statement). An unqualified name returns None
+        only when no protected table anywhere has that name. This may seal or
+        refuse a statement on an unprotected table that shares a protected
+        table's name; it never lets one reach a protected table as plaintext.
         """
         if schema is not None:
             return self.tables.get((schema, name))
@@ -180,6 +208,13 @@ class PolicySet:
             found = self.tables.get((candidate, name))
             if found is not None:
                 return found
+        anywhere = [t for (_, table), t in self.tables.items() if table == name]
+        if len(anywhere) == 1:
+            return anywhere[0]
+        if anywhere:
+            raise AmbiguousTableError(
+                name, tuple(sorted(t.qualified_name for t in anywhere))
+            )
         return None
 
     @cached_property

@@ -43,7 +43,13 @@ from sqlglot import Token, TokenType, exp
 from sqlglot.dialects.dialect import Dialect
 from sqlglot.errors import ParseError, TokenError
 
-from proxy.policy.model import ColumnPolicy, PolicySet, TableKey, TablePolicy
+from proxy.policy.model import (
+    AmbiguousTableError,
+    ColumnPolicy,
+    PolicySet,
+    TableKey,
+    TablePolicy,
+)
 from proxy.rewrite.copy import analyze_copy
 from proxy.rewrite.lexer import (
     SessionStatementError,
@@ -715,7 +721,10 @@ class _Analysis:
         if schema is None and name in ctes:
             outputs = self._rename(ctes[name], alias_node, name)
             return _Source(alias or name, self._new_instance(), outputs=outputs)
-        policy = self.policies.resolve(schema, name, self.search_path)
+        try:
+            policy = self.policies.resolve(schema, name, self.search_path)
+        except AmbiguousTableError as exc:
+            _refuse("FROM", exc.describe())
         if (
             policy is not None
             and isinstance(alias_node, exp.TableAlias)
@@ -2349,9 +2358,12 @@ class _Analysis:
         found: list[TablePolicy] = []
         for table in node.find_all(exp.Table):
             if isinstance(table.this, exp.Identifier):
-                policy = self.policies.resolve(
-                    _ident(table.args.get("db")), _ident(table.this) or "", self.search_path
-                )
+                try:
+                    policy = self.policies.resolve(
+                        _ident(table.args.get("db")), _ident(table.this) or "", self.search_path
+                    )
+                except AmbiguousTableError as exc:
+                    _refuse("DDL", exc.describe())
                 if policy is not None:
                     found.append(policy)
         return found

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from proxy.policy.model import PolicySet, TablePolicy
+from proxy.policy.model import AmbiguousTableError, PolicySet, TablePolicy
 from proxy.rewrite.lexer import decode_string_literal, skip_block_comment
 from proxy.rewrite.plan import (
     CELL_TENANT,
@@ -476,7 +476,10 @@ def analyze_copy(
         table_policy = None
     else:
         schema = st.name[-2] if len(st.name) > 1 else None
-        table_policy = policies.resolve(schema, st.name[-1], search_path)
+        try:
+            table_policy = policies.resolve(schema, st.name[-1], search_path)
+        except AmbiguousTableError as exc:
+            return _refusal(start, end, exc.describe(), "COPY")
         if table_policy is None:
             return StatementPlan("passthrough", start, end, "COPY")
         name = table_policy.qualified_name

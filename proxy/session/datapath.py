@@ -195,6 +195,8 @@ class _Statement:
     # RowDescription fields (name, table) from a Describe of this statement, if any.
     fields: tuple[tuple[str, TableKey | None], ...] | None = None
     field_oids: tuple[int, ...] = ()
+    # The search_path the plan was made under: PostgreSQL re-analyses it under another.
+    search_path: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -230,6 +232,11 @@ class _Pending:
     statement: _Statement | None = None
     portal: _Portal | None = None
     close_target: tuple[str, str] | None = None
+    # Parse: the statement name it (re)defines and the record it replaced, restored when
+    # the server skips the Parse (or it fails). Close: the record it closes.
+    parsed: str | None = None
+    previous: _Statement | None = None
+    closed: _Statement | _Portal | None = None
     # simple Query: plans of its statements and where the results are
     plans: tuple[StatementPlan, ...] = ()
     sql: str = ""
@@ -267,7 +274,10 @@ class DataPath:
         self.policies = policies
         self.keys = keys
         self.info = info
-        self.role = info.user
+        # The role SET ROLE / SET SESSION AUTHORIZATION left, with the tenant's
+        # transaction rules (SET LOCAL, ROLLBACK, errors). Privileges never come
+        # from it alone: see `_role_may`.
+        self.role_setting = TenantTracker(info.user)
         self.parameters = parameters  # the session's ParameterStatus values (shared, live)
         self.tenant = TenantTracker(info.startup_tenant)
         # extra_float_digits and bytea_output, with the same transaction rules as the
@@ -359,17 +369,22 @@ class DataPath:
             return self._parse(m.decode_parse(frame.body), frame)
         if t == 0x42:  # Bind
             names = _bind_names(frame.body)
-            if names is not None:
+            if names is not None and _REFUSED_STATEMENT not in names:
                 statement = self.statements.get(names[1])
-                if statement is None or statement.plan.kind != "protected":
+                if (
+                    statement is not None
+                    and statement.plan.kind != "protected"
+                    and statement.search_path == self.search_path
+                ):
                     # Nothing to seal: forward it without decoding the parameters.
-                    if statement is not None:
-                        self.portals[names[0]] = _Portal(statement, (), None, ())
+                    self.portals[names[0]] = _Portal(statement, (), None, ())
                     self.pending.append(_Pending(_Kind.BIND))
                     return frame.raw
             return self._bind(m.decode_bind(frame.body), frame)
         if t == 0x44:  # Describe
             d = m.decode_describe(frame.body)
+            if d.name == _REFUSED_STATEMENT:
+                return self._refuse_reserved()
             if d.kind == "S":
                 self.pending.append(
                     _Pending(_Kind.DESCRIBE_S, statement=self.statements.get(d.name))
@@ -379,6 +394,8 @@ class DataPath:
             return frame.raw
         if t == 0x45:  # Execute
             e = m.decode_execute(frame.body)
+            if e.portal == _REFUSED_STATEMENT:
+                return self._refuse_reserved()
             portal = self.portals.get(e.portal)
             if portal is not None:
                 # SET pgseal.tenant, BEGIN, COMMIT... sent through the extended protocol
@@ -392,7 +409,12 @@ class DataPath:
             return frame.raw
         if t == 0x43:  # Close
             c = m.decode_close(frame.body)
-            self.pending.append(_Pending(_Kind.CLOSE, close_target=(c.kind, c.name)))
+            if c.name == _REFUSED_STATEMENT:
+                return self._refuse_reserved()
+            closed = (self.statements if c.kind == "S" else self.portals).get(c.name)
+            self.pending.append(
+                _Pending(_Kind.CLOSE, close_target=(c.kind, c.name), closed=closed)
+            )
             return frame.raw
         if t == 0x53:  # Sync
             self.skip_until_sync = False
@@ -408,6 +430,13 @@ class DataPath:
     # Parse -------------------------------------------------------------------------
 
     def _parse(self, parse: m.Parse, frame: Frame) -> bytes:
+        if parse.name == _REFUSED_STATEMENT:
+            return self._refuse_reserved()
+        if parse.name and parse.name in self.statements and not self._closing(parse.name):
+            # PostgreSQL refuses it too; the proxy's record must keep matching the server's.
+            return self._refuse_parse(
+                parse, "42P05", f'prepared statement "{parse.name}" already exists'
+            )
         plans = self._analyze(parse.sql)
         if len(plans) > 1:
             # PostgreSQL refuses several statements in one Parse; let it say so unless any
@@ -415,11 +444,11 @@ class DataPath:
             refused = next((p for p in plans if p.kind == "refused"), None)
             if refused is not None and refused.refusal is not None:
                 return self._refuse_parse(parse, refused.refusal.sqlstate, refused.refusal.message)
-            self.pending.append(_Pending(_Kind.PARSE))
+            self._parse_entry(parse.name, None)  # fails upstream: no record
             return frame.raw
         if not plans:  # empty query string
-            self._remember(parse, StatementPlan("passthrough", 0, 0))
-            self.pending.append(_Pending(_Kind.PARSE))
+            statement = self._remember(parse, StatementPlan("passthrough", 0, 0))
+            self._parse_entry(parse.name, statement)
             return frame.raw
         plan = plans[0]
         if plan.kind == "refused":
@@ -427,7 +456,7 @@ class DataPath:
             return self._refuse_parse(parse, plan.refusal.sqlstate, plan.refusal.message)
         if plan.kind == "passthrough":
             statement = self._remember(parse, plan)
-            self.pending.append(_Pending(_Kind.PARSE, statement=statement))
+            self._parse_entry(parse.name, statement)
             return frame.raw
         # Literals are sealed at Bind time, never here: a prepared statement may be bound
         # under another session tenant later (pooled connections), and a literal's tenant
@@ -446,7 +475,7 @@ class DataPath:
         statement = self._remember(parse, plan)
         statement.n_client = n_client
         statement.synthetic = plan.literals
-        self.pending.append(_Pending(_Kind.PARSE, statement=statement))
+        self._parse_entry(parse.name, statement)
         types = list(parse.param_types) + [0] * (
             n_client + len(plan.literals) - len(parse.param_types)
         )
@@ -457,23 +486,85 @@ class DataPath:
         return m.Parse(parse.name, sql, tuple(types)).encode()
 
     def _remember(self, parse: m.Parse, plan: StatementPlan) -> _Statement:
-        statement = _Statement(parse.name, parse.sql, plan, parse.param_types)
-        self.statements[parse.name] = statement
-        return statement
+        """A new record (stored by `_parse_entry`, with the one it replaces)."""
+        return _Statement(
+            parse.name, parse.sql, plan, parse.param_types, search_path=self.search_path
+        )
+
+    def _parse_entry(
+        self, name: str, statement: _Statement | None, refusal: bytes | None = None
+    ) -> None:
+        """Queue a Parse of `name` and record `statement` for it (None: the Parse fails
+        upstream). PostgreSQL drops the unnamed statement before parsing a new one; a
+        named one is never replaced (see `_parse`), only added after a pending Close."""
+        entry = _Pending(
+            _Kind.PARSE, refusal=refusal, statement=statement, parsed=name,
+            previous=self.statements.get(name),
+        )
+        if statement is not None:
+            self.statements[name] = statement
+        elif not name:
+            self.statements.pop(name, None)
+        self.pending.append(entry)
+
+    def _closing(self, name: str) -> bool:
+        """A Close of the recorded statement `name` is on its way (a re-Parse may follow)."""
+        record = self.statements.get(name)
+        return any(
+            p.kind is _Kind.CLOSE and p.close_target == ("S", name) and p.closed is record
+            for p in self.pending
+        )
+
+    def _unwind(self, dropped: Sequence[_Pending], failed: _Pending | None) -> None:
+        """Entries the server skipped (or `failed`, whose message failed): give each Parse's
+        name back the record it replaced, latest first."""
+        for entry in reversed(dropped):
+            if entry.kind is not _Kind.PARSE or entry.parsed is None:
+                continue
+            name = entry.parsed
+            if entry.previous is None or (entry is failed and not name):
+                self.statements.pop(name, None)  # a failed unnamed Parse dropped the old one
+            else:
+                self.statements[name] = entry.previous
 
     def _refuse_parse(self, parse: m.Parse, sqlstate: str, message: str) -> bytes:
-        self.statements.pop(parse.name, None)
-        self.pending.append(_Pending(_Kind.PARSE, refusal=_error(sqlstate, message)))
+        # A named statement keeps its record (PostgreSQL keeps it when a Parse fails); the
+        # unnamed one is dropped upstream by the failing Parse too.
+        self._parse_entry(parse.name, None, _error(sqlstate, message))
         self._audit_deny(parse.sql, message)
         return m.Parse(parse.name, _REFUSED_SQL, ()).encode()
+
+    def _refuse_reserved(self) -> bytes:
+        """A client message naming the proxy's own substitute statement or portal."""
+        message = f'pgseal: the name "{_REFUSED_STATEMENT}" is reserved by the proxy'
+        self.pending.append(_Pending(_Kind.PARSE, refusal=_error("42939", message)))
+        return m.Parse(_REFUSED_STATEMENT, _REFUSED_SQL, ()).encode()
 
     # Bind --------------------------------------------------------------------------
 
     def _bind(self, bind: m.Bind, frame: Frame) -> bytes:
+        if _REFUSED_STATEMENT in (bind.portal, bind.statement):
+            self.portals.pop(bind.portal, None)
+            return self._refuse_reserved()
         statement = self.statements.get(bind.statement)
-        if statement is None or statement.plan.kind != "protected":
-            if statement is not None:
-                self.portals[bind.portal] = _Portal(statement, bind.result_formats, None, ())
+        if statement is None:
+            # Never forward a Bind the proxy cannot vouch for: what the server holds under
+            # that name is unknown to it (it may be a protected statement).
+            return self._refuse_bind(
+                bind, "26000", f'pgseal: prepared statement "{bind.statement}" is not known '
+                "to the proxy; prepare it again",
+            )
+        if statement.search_path != self.search_path:
+            # PostgreSQL re-analyses the statement under the new search_path.
+            plans = self._analyze(statement.sql) if statement.sql.strip() else [statement.plan]
+            if len(plans) != 1 or not _same_plan(plans[0], statement.plan):
+                self._audit_deny(statement.sql, "search_path changed since Parse")
+                return self._refuse_bind(
+                    bind, "0A000", "pgseal: statement prepared under another search_path; "
+                    "prepare it again",
+                )
+        if statement.plan.kind != "protected":
+            self.portals[bind.portal] = _Portal(statement, bind.result_formats, None, ())
             self.pending.append(_Pending(_Kind.BIND))
             return frame.raw
         plan = statement.plan
@@ -690,7 +781,7 @@ class DataPath:
                     f"pgseal: {policy.qualified_name} needs a session tenant "
                     "(SET pgseal.tenant) under strict isolation",
                 )
-            if use == "write" or self.role not in self.policies.cross_tenant_roles:
+            if use == "write" or not self._role_may(self._cross_tenant):
                 raise Refused(
                     "42501",
                     f"pgseal: tenant of the row differs from the session tenant "
@@ -845,12 +936,32 @@ class DataPath:
         return apply_edits(sql, edits) if edits else sql
 
     def _trackers(self) -> tuple[TenantTracker, ...]:
-        return (self.tenant, *self.output_settings.values())
+        return (self.tenant, *self.output_settings.values(), self.role_setting)
+
+    @property
+    def role(self) -> str:
+        """The current role as the proxy tracks it (SET ROLE applied as sent)."""
+        return self.role_setting.current or self.info.user
+
+    def _role_may(self, allowed: Callable[[str], bool]) -> bool:
+        """Whether the session holds a privilege (cross-tenant read, decrypt).
+
+        Fail closed: the proxy applies SET ROLE as sent, before the server has
+        accepted it (it may fail with permission denied, or be rolled back), so
+        the session gets a privilege only if BOTH the login user and the tracked
+        role have it, and never while the tracked role is uncertain. SET ROLE can
+        narrow the login user's privileges, never widen them.
+        """
+        if not allowed(self.info.user):
+            return False
+        if self.role_setting.uncertain:
+            return allowed("") and allowed(" pgseal-unknown-role ")
+        return allowed(self.role)
 
     def _restore(self, saved: tuple[list[TrackerSnapshot], tuple[str, ...], str]) -> None:
         for tracker, state in zip(self._trackers(), saved[0], strict=True):
             tracker.restore(state)
-        self.search_path, self.role = saved[1], saved[2]
+        self.search_path = saved[1]  # the role is one of the trackers
 
     def _track_settings(self, plans: Sequence[StatementPlan], sql: str) -> None:
         """Apply what the statements change in the session (as sent; see tenant.py)."""
@@ -885,7 +996,9 @@ class DataPath:
                     self.search_path = ("public",)
                 elif setting.name in ("role", "session_authorization"):
                     value = setting.value if setting.action == "set" else None
-                    self.role = value if isinstance(value, str) else self.info.user
+                    self.role_setting.set(
+                        value if isinstance(value, str) else None, local=setting.local
+                    )
 
     def _track_output_setting(self, text: str) -> None:
         match = _OUTPUT_SETTING_RE.fullmatch(text)
@@ -937,7 +1050,14 @@ class DataPath:
             entry = self._pop(_Kind.CLOSE)
             if entry.close_target is not None:
                 kind, name = entry.close_target
-                (self.statements if kind == "S" else self.portals).pop(name, None)
+                records: dict[str, _Statement] | dict[str, _Portal] = (
+                    self.statements if kind == "S" else self.portals
+                )
+                if entry.closed is not None and records.get(name) is entry.closed:
+                    records.pop(name, None)  # not a newer record made after the Close
+                for p in self.pending:  # the closed record is gone upstream: never restore it
+                    if p.previous is not None and p.previous is entry.closed:
+                        p.previous = None
         elif t == 0x74:  # ParameterDescription
             if head.kind is _Kind.DESCRIBE_S and head.statement is not None:
                 out = self._parameter_description(frame, head.statement)
@@ -992,15 +1112,19 @@ class DataPath:
                 head.openers = ()
             return out
         # Extended protocol: the server skips to Sync, so do we.
+        dropped = []
         while self.pending and self.pending[0].kind is not _Kind.SYNC:
-            self.pending.popleft()
+            dropped.append(self.pending.popleft())
+        self._unwind(dropped, head)
         return out
 
     def _ready(self, frame: Frame, head: _Pending) -> bytes:
         if head.kind not in _ENDS_WITH_READY:
             # Entries the server never answered (an error skipped them): drop them.
+            dropped = []
             while self.pending and self.pending[0].kind not in _ENDS_WITH_READY:
-                self.pending.popleft()
+                dropped.append(self.pending.popleft())
+            self._unwind(dropped, None)
             if not self.pending:
                 return frame.raw
             head = self.pending[0]
@@ -1191,6 +1315,9 @@ class DataPath:
             return frame.raw
         if not openers:
             return frame.raw
+        failure = self.keys.failure()  # e.g. the audit sink is down: open nothing
+        if failure is not None:
+            return self._fail_result(head, failure.sqlstate, str(failure))
         row: list[bytes | None] = list(m.decode_data_row(frame.body).values)
         need: set[int] = set()
         opened: list[tuple[int, bytes | None]] = []
@@ -1326,19 +1453,22 @@ class DataPath:
         except (UnicodeDecodeError, ValueFormatError):
             return None
 
+    def _cross_tenant(self, role: str) -> bool:
+        return role in self.policies.cross_tenant_roles
+
     def _read_denial(self, target: OutputTarget, tenant: str, session: str | None) -> str | None:
         table = self._policy(target.column.table_key)
-        if not table.may_decrypt(self.role):
+        if not self._role_may(table.may_decrypt):
             return f"pgseal: role {self.role} may not read {target.column} in plaintext"
         if table.isolation == "trusted":
             return None
         if self.tenant.uncertain:
             return "pgseal: the session tenant is uncertain; SET pgseal.tenant again"
         if session is None:
-            if self.role in self.policies.cross_tenant_roles:
+            if self._role_may(self._cross_tenant):
                 return None
             return f"pgseal: reading {target.column} needs a session tenant (SET pgseal.tenant)"
-        if tenant != session and self.role not in self.policies.cross_tenant_roles:
+        if tenant != session and not self._role_may(self._cross_tenant):
             return f"pgseal: {target.column} of another tenant is not readable in this session"
         return None
 
@@ -1588,6 +1718,9 @@ class DataPath:
         out_job = self.copy_out
         if out_job is None or out_job.copy is None or out_job.entry is not head:
             return frame.raw
+        failure = self.keys.failure()  # e.g. the audit sink is down: open nothing
+        if failure is not None:
+            return self._fail_result(head, failure.sqlstate, str(failure))
         try:
             data = out_job.copy.feed(frame.body, final=t == 0x63)
         except MissingKeys as need:
@@ -1616,6 +1749,7 @@ class DataPath:
         if plan is None or copy is None:
             return frame.raw
         try:
+            self._check_key_service()
             targets = (
                 plan.outputs
                 if copy.table is None or copy.columns is not None
@@ -1712,6 +1846,14 @@ def _plain_result(head: _Pending) -> bool:
         index = head.result_index
         return index >= len(head.plans) or head.plans[index].kind != "protected"
     return False
+
+
+def _same_plan(new: StatementPlan, old: StatementPlan) -> bool:
+    """Whether a re-analysed statement is handled as it was at Parse time."""
+    return (new.kind, new.params, new.literals, new.outputs, new.outputs_exact,
+            new.outputs_by_name, new.star_tables, new.tables, new.copy, new.edits) == (
+        old.kind, old.params, old.literals, old.outputs, old.outputs_exact,
+        old.outputs_by_name, old.star_tables, old.tables, old.copy, old.edits)
 
 
 def _bind_names(body: bytes) -> tuple[str, str] | None:

@@ -17,6 +17,7 @@ from proxy.policy import (
     TablePolicy,
     load_policies,
 )
+from proxy.policy.model import AmbiguousTableError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -333,7 +334,9 @@ def test_policy_set_lookups() -> None:
     assert policies.resolve(None, "patients", ("app", "billing")) is policies.table(
         "billing", "patients"
     )
-    assert policies.resolve(None, "patients", ("app",)) is None
+    with pytest.raises(AmbiguousTableError):  # fail closed: off-path tables still count
+        policies.resolve(None, "patients", ("app",))
+    assert policies.resolve(None, "visits", ("app",)) is None
     assert policies.resolve("billing", "patients", ()) is found
     assert policies and not PolicySet()
 
@@ -360,3 +363,12 @@ def test_model_checks() -> None:
     table = _table("s", "t", c=ColumnPolicy("c", "text"))
     with pytest.raises(TypeError):
         table.columns["d"] = ColumnPolicy("d", "text")  # type: ignore[index]
+
+
+def test_resolve_does_not_trust_the_tracked_search_path() -> None:
+    """C2: a protected table off the tracked search_path is still protected."""
+    only = PolicySet.of([_table("public", "patients", ssn=ColumnPolicy("ssn", "text"))])
+    assert only.resolve(None, "patients", ("x",)) is only.table("public", "patients")
+    assert only.resolve(None, "patients", ()) is only.table("public", "patients")
+    assert only.resolve(None, "visits", ("x",)) is None
+    assert only.resolve("x", "patients", ("x",)) is None  # qualified: exact

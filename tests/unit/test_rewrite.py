@@ -153,7 +153,7 @@ CASES: list[Case] = [
     Case("INSERT INTO patients (tenant_id, external_id) VALUES ($1, $2)", P),
     Case("SELECT 'patients' AS label", P, note="name only inside a string"),
     Case("SELECT ssn FROM other.patients WHERE ssn = $1", P, note="another schema"),
-    Case("SELECT ssn FROM patients", P, search_path=("app",), note="public not on search_path"),
+    Case("SELECT ssn FROM patients", R, search_path=("app",), outputs=["patients.ssn"], note="public not on the tracked search_path: still protected (C2)"),
     Case("SELECT secretkey FROM accounts", P, note="unquoted: folds to accounts, not Accounts"),
     Case("SELECT ssn IS NULL AS missing FROM patients WHERE id = $1", P),
     Case("SELECT count(ssn), count(*) FILTER (WHERE name IS NOT NULL) FROM patients", P),
@@ -779,7 +779,7 @@ CASES: list[Case] = [
         params={2: "billing.invoices.iban compare @$1"},
         outputs=["billing.invoices.iban", "billing.invoices.total"],
     ),
-    Case("SELECT iban FROM invoices WHERE iban = $1", P, note="billing is not on the search_path"),
+    Case("SELECT iban FROM invoices WHERE iban = $1", R, params={1: "billing.invoices.iban compare"}, outputs=["billing.invoices.iban"], note="billing is not on the tracked search_path: still protected (C2)"),
     Case(
         "SELECT iban FROM invoices WHERE iban = $1",
         R,
@@ -1592,7 +1592,9 @@ def test_long_statements_are_not_cached(policies: PolicySet) -> None:
 def test_search_path_follows_set_within_one_string(policies: PolicySet) -> None:
     sql = "SELECT iban FROM invoices; SET search_path = billing; SELECT iban FROM invoices; RESET search_path; SELECT iban FROM invoices"
     kinds = [p.kind for p in analyze(sql, policies)]
-    assert kinds == ["passthrough", "passthrough", "protected", "passthrough", "passthrough"]
+    # invoices is protected only in billing, but the tracked search_path is an
+    # estimate, so an unqualified name off the path still resolves to it (C2).
+    assert kinds == ["protected", "passthrough", "protected", "passthrough", "protected"]
 
 
 @pytest.mark.parametrize(
@@ -1729,3 +1731,35 @@ def test_typical_statement_is_analyzed_fast(policies: PolicySet) -> None:
         _analyze(sql, policies, ("public",))
     per_statement = (time.perf_counter() - start) / 50
     assert per_statement < 0.02
+
+
+def test_unqualified_protected_table_off_the_search_path_is_protected(
+    policies: PolicySet,
+) -> None:
+    """C2: the proxy's search_path may be wrong; it must never make a write plaintext."""
+    sql = "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')"
+    for path in [("x",), (), ("billing",)]:
+        [plan] = analyze(sql, policies, path)
+        assert plan.kind == "protected", path
+        assert plan.literals, path
+    [plan] = analyze("INSERT INTO patients (tenant_id, ssn) VALUES ($1, $2)", policies, ("x",))
+    assert plan.kind == "protected" and plan.params
+    [plan] = analyze("COPY patients (tenant_id, ssn) FROM STDIN", policies, ("x",))
+    assert plan.kind == "protected"
+
+
+def test_unqualified_name_protected_in_several_schemas_off_path_is_refused(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "version: 1\ntables:\n"
+        "  a.t:\n    tenant: {column: tenant_id}\n    columns:\n      s: {type: text}\n"
+        "  b.t:\n    tenant: {column: tenant_id}\n    columns:\n      s: {type: text}\n"
+    )
+    two = load_policies([path])
+    for sql in ["INSERT INTO t (tenant_id, s) VALUES ('acme', 'x')", "COPY t (tenant_id, s) FROM STDIN"]:
+        [plan] = analyze(sql, two, ("x",))
+        assert plan.kind == "refused" and "schema-qualify" in plan.refusal.message, sql
+    [plan] = analyze("INSERT INTO t (tenant_id, s) VALUES ('acme', 'x')", two, ("b",))
+    assert plan.kind == "protected"
