@@ -321,7 +321,10 @@ class DataPath:
         if cached is None or cached[0] != key:
             digits = key[5].strip()
             fmt = SessionFormat(
-                timezone=key[0], datestyle=key[1], client_encoding=key[2], intervalstyle=key[3],
+                timezone=key[0],
+                datestyle=key[1],
+                client_encoding=key[2],
+                intervalstyle=key[3],
                 bytea_output=key[4].strip().lower(),
                 extra_float_digits=int(digits) if digits.lstrip("+-").isdigit() else 1,
             )
@@ -412,9 +415,7 @@ class DataPath:
             if c.name == _REFUSED_STATEMENT:
                 return self._refuse_reserved()
             closed = (self.statements if c.kind == "S" else self.portals).get(c.name)
-            self.pending.append(
-                _Pending(_Kind.CLOSE, close_target=(c.kind, c.name), closed=closed)
-            )
+            self.pending.append(_Pending(_Kind.CLOSE, close_target=(c.kind, c.name), closed=closed))
             return frame.raw
         if t == 0x53:  # Sync
             self.skip_until_sync = False
@@ -444,6 +445,14 @@ class DataPath:
             refused = next((p for p in plans if p.kind == "refused"), None)
             if refused is not None and refused.refusal is not None:
                 return self._refuse_parse(parse, refused.refusal.sqlstate, refused.refusal.message)
+            if any(p.kind != "passthrough" for p in plans):
+                # PostgreSQL would reject it, but log its text (values included) on the way.
+                return self._refuse_parse(
+                    parse,
+                    "42601",
+                    "pgseal: cannot insert multiple commands into a prepared "
+                    "statement (one of them touches an encrypted column)",
+                )
             self._parse_entry(parse.name, None)  # fails upstream: no record
             return frame.raw
         if not plans:  # empty query string
@@ -498,7 +507,10 @@ class DataPath:
         upstream). PostgreSQL drops the unnamed statement before parsing a new one; a
         named one is never replaced (see `_parse`), only added after a pending Close."""
         entry = _Pending(
-            _Kind.PARSE, refusal=refusal, statement=statement, parsed=name,
+            _Kind.PARSE,
+            refusal=refusal,
+            statement=statement,
+            parsed=name,
             previous=self.statements.get(name),
         )
         if statement is not None:
@@ -551,7 +563,9 @@ class DataPath:
             # Never forward a Bind the proxy cannot vouch for: what the server holds under
             # that name is unknown to it (it may be a protected statement).
             return self._refuse_bind(
-                bind, "26000", f'pgseal: prepared statement "{bind.statement}" is not known '
+                bind,
+                "26000",
+                f'pgseal: prepared statement "{bind.statement}" is not known '
                 "to the proxy; prepare it again",
             )
         if statement.search_path != self.search_path:
@@ -560,8 +574,9 @@ class DataPath:
             if len(plans) != 1 or not _same_plan(plans[0], statement.plan):
                 self._audit_deny(statement.sql, "search_path changed since Parse")
                 return self._refuse_bind(
-                    bind, "0A000", "pgseal: statement prepared under another search_path; "
-                    "prepare it again",
+                    bind,
+                    "0A000",
+                    "pgseal: statement prepared under another search_path; prepare it again",
                 )
         if statement.plan.kind != "protected":
             self.portals[bind.portal] = _Portal(statement, bind.result_formats, None, ())
@@ -692,8 +707,9 @@ class DataPath:
                 continue
             canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
             deterministic = literal.policy.searchable or literal.use == "compare"
-            cells = [k.seal(str(literal.column), canonical, deterministic=deterministic)
-                     for k in keys]
+            cells = [
+                k.seal(str(literal.column), canonical, deterministic=deterministic) for k in keys
+            ]
             values.append(_bytea_array(cells) if literal.versions else cells[0])
             formats.append(1)
             for key in keys:
@@ -978,6 +994,8 @@ class DataPath:
                     tracker.rollback()
             elif command in ("SET", "RESET"):
                 self._track_output_setting(sql[plan.start : plan.end])
+            elif command in ("DEALLOCATE", "DISCARD"):
+                self._forget_statements(sql[plan.start : plan.end])
             for setting in plan.session_settings:
                 if setting.name == "pgseal.tenant":
                     value = setting.value if setting.action == "set" else None
@@ -999,6 +1017,24 @@ class DataPath:
                     self.role_setting.set(
                         value if isinstance(value, str) else None, local=setting.local
                     )
+
+    def _forget_statements(self, text: str) -> None:
+        """SQL-level DEALLOCATE / DISCARD drop protocol-level statements too. Dropped at send
+        time: if PostgreSQL refuses it, a later Bind of the name is refused as unknown
+        (fail closed) rather than forwarded unexamined."""
+        words = text.replace('"', " ").split()
+        upper = [w.upper() for w in words]
+        if upper[:2] in (["DISCARD", "ALL"], ["DEALLOCATE", "ALL"], ["DEALLOCATE", "PREPARE"]) and (
+            upper[-1] == "ALL"
+        ):
+            self.statements = {k: v for k, v in self.statements.items() if k == ""}
+            if upper[0] == "DISCARD":
+                self.portals.clear()
+            return
+        if upper[:1] == ["DEALLOCATE"] and len(words) >= 2:
+            name = words[-1]
+            quoted = '"' in text
+            self.statements.pop(name if quoted else name.lower(), None)
 
     def _track_output_setting(self, text: str) -> None:
         match = _OUTPUT_SETTING_RE.fullmatch(text)
@@ -1350,14 +1386,24 @@ class DataPath:
                 # cell anyway learns nothing about its tenant's keys.
                 table = self._policy(opener.target.column.table_key)
                 rule = self._read_denial(opener.target, shredded, session_tenant)
-                gone = rule or (f"pgseal: a cell of {opener.target.column} cannot be opened: "
-                                f"data key {key_id} of tenant {shredded!r} was destroyed "
-                                "(crypto-shredded)")
-                denials.append(AuditNote(
-                    "data.deny", shredded, key_id, table.qualified_name,
-                    (opener.target.column.column,), 1, fingerprint(head.sql or ""),
-                    outcome="denied", error=gone,
-                ))
+                gone = rule or (
+                    f"pgseal: a cell of {opener.target.column} cannot be opened: "
+                    f"data key {key_id} of tenant {shredded!r} was destroyed "
+                    "(crypto-shredded)"
+                )
+                denials.append(
+                    AuditNote(
+                        "data.deny",
+                        shredded,
+                        key_id,
+                        table.qualified_name,
+                        (opener.target.column.column,),
+                        1,
+                        fingerprint(head.sql or ""),
+                        outcome="denied",
+                        error=gone,
+                    )
+                )
                 if table.on_denied == "null":
                     opened.append((opener.index, None))
                     continue
@@ -1686,7 +1732,12 @@ class DataPath:
         for (tenant, key_id, table), (cols, n) in job.copy.sealed.items():
             self.audit.append(
                 AuditNote(
-                    "data.encrypt", tenant, key_id, table, tuple(sorted(cols)), n[0],
+                    "data.encrypt",
+                    tenant,
+                    key_id,
+                    table,
+                    tuple(sorted(cols)),
+                    n[0],
                     fingerprint(job.sql),
                 )
             )
@@ -1782,8 +1833,15 @@ class DataPath:
         for d in denials:
             self.audit.append(
                 AuditNote(
-                    "data.deny", d.tenant, d.key_id, d.table, (d.column,), 1,
-                    fingerprint(job.sql), outcome="denied", error=d.message,
+                    "data.deny",
+                    d.tenant,
+                    d.key_id,
+                    d.table,
+                    (d.column,),
+                    1,
+                    fingerprint(job.sql),
+                    outcome="denied",
+                    error=d.message,
                 )
             )
 
@@ -1797,7 +1855,12 @@ class DataPath:
             for (tenant, key_id, table), (cols, n) in opened.items():
                 self.audit.append(
                     AuditNote(
-                        "data.decrypt", tenant, key_id, table, tuple(sorted(cols)), n[0],
+                        "data.decrypt",
+                        tenant,
+                        key_id,
+                        table,
+                        tuple(sorted(cols)),
+                        n[0],
                         fingerprint(out_job.sql),
                     )
                 )
@@ -1850,10 +1913,29 @@ def _plain_result(head: _Pending) -> bool:
 
 def _same_plan(new: StatementPlan, old: StatementPlan) -> bool:
     """Whether a re-analysed statement is handled as it was at Parse time."""
-    return (new.kind, new.params, new.literals, new.outputs, new.outputs_exact,
-            new.outputs_by_name, new.star_tables, new.tables, new.copy, new.edits) == (
-        old.kind, old.params, old.literals, old.outputs, old.outputs_exact,
-        old.outputs_by_name, old.star_tables, old.tables, old.copy, old.edits)
+    return (
+        new.kind,
+        new.params,
+        new.literals,
+        new.outputs,
+        new.outputs_exact,
+        new.outputs_by_name,
+        new.star_tables,
+        new.tables,
+        new.copy,
+        new.edits,
+    ) == (
+        old.kind,
+        old.params,
+        old.literals,
+        old.outputs,
+        old.outputs_exact,
+        old.outputs_by_name,
+        old.star_tables,
+        old.tables,
+        old.copy,
+        old.edits,
+    )
 
 
 def _bind_names(body: bytes) -> tuple[str, str] | None:

@@ -226,3 +226,29 @@ def test_reserved_names_are_refused(policies) -> None:  # type: ignore[no-untype
         sent = server(dp, server_error("42601"))
         assert b"42939" in sent and b"reserved" in sent
         assert RESERVED not in dp.statements and RESERVED not in dp.portals
+
+
+def test_several_statements_in_one_parse_touching_a_protected_column_are_refused(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies)
+    out = client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789'); SELECT 1"))
+    refused_in_order(dp, out, "42601")
+
+
+def test_sql_deallocate_forgets_the_statement(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies)
+    prepared(dp, "s1")
+    client(dp, m.Query("DEALLOCATE s1"))
+    server(dp, b"C\0\0\0\x0fDEALLOCATE\0")
+    server(dp, RFQ)
+    # The name may be prepared again, and a Bind of the old one is not forwarded raw.
+    assert "s1" not in dp.statements
+    prepared(dp, "s1")
+    assert "s1" in dp.statements
+
+
+def test_discard_all_forgets_every_statement(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies)
+    prepared(dp, "s1")
+    prepared(dp, "s2")
+    client(dp, m.Query("DISCARD ALL"))
+    assert "s1" not in dp.statements and "s2" not in dp.statements
