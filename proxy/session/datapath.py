@@ -295,7 +295,6 @@ class DataPath:
         self.table_oids: dict[int, TableKey] = {}
         self._catalog_rows: list[tuple[int, TableKey]] = []
         self._format_cache: tuple[tuple[str, ...], SessionFormat] | None = None
-        self.skip_until_sync = False  # after a client-side refusal we cannot substitute
         # COPY (see the COPY section): column lists of the protected tables (catalog query),
         # the COPY FROM STDIN whose stream the client sends, the COPY TO STDOUT whose stream
         # the server sends, and Syncs PostgreSQL ignored inside a COPY (none answered).
@@ -364,8 +363,6 @@ class DataPath:
     def client_frame(self, frame: Frame) -> bytes:
         """Bytes to send upstream for one client message (may raise NeedKeys)."""
         t = frame.type
-        if self.skip_until_sync and t not in (0x53, 0x58):  # pragma: no cover - defensive
-            return b""
         if self.copy_in is not None and t in (0x64, 0x63, 0x66):  # CopyData, Done, Fail
             return self._copy_client(frame, self.copy_in)
         if t == 0x50:  # Parse
@@ -418,7 +415,6 @@ class DataPath:
             self.pending.append(_Pending(_Kind.CLOSE, close_target=(c.kind, c.name), closed=closed))
             return frame.raw
         if t == 0x53:  # Sync
-            self.skip_until_sync = False
             self.pending.append(_Pending(_Kind.SYNC))
             return frame.raw
         if t == 0x51:  # Query
@@ -775,7 +771,7 @@ class DataPath:
     ) -> str:
         """The tenant whose key seals a value, after the isolation rules."""
         policy = self._policy(table)
-        session = self._session_tenant(table)
+        session = self._session_tenant()
         row: str | None
         if policy.tenant_from_session or source.kind in ("session", "cell", "output"):
             row = session
@@ -805,7 +801,7 @@ class DataPath:
                 )
         return row
 
-    def _session_tenant(self, table: TableKey | None = None) -> str | None:
+    def _session_tenant(self) -> str | None:
         if self.tenant.uncertain:
             raise Refused(
                 "42501",
@@ -2079,8 +2075,6 @@ def _parse_text_array(text: str) -> list[bytes | None]:
         i += 1
     return out
 
-
-KeyFetcher = Callable[[frozenset[str], frozenset[int]], None]
 
 
 # --- COPY jobs -------------------------------------------------------------------------------
