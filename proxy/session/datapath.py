@@ -701,19 +701,9 @@ class DataPath:
             if keys is None:
                 need.add(tenant)
                 continue
-            canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
-            deterministic = literal.policy.searchable or literal.use == "compare"
-            cells = [
-                k.seal(str(literal.column), canonical, deterministic=deterministic) for k in keys
-            ]
-            values.append(_bytea_array(cells) if literal.versions else cells[0])
+            sealed_cells = self._seal_literal(literal, tenant, keys, sealed)
+            values.append(_bytea_array(sealed_cells) if literal.versions else sealed_cells[0])
             formats.append(1)
-            for key in keys:
-                slot = sealed.setdefault(
-                    (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
-                )
-                slot[0].add(literal.column.column)
-                slot[1][0] += 1
         if need:
             raise NeedKeys(tenants=frozenset(need))
         notes = [
@@ -729,6 +719,27 @@ class DataPath:
             for (tenant, key_id, table), (cols, n) in sealed.items()
         ]
         return tuple(values), tuple(formats), notes
+
+    def _seal_literal(
+        self,
+        literal: LiteralTarget,
+        tenant: str,
+        keys: Sequence[CellKey],
+        sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]],
+    ) -> list[bytes]:
+        """A constant's cells, one per key (every live version for a compared value),
+        counted in `sealed` for the audit record."""
+        canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
+        deterministic = literal.policy.searchable or literal.use == "compare"
+        column = str(literal.column)
+        cells = [k.seal(column, canonical, deterministic=deterministic) for k in keys]
+        for key in keys:
+            slot = sealed.setdefault(
+                (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
+            )
+            slot[0].add(literal.column.column)
+            slot[1][0] += 1
+        return cells
 
     def _sealing_keys(self, tenant: str, versions: bool) -> Sequence[CellKey] | None:
         """The keys a value is sealed with: the tenant's active key, or for a compared value
@@ -914,23 +925,12 @@ class DataPath:
                 if keys is None:
                     need.add(tenant)
                     continue
-                canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
-                deterministic = literal.policy.searchable or literal.versions
                 texts = [
                     f"'\\x{cell.hex()}'::bytea" if conforming else f"E'\\\\x{cell.hex()}'::bytea"
-                    for cell in (
-                        k.seal(str(literal.column), canonical, deterministic=deterministic)
-                        for k in keys
-                    )
+                    for cell in self._seal_literal(literal, tenant, keys, sealed)
                 ]
                 text = f"ARRAY[{', '.join(texts)}]" if literal.versions else texts[0]
                 edits.append(literal.edit(text))
-                for key in keys:
-                    slot = sealed.setdefault(
-                        (tenant, key.key_id, _table_name(literal.column.table_key)), (set(), [0])
-                    )
-                    slot[0].add(literal.column.column)
-                    slot[1][0] += 1
         if need:
             raise NeedKeys(tenants=frozenset(need))
         for (tenant, key_id, table), (cols, n) in sealed.items():
