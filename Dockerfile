@@ -1,0 +1,23 @@
+# pgseal in a container: `docker build -t pgseal .` then
+#   docker run -p 6432:6432 -v $PWD/pgseal.yaml:/etc/pgseal/pgseal.yaml \
+#     -e PGSEAL_HSM_PIN=... pgseal serve --config /etc/pgseal/pgseal.yaml
+# (set `listen: "0.0.0.0:6432"` in the config). SoftHSM2 is included as the embedded default
+# HSM; mount its token folder (hsm.softhsm_dir) on a volume so the master key survives.
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends softhsm2 postgresql-client \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --home /var/lib/pgseal --create-home pgseal
+
+WORKDIR /opt/pgseal
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+COPY policies ./policies
+RUN pip install --no-cache-dir .
+
+USER pgseal
+WORKDIR /var/lib/pgseal
+EXPOSE 6432 9187
+ENTRYPOINT ["pgseal"]
+CMD ["serve", "--config", "/etc/pgseal/pgseal.yaml"]

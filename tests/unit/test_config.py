@@ -1,0 +1,40 @@
+"""The config loader: the example file, environment, flags, and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, HostPort, load_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent.parent / "examples" / "pgseal.yaml"
+
+
+def test_example_config_loads() -> None:
+    config = load_config(EXAMPLE, environ={})
+    assert config.listen == HostPort("127.0.0.1", 6432)
+    assert config.upstream_tls.sslmode == "prefer"
+    assert [s.kind for s in config.audit.sinks] == ["jsonl", "postgres"]
+    assert config.path(config.policies[0]).resolve().exists()
+
+
+def test_environment_then_flags_override_the_file() -> None:
+    env = {"PGSEAL_LISTEN": "0.0.0.0:7000", "PGSEAL_UPSTREAM_TLS_SSLMODE": "require"}
+    config = load_config(EXAMPLE, {"listen": "127.0.0.1:7001"}, environ=env)
+    assert config.listen == HostPort("127.0.0.1", 7001)
+    assert config.upstream_tls.sslmode == "require"
+
+
+def test_unknown_keys_are_errors_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("listen: '127.0.0.1:1'\nhsm: {modul: x}\n")
+    with pytest.raises(ConfigError, match="hsm.modul"):
+        load_config(bad, environ={})
+
+
+def test_secrets_must_be_references(tmp_path: Path) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text("hsm: {pin: '1234'}\n")
+    with pytest.raises(ConfigError, match="env:NAME or file:PATH"):
+        load_config(bad, environ={})
