@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, get_args
 
 ColumnType = Literal[
     "text",
@@ -39,25 +39,7 @@ ColumnType = Literal[
     "jsonb",
     "bytea",
 ]
-COLUMN_TYPES: tuple[ColumnType, ...] = (
-    "text",
-    "varchar",
-    "int2",
-    "int4",
-    "int8",
-    "float4",
-    "float8",
-    "numeric",
-    "bool",
-    "date",
-    "time",
-    "timestamp",
-    "timestamptz",
-    "uuid",
-    "json",
-    "jsonb",
-    "bytea",
-)
+COLUMN_TYPES: tuple[ColumnType, ...] = get_args(ColumnType)
 Search = Literal["equality"]
 Isolation = Literal["strict", "trusted"]
 OnDenied = Literal["error", "null"]

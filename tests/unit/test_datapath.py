@@ -24,6 +24,7 @@ class FakeKeyRing:
     def __init__(self) -> None:
         self.keys: dict[int, CellKey] = {}
         self.by_tenant: dict[str, CellKey] = {}
+        self.gone: dict[int, str] = {}  # destroyed key id -> its tenant
         self.fault: PgsealError | None = None
 
     def add(self, key_id: int, tenant: str) -> CellKey:
@@ -46,7 +47,7 @@ class FakeKeyRing:
         return [active, *sorted(older, key=lambda k: -k.key_id)]
 
     def destroyed(self, key_id: int) -> str | None:
-        return None
+        return self.gone.get(key_id)
 
     def failure(self) -> PgsealError | None:
         return self.fault

@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.crypto.cells import CellKey, read_cell_header
-from proxy.errors import PgsealError
 from proxy.policy import PolicySet
 from proxy.policy.loader import load_policies
 from proxy.rewrite import CopyOptions
@@ -22,39 +21,14 @@ from proxy.session.copyformat import CopyDialect, SplitState, split_rows
 from proxy.session.datapath import DataPath, NeedKeys, SessionInfo
 from proxy.wire import messages as m
 from proxy.wire.framing import Frame
+from tests.unit.test_datapath import FakeKeyRing
 
 POLICY = Path(__file__).resolve().parent.parent / "data" / "policy.yaml"
 PATIENTS = ("id", "tenant_id", "ssn", "name", "dob", "balance", "profile")
 
 
-class Ring:
-    def __init__(self) -> None:
-        self.keys: dict[int, CellKey] = {}
-        self.by_tenant: dict[str, CellKey] = {}
-        self.gone: dict[int, str] = {}
-        self.fault: PgsealError | None = None
-
-    def add(self, key_id: int, tenant: str) -> CellKey:
-        key = CellKey(key_id, tenant, bytes([key_id]) * 32)
-        self.keys[key_id] = key
-        self.by_tenant[tenant] = key
-        return key
-
-    def current(self, tenant: str, uses: int) -> CellKey | None:
-        return self.by_tenant.get(tenant)
-
-    def by_id(self, key_id: int, uses: int) -> CellKey | None:
-        return self.keys.get(key_id)
-
-    def versions(self, tenant: str, uses: int) -> list[CellKey] | None:
-        key = self.by_tenant.get(tenant)
-        return None if key is None else [key]
-
-    def destroyed(self, key_id: int) -> str | None:
-        return self.gone.get(key_id)
-
-    def failure(self) -> PgsealError | None:
-        return self.fault
+# The same fake key ring as the other data-path unit tests.
+Ring = FakeKeyRing
 
 
 @pytest.fixture(scope="module")
