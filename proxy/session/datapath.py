@@ -690,18 +690,9 @@ class DataPath:
                 slot[0].add(target.column.column)
                 slot[1][0] += count
         for literal in statement.synthetic:
-            tenant = self._value_tenant(
-                literal.tenant,
-                literal.column.table_key,
-                bind,
-                statement,
-                "write" if literal.use == "store" else "read",
-            )
-            keys = self._sealing_keys(tenant, literal.versions)
-            if keys is None:
-                need.add(tenant)
+            sealed_cells = self._seal_literal(literal, bind, statement, need, sealed)
+            if sealed_cells is None:
                 continue
-            sealed_cells = self._seal_literal(literal, tenant, keys, sealed)
             values.append(_bytea_array(sealed_cells) if literal.versions else sealed_cells[0])
             formats.append(1)
         if need:
@@ -723,12 +714,25 @@ class DataPath:
     def _seal_literal(
         self,
         literal: LiteralTarget,
-        tenant: str,
-        keys: Sequence[CellKey],
+        bind: m.Bind | None,
+        statement: _Statement | None,
+        need: set[str],
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]],
-    ) -> list[bytes]:
+    ) -> list[bytes] | None:
         """A constant's cells, one per key (every live version for a compared value),
-        counted in `sealed` for the audit record."""
+        counted in `sealed` for the audit record; None (its tenant added to `need`) when
+        the keys are not in memory. `bind`/`statement`: a prepared literal's execution."""
+        tenant = self._value_tenant(
+            literal.tenant,
+            literal.column.table_key,
+            bind,
+            statement,
+            "write" if literal.use == "store" else "read",
+        )
+        keys = self._sealing_keys(tenant, literal.versions)
+        if keys is None:
+            need.add(tenant)
+            return None
         canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
         deterministic = literal.policy.searchable or literal.use == "compare"
         column = str(literal.column)
@@ -914,20 +918,12 @@ class DataPath:
             edits.extend(plan.edits)
             edits.extend(self._copy_edits(plan, plans))
             for literal in plan.literals:
-                tenant = self._value_tenant(
-                    literal.tenant,
-                    literal.column.table_key,
-                    None,
-                    None,
-                    "write" if literal.use == "store" else "read",
-                )
-                keys = self._sealing_keys(tenant, literal.versions)
-                if keys is None:
-                    need.add(tenant)
+                cells = self._seal_literal(literal, None, None, need, sealed)
+                if cells is None:
                     continue
                 texts = [
                     f"'\\x{cell.hex()}'::bytea" if conforming else f"E'\\\\x{cell.hex()}'::bytea"
-                    for cell in self._seal_literal(literal, tenant, keys, sealed)
+                    for cell in cells
                 ]
                 text = f"ARRAY[{', '.join(texts)}]" if literal.versions else texts[0]
                 edits.append(literal.edit(text))
