@@ -1376,54 +1376,41 @@ class DataPath:
                 # Crypto-shredded: never openable again; on_denied says NULL or an error.
                 # The tenant and role rules come first: a reader who could not see this
                 # cell anyway learns nothing about its tenant's keys.
-                table = self._policy(opener.target.column.table_key)
                 rule = self._read_denial(opener.target, shredded, session_tenant)
                 gone = rule or (
                     f"pgseal: a cell of {opener.target.column} cannot be opened: "
                     f"data key {key_id} of tenant {shredded!r} was destroyed "
                     "(crypto-shredded)"
                 )
-                denials.append(
-                    AuditNote(
-                        "data.deny",
-                        shredded,
-                        key_id,
-                        table.qualified_name,
-                        (opener.target.column.column,),
-                        1,
-                        fingerprint(head.sql or ""),
-                        outcome="denied",
-                        error=gone,
-                    )
-                )
-                if table.on_denied == "null":
-                    opened.append((opener.index, None))
-                    continue
-                self.audit.extend(denials)
-                return self._fail_result(head, "42501" if rule else "58030", gone)
-            denial = self._read_denial(opener.target, key.tenant, session_tenant)
-            if denial is None:
-                denial = self._row_tenant_denial(opener, row, key)
+                sqlstate = "42501" if rule else "58030"
+                denial: tuple[str, str, str, int] | None = (sqlstate, gone, shredded, key_id)
+            else:
+                reason = self._read_denial(opener.target, key.tenant, session_tenant)
+                if reason is None:
+                    reason = self._row_tenant_denial(opener, row, key)
+                denial = None if reason is None else ("42501", reason, key.tenant, key.key_id)
             if denial is not None:
+                sqlstate, message, tenant, denied_key = denial
                 table = self._policy(opener.target.column.table_key)
                 denials.append(
                     AuditNote(
                         "data.deny",
-                        key.tenant,
-                        key.key_id,
+                        tenant,
+                        denied_key,
                         table.qualified_name,
                         (opener.target.column.column,),
                         1,
                         fingerprint(head.sql or ""),
                         outcome="denied",
-                        error=denial,
+                        error=message,
                     )
                 )
                 if table.on_denied == "null":
                     opened.append((opener.index, None))
                     continue
                 self.audit.extend(denials)
-                return self._fail_result(head, "42501", denial)
+                return self._fail_result(head, sqlstate, message)
+            assert key is not None
             try:
                 canonical = key.open(str(opener.target.column), cell)
                 plain = from_canonical(opener.target.policy.type, canonical, opener.fmt, session)
