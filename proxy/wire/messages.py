@@ -10,8 +10,9 @@ undecoded `Span`s (see framing.py).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
 
 from proxy.wire.framing import (
     CANCEL_REQUEST_CODE,
@@ -25,6 +26,88 @@ _I16 = struct.Struct("!h")
 _U16 = struct.Struct("!H")
 _I32 = struct.Struct("!i")
 _U32 = struct.Struct("!I")
+
+# The hot decoders and encoders (Parse, Bind, Describe, Execute, RowDescription, DataRow)
+# do not go through `Reader`: a method call per field cost more than all the rest. They
+# read with bound `unpack_from`s after explicit bounds checks, find C strings with
+# `bytes.find`, and raise what the `Reader` version raised, same message for the same
+# input (tests/unit/test_wire.py keeps that version as the oracle).
+_unpack_i16: Final = _I16.unpack_from
+_unpack_i32: Final = _I32.unpack_from
+_pack_i16: Final = _I16.pack
+_pack_i32: Final = _I32.pack
+_NULL_SIZE: Final = _I32.pack(-1)
+_FIELD: Final = struct.Struct("!IhIhih")  # a RowDescription field after its name
+_FIELD_SIZE: Final = _FIELD.size
+_unpack_field: Final = _FIELD.unpack_from
+_pack_nul_field: Final = struct.Struct("!xIhIhih").pack  # the name's NUL, then the field
+# The read that fails first in a RowDescription field cut short, by bytes left after the name.
+_FIELD_TRUNCATION: Final = tuple(
+    "truncated int32" if left < 4 or 6 <= left < 10 or 12 <= left < 16 else "truncated int16"
+    for left in range(_FIELD_SIZE)
+)
+_pack_head: Final = struct.Struct("!ci").pack  # type byte and length
+_pack_head_16: Final = struct.Struct("!cih").pack  # type byte, length and an int16 count
+_FORMAT_CODES: Final = frozenset((0, 1))
+_CACHED: Final = 32  # Structs for arrays of up to this many elements are compiled once
+
+
+def _i16_array(n: int) -> struct.Struct:
+    return struct.Struct(f"!{n}h")
+
+
+def _u32_array(n: int) -> struct.Struct:
+    return struct.Struct(f"!{n}I")
+
+
+def _counted_i16_array(n: int) -> struct.Struct:
+    return struct.Struct(f"!h{n}h")
+
+
+def _counted_u32_array(n: int) -> struct.Struct:
+    return struct.Struct(f"!h{n}I")
+
+
+# Index by element count if below _CACHED, else call the function.
+_I16_ARRAYS: Final = tuple(map(_i16_array, range(_CACHED)))
+_U32_ARRAYS: Final = tuple(map(_u32_array, range(_CACHED)))
+_COUNTED_I16_ARRAYS: Final = tuple(map(_counted_i16_array, range(_CACHED)))
+_COUNTED_U32_ARRAYS: Final = tuple(map(_counted_u32_array, range(_CACHED)))
+
+
+def _malformed(who: str, what: str) -> ProtocolViolation:
+    return ProtocolViolation(who, f"malformed message: {what}")
+
+
+_new: Final = object.__new__
+_Setter = Callable[[Any, Any], None]
+
+
+def _slot_setters(cls: type, names: str) -> tuple[_Setter, ...]:
+    """The slot setters of frozen dataclass `cls`, for the hot decoders to build it without
+    its generated __init__, which costs an `object.__setattr__` call per field (half the
+    time of decoding a RowDescription). Same object, but `names` must stay its fields, in
+    order, and no __post_init__ may validate them: checked here, at import."""
+    wanted = tuple(names.split())
+    if tuple(f.name for f in fields(cls)) != wanted or hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} changed: update its _slot_setters")
+    return tuple(cls.__dict__[name].__set__ for name in wanted)
+
+
+def _two_cstrings(body: bytes) -> tuple[str, str, int]:
+    """The two C strings a Parse or Bind body starts with, and where the second one's NUL is."""
+    end = body.find(b"\0")
+    if end < 0:
+        raise _malformed("client", "unterminated string")
+    try:
+        first = body[:end].decode()
+        pos = end + 1
+        end = body.find(b"\0", pos)
+        if end < 0:
+            raise _malformed("client", "unterminated string")
+        return first, body[pos:end].decode(), end
+    except UnicodeDecodeError:
+        raise _malformed("client", "string is not UTF-8") from None
 
 
 def frame(mtype: bytes, body: bytes) -> bytes:
@@ -393,25 +476,44 @@ class Parse:
     param_types: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
-        return frame(
-            b"P",
-            _cstr(self.name)
-            + _cstr(self.sql)
-            + _I16.pack(len(self.param_types))
-            + b"".join(_U32.pack(t) for t in self.param_types),
+        name = self.name.encode()
+        if b"\0" in name:
+            raise ValueError("NUL byte in a protocol string")
+        sql = self.sql.encode()
+        if b"\0" in sql:
+            raise ValueError("NUL byte in a protocol string")
+        types = self.param_types
+        n = len(types)
+        tail = (_COUNTED_U32_ARRAYS[n] if n < _CACHED else _counted_u32_array(n)).pack(n, *types)
+        return b"".join(
+            (_pack_head(b"P", len(name) + len(sql) + len(tail) + 6), name, b"\0", sql, b"\0", tail)
         )
 
 
+_parse_name, _parse_sql, _parse_param_types = _slot_setters(Parse, "name sql param_types")
+
+
 def decode_parse(body: bytes) -> Parse:
-    r = Reader(body, "client")
-    name = r.cstring()
-    sql = r.cstring()
-    n = r.int16()
+    name, sql, end = _two_cstrings(body)
+    size = len(body)
+    pos = end + 3
+    if pos > size:
+        raise _malformed("client", "truncated int16")
+    n = _unpack_i16(body, end + 1)[0]
     if n < 0:
-        raise r.fail("negative parameter count")
-    types = tuple(r.uint32() for _ in range(n))
-    r.done()
-    return Parse(name, sql, types)
+        raise _malformed("client", "negative parameter count")
+    end = pos + 4 * n
+    if end > size:
+        raise _malformed("client", "truncated int32")
+    if end != size:
+        raise _malformed("client", "trailing bytes")
+    msg = _new(Parse)
+    _parse_name(msg, name)
+    _parse_sql(msg, sql)
+    _parse_param_types(
+        msg, (_U32_ARRAYS[n] if n < _CACHED else _u32_array(n)).unpack_from(body, pos)
+    )
+    return msg
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,49 +534,114 @@ class Bind:
         return 0 if not f else f[0] if len(f) == 1 else f[index]
 
     def encode(self) -> bytes:
+        portal = self.portal.encode()
+        if b"\0" in portal:
+            raise ValueError("NUL byte in a protocol string")
+        statement = self.statement.encode()
+        if b"\0" in statement:
+            raise ValueError("NUL byte in a protocol string")
+        formats = self.param_formats
+        params = self.params
+        results = self.result_formats
+        nf = len(formats)
+        nr = len(results)
+        n = len(params)
         parts = [
-            _cstr(self.portal),
-            _cstr(self.statement),
-            _I16.pack(len(self.param_formats)),
-            *(_I16.pack(f) for f in self.param_formats),
-            _I16.pack(len(self.params)),
+            b"",  # type byte and length, once the length is known
+            portal,
+            b"\0",
+            statement,
+            b"\0",
+            # format count, format codes, parameter count
+            (_COUNTED_I16_ARRAYS[nf + 1] if nf + 1 < _CACHED else _counted_i16_array(nf + 1)).pack(
+                nf, *formats, n
+            ),
         ]
-        for p in self.params:
+        append = parts.append
+        length = len(portal) + len(statement) + 2 * nf + 2 * nr + 4 * n + 12
+        for p in params:
             if p is None:
-                parts.append(_I32.pack(-1))
+                append(_NULL_SIZE)
             else:
-                parts.append(_I32.pack(len(p)))
-                parts.append(p)
-        parts.append(_I16.pack(len(self.result_formats)))
-        parts.extend(_I16.pack(f) for f in self.result_formats)
-        return frame(b"B", b"".join(parts))
+                size = len(p)
+                length += size
+                append(_pack_i32(size))
+                append(p)
+        append(
+            (_COUNTED_I16_ARRAYS[nr] if nr < _CACHED else _counted_i16_array(nr)).pack(nr, *results)
+        )
+        parts[0] = _pack_head(b"B", length)
+        return b"".join(parts)
+
+
+(
+    _bind_portal,
+    _bind_statement,
+    _bind_param_formats,
+    _bind_params,
+    _bind_result_formats,
+) = _slot_setters(Bind, "portal statement param_formats params result_formats")
 
 
 def decode_bind(body: bytes) -> Bind:
-    r = Reader(body, "client")
-    portal = r.cstring()
-    statement = r.cstring()
-    nf = r.int16()
+    portal, statement, end = _two_cstrings(body)
+    size = len(body)
+    pos = end + 3
+    if pos > size:
+        raise _malformed("client", "truncated int16")
+    nf = _unpack_i16(body, end + 1)[0]
     if nf < 0:
-        raise r.fail("negative format count")
-    formats = tuple(r.int16() for _ in range(nf))
-    n = r.int16()
+        raise _malformed("client", "negative format count")
+    end = pos + 2 * nf + 2  # the format codes, then the parameter count
+    if end > size:
+        raise _malformed("client", "truncated int16")
+    formats = (_I16_ARRAYS[nf] if nf < _CACHED else _i16_array(nf)).unpack_from(body, pos)
+    n = _unpack_i16(body, end - 2)[0]
     if n < 0:
-        raise r.fail("negative parameter count")
+        raise _malformed("client", "negative parameter count")
     if nf > 1 and nf != n:
-        raise r.fail("parameter format count does not match parameter count")
+        raise _malformed("client", "parameter format count does not match parameter count")
+    pos = end
     params: list[bytes | None] = []
-    for _ in range(n):
-        size = r.int32()
-        params.append(None if size == -1 else r.take(size))
-    nr = r.int16()
+    append = params.append
+    try:
+        for _ in range(n):
+            length = _unpack_i32(body, pos)[0]  # struct.error if truncated
+            pos += 4
+            if length >= 0:
+                end = pos + length
+                if end > size:
+                    raise _malformed("client", "truncated field")
+                append(body[pos:end])
+                pos = end
+            elif length == -1:
+                append(None)
+            else:
+                raise _malformed("client", "truncated field")
+    except struct.error:
+        raise _malformed("client", "truncated int32") from None
+    end = pos + 2
+    if end > size:
+        raise _malformed("client", "truncated int16")
+    nr = _unpack_i16(body, pos)[0]
     if nr < 0:
-        raise r.fail("negative result format count")
-    results = tuple(r.int16() for _ in range(nr))
-    r.done()
-    if any(f not in (0, 1) for f in formats + results):
-        raise r.fail("format code must be 0 or 1")
-    return Bind(portal, statement, formats, tuple(params), results)
+        raise _malformed("client", "negative result format count")
+    pos = end
+    end += 2 * nr
+    if end > size:
+        raise _malformed("client", "truncated int16")
+    if end != size:
+        raise _malformed("client", "trailing bytes")
+    results = (_I16_ARRAYS[nr] if nr < _CACHED else _i16_array(nr)).unpack_from(body, pos)
+    if not (_FORMAT_CODES.issuperset(formats) and _FORMAT_CODES.issuperset(results)):
+        raise _malformed("client", "format code must be 0 or 1")
+    msg = _new(Bind)
+    _bind_portal(msg, portal)
+    _bind_statement(msg, statement)
+    _bind_param_formats(msg, formats)
+    _bind_params(msg, tuple(params))
+    _bind_result_formats(msg, results)
+    return msg
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,17 +663,36 @@ class Close:
 
 
 def _decode_kind_name(body: bytes, what: str) -> tuple[str, str]:
-    r = Reader(body, "client")
-    kind = chr(r.byte())
-    if kind not in ("S", "P"):
-        raise r.fail(f"{what} kind must be S or P")
-    name = r.cstring()
-    r.done()
-    return kind, name
+    if not body:
+        raise _malformed("client", "truncated byte")
+    kind = body[0]
+    if kind == 0x50:
+        kind_ = "P"
+    elif kind == 0x53:
+        kind_ = "S"
+    else:
+        raise _malformed("client", f"{what} kind must be S or P")
+    end = body.find(b"\0", 1)
+    if end < 0:
+        raise _malformed("client", "unterminated string")
+    try:
+        name = body[1:end].decode()
+    except UnicodeDecodeError:
+        raise _malformed("client", "string is not UTF-8") from None
+    if end + 1 != len(body):
+        raise _malformed("client", "trailing bytes")
+    return kind_, name
+
+
+_describe_kind, _describe_name = _slot_setters(Describe, "kind name")
 
 
 def decode_describe(body: bytes) -> Describe:
-    return Describe(*_decode_kind_name(body, "Describe"))
+    kind, name = _decode_kind_name(body, "Describe")
+    msg = _new(Describe)
+    _describe_kind(msg, kind)
+    _describe_name(msg, name)
+    return msg
 
 
 def decode_close(body: bytes) -> Close:
@@ -522,10 +708,25 @@ class Execute:
         return frame(b"E", _cstr(self.portal) + _I32.pack(self.max_rows))
 
 
+_execute_portal, _execute_max_rows = _slot_setters(Execute, "portal max_rows")
+
+
 def decode_execute(body: bytes) -> Execute:
-    r = Reader(body, "client")
-    msg = Execute(r.cstring(), r.int32())
-    r.done()
+    end = body.find(b"\0")
+    if end < 0:
+        raise _malformed("client", "unterminated string")
+    try:
+        portal = body[:end].decode()
+    except UnicodeDecodeError:
+        raise _malformed("client", "string is not UTF-8") from None
+    size = len(body)
+    if end + 5 > size:
+        raise _malformed("client", "truncated int32")
+    if end + 5 != size:
+        raise _malformed("client", "trailing bytes")
+    msg = _new(Execute)
+    _execute_portal(msg, portal)
+    _execute_max_rows(msg, _unpack_i32(body, end + 1)[0])
     return msg
 
 
@@ -553,12 +754,20 @@ class RowDescription:
     fields: tuple[FieldDescription, ...]
 
     def encode(self) -> bytes:
-        parts = [_I16.pack(len(self.fields))]
-        for f in self.fields:
-            parts.append(_cstr(f.name))
-            parts.append(
-                struct.pack(
-                    "!IhIhih",
+        fields_ = self.fields
+        if len(fields_) > 32767:
+            _pack_i16(len(fields_))  # the struct.error it always raised, first
+        parts = [b""]  # type byte, length and field count, once the length is known
+        append = parts.append
+        length = 6 + (_FIELD_SIZE + 1) * len(fields_)
+        for f in fields_:
+            name = f.name.encode()
+            if b"\0" in name:
+                raise ValueError("NUL byte in a protocol string")
+            length += len(name)
+            append(name)
+            append(
+                _pack_nul_field(
                     f.table_oid,
                     f.column_attnum,
                     f.type_oid,
@@ -567,24 +776,63 @@ class RowDescription:
                     f.format,
                 )
             )
-        return frame(b"T", b"".join(parts))
+        parts[0] = _pack_head_16(b"T", length, len(fields_))
+        return b"".join(parts)
+
+
+(
+    _field_name,
+    _field_table_oid,
+    _field_column_attnum,
+    _field_type_oid,
+    _field_type_size,
+    _field_type_modifier,
+    _field_format,
+) = _slot_setters(
+    FieldDescription, "name table_oid column_attnum type_oid type_size type_modifier format"
+)
+(_row_description_fields,) = _slot_setters(RowDescription, "fields")
 
 
 def decode_row_description(body: bytes) -> RowDescription:
-    r = Reader(body, "server")
-    n = r.int16()
+    size = len(body)
+    if size < 2:
+        raise _malformed("server", "truncated int16")
+    n = _unpack_i16(body, 0)[0]
     if n < 0:
-        raise r.fail("negative field count")
+        raise _malformed("server", "negative field count")
+    pos = 2
     fields_: list[FieldDescription] = []
+    append = fields_.append
+    find = body.find
     for _ in range(n):
-        name = r.cstring()
-        fields_.append(
-            FieldDescription(
-                name, r.uint32(), r.int16(), r.uint32(), r.int16(), r.int32(), r.int16()
-            )
-        )
-    r.done()
-    return RowDescription(tuple(fields_))
+        end = find(b"\0", pos)
+        if end < 0:
+            raise _malformed("server", "unterminated string")
+        try:
+            name = body[pos:end].decode()
+        except UnicodeDecodeError:
+            raise _malformed("server", "string is not UTF-8") from None
+        pos = end + 1
+        end = pos + _FIELD_SIZE
+        if end > size:
+            raise _malformed("server", _FIELD_TRUNCATION[size - pos])
+        table_oid, attnum, type_oid, type_size, type_modifier, format_ = _unpack_field(body, pos)
+        pos = end
+        f = _new(FieldDescription)
+        _field_name(f, name)
+        _field_table_oid(f, table_oid)
+        _field_column_attnum(f, attnum)
+        _field_type_oid(f, type_oid)
+        _field_type_size(f, type_size)
+        _field_type_modifier(f, type_modifier)
+        _field_format(f, format_)
+        append(f)
+    if pos != size:
+        raise _malformed("server", "trailing bytes")
+    msg = _new(RowDescription)
+    _row_description_fields(msg, tuple(fields_))
+    return msg
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,27 +840,58 @@ class DataRow:
     values: tuple[bytes | None, ...] = field(default=())
 
     def encode(self) -> bytes:
-        parts = [_I16.pack(len(self.values))]
-        for v in self.values:
+        values = self.values
+        if len(values) > 32767:
+            _pack_i16(len(values))  # the struct.error it always raised, first
+        parts = [b""]  # type byte, length and column count, once the length is known
+        append = parts.append
+        length = 6 + 4 * len(values)
+        for v in values:
             if v is None:
-                parts.append(_I32.pack(-1))
+                append(_NULL_SIZE)
             else:
-                parts.append(_I32.pack(len(v)))
-                parts.append(v)
-        return frame(b"D", b"".join(parts))
+                size = len(v)
+                length += size
+                append(_pack_i32(size))
+                append(v)
+        parts[0] = _pack_head_16(b"D", length, len(values))
+        return b"".join(parts)
+
+
+(_data_row_values,) = _slot_setters(DataRow, "values")
 
 
 def decode_data_row(body: bytes) -> DataRow:
-    r = Reader(body, "server")
-    n = r.int16()
+    size = len(body)
+    if size < 2:
+        raise _malformed("server", "truncated int16")
+    n = _unpack_i16(body, 0)[0]
     if n < 0:
-        raise r.fail("negative column count")
+        raise _malformed("server", "negative column count")
+    pos = 2
     values: list[bytes | None] = []
-    for _ in range(n):
-        size = r.int32()
-        values.append(None if size == -1 else r.take(size))
-    r.done()
-    return DataRow(tuple(values))
+    append = values.append
+    try:
+        for _ in range(n):
+            length = _unpack_i32(body, pos)[0]  # struct.error if truncated
+            pos += 4
+            if length >= 0:
+                end = pos + length
+                if end > size:
+                    raise _malformed("server", "truncated field")
+                append(body[pos:end])
+                pos = end
+            elif length == -1:
+                append(None)
+            else:
+                raise _malformed("server", "truncated field")
+    except struct.error:
+        raise _malformed("server", "truncated int32") from None
+    if pos != size:
+        raise _malformed("server", "trailing bytes")
+    msg = _new(DataRow)
+    _data_row_values(msg, tuple(values))
+    return msg
 
 
 @dataclass(frozen=True, slots=True)
