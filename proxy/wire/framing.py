@@ -29,7 +29,6 @@ byte: length + code) is read with `next_startup_packet`.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 # PostgreSQL's own limit for a frontend message is 1 GiB - 1 (PQ_LARGE_MESSAGE_LIMIT).
 MAX_MESSAGE = (1 << 30) - 1
@@ -56,16 +55,31 @@ class ProtocolViolation(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True)
 class Frame:
-    """A whole message the caller asked to see. `body` excludes type and length."""
+    """A whole message the caller asked to see. `body` excludes type and length; `raw`
+    is the whole message as received (most frames are forwarded unchanged)."""
 
-    type: int
-    body: bytes
+    __slots__ = ("body", "raw", "type")
 
-    @property
-    def raw(self) -> bytes:
-        return bytes((self.type,)) + (len(self.body) + 4).to_bytes(4, "big") + self.body
+    def __init__(self, type: int, body: bytes, raw: bytes | None = None) -> None:
+        self.type = type
+        self.body = body
+        self.raw = (
+            raw
+            if raw is not None
+            else bytes((type,)) + (len(body) + 4).to_bytes(4, "big") + body
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return self.type == other.type and self.body == other.body
+
+    def __hash__(self) -> int:
+        return hash((self.type, self.body))
+
+    def __repr__(self) -> str:
+        return f"Frame(type={self.type!r}, body={self.body!r})"
 
 
 def held_table(types: bytes | str = b"") -> bytearray:
@@ -201,17 +215,15 @@ class FrameBuffer:
 
     def _build_kinds(self) -> None:
         # Rebuilt whenever `held` or `watched` is replaced (the session swaps whole
-        # tables between phases; they are never edited in place).
-        held, watched, valid = self.held, self.watched, self.valid_types
-        self._kinds = [
-            _STOP
-            if held[t] or (valid is not None and t not in valid)
-            else _WATCH
-            if watched[t]
-            else _PASS
-            for t in range(256)
-        ]
-        self._kinds_of = (held, watched)
+        # tables between phases; only `hold` edits one in place, and patches this one).
+        self._kinds = [self._kind(t) for t in range(256)]
+        self._kinds_of = (self.held, self.watched)
+
+    def _kind(self, mtype: int) -> int:
+        valid = self.valid_types
+        if self.held[mtype] or (valid is not None and mtype not in valid):
+            return _STOP
+        return _WATCH if self.watched[mtype] else _PASS
 
     def next(self) -> Frame | bytes | None:
         """The next piece to act on, or None when more bytes are needed."""
@@ -244,7 +256,8 @@ class FrameBuffer:
                 if end - pos < total:
                     return None
                 self._pos = pos + total
-                frame = Frame(mtype, self._slice(pos + 5, pos + total))
+                raw = self._slice(pos, pos + total)
+                frame = Frame(mtype, raw[5:], raw)
                 self._compact()
                 return frame
             if end - pos < total:
@@ -277,7 +290,9 @@ class FrameBuffer:
         edit alone would not reach it (`_build_kinds` notices replaced tables only)."""
         if bool(self.held[mtype]) != on:
             self.held[mtype] = 1 if on else 0
-            self._kinds_of = None
+            if self._kinds_of is not None and self._kinds_of[0] is self.held:
+                # Toggled once or twice per result: patch the one entry, no rebuild.
+                self._kinds[mtype] = self._kind(mtype)
 
     def take_seen(self, mtype: int) -> int:
         n = self.seen[mtype]
