@@ -29,6 +29,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Any
 
 EVENTS = frozenset(
@@ -104,8 +105,14 @@ class ChainHead:
     event: str | None = None  # the last record's event (audit.stop after a clean shutdown)
 
 
+# The canonical serializer, built once: json.dumps(obj, sort_keys=True, separators=(",", ":"),
+# ensure_ascii=False) is JSONEncoder(<those arguments>).encode(obj), with a new encoder per call.
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+_encode = _ENCODER.encode
+
+
 def canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(obj).encode()
 
 
 def record_hash(body: Mapping[str, Any]) -> str:
@@ -122,21 +129,76 @@ class SealedLine:
     line: str
 
 
+def _value(value: object) -> str:
+    """One field value exactly as _ENCODER writes it inside a record, whatever its type."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        # The function _ENCODER escapes strings with (ensure_ascii=False), at C speed.
+        return encode_basestring(value)
+    if type(value) is int:  # not bool (true/false), which is an int too
+        return int.__repr__(value)  # what the C encoder writes for an int
+    return _encode(value)  # anything else (bool, float, a str subclass, ...): the encoder itself
+
+
 def chain(
     records: Iterable[tuple[AuditRecord, str]], head: ChainHead
 ) -> tuple[list[SealedLine], ChainHead]:
-    """Seal (record, ts) pairs after `head`, in order."""
+    """Seal (record, ts) pairs after `head`, in order.
+
+    Each line is byte for byte canonical(body) and its hash is record_hash(body), but both are
+    written directly instead of building a dict and serializing it twice (this runs for every
+    record, on the writer thread, competing for the GIL with the event loop). The keys are
+    written in sorted order, as sort_keys would put them, and "hash" sorts between "event"
+    and "kek": the hashed serialization (every field but hash) is `front + "," + back`, the
+    stored line `front + ',"hash":"<hex>",' + back`. Both halves are built separately, so
+    nothing is searched for in the text and no value can be mistaken for a key. Each value is
+    written as _ENCODER writes it (the inline tests are _value's fast paths for the declared
+    types; anything else goes through _value). tests/unit/test_audit_chain.py checks this
+    against the dict-and-json.dumps oracle. A new field must be added here as well, in sorted
+    place (test_intact_trail_verifies checks that a line holds exactly FIELDS).
+    """
     sealed: list[SealedLine] = []
+    seq, digest, event = head.seq, head.hash, head.event
+    q, v, n = encode_basestring, _value, int.__repr__
     for record, ts in records:
-        body = record.fields()
-        body["ts"] = ts
-        body["seq"] = head.seq + 1
-        body["prev"] = head.hash
-        digest = record_hash(body)
-        body["hash"] = digest
-        sealed.append(SealedLine(head.seq + 1, digest, canonical(body).decode()))
-        head = ChainHead(head.seq + 1, digest, record.event)
-    return sealed, head
+        seq += 1
+        prev = digest
+        app, addr, cols = record.application_name, record.client_addr, record.columns
+        count, database, db_user = record.count, record.database, record.db_user
+        error, event, kek = record.error, record.event, record.kek
+        key_id, key_version, outcome = record.key_id, record.key_version, record.outcome
+        session, statement = record.session, record.statement
+        table, tenant = record.table, record.tenant
+        front = (
+            f'{{"application_name":{q(app) if app.__class__ is str else v(app)}'
+            f',"client_addr":{q(addr) if addr.__class__ is str else v(addr)}'
+            # columns: a tuple of str (__post_init__); the encoder escapes a subclass the same
+            f',"columns":[{",".join(map(q, cols))}]'
+            f',"count":{n(count) if count.__class__ is int else v(count)}'
+            f',"database":{q(database) if database.__class__ is str else v(database)}'
+            f',"db_user":{q(db_user) if db_user.__class__ is str else v(db_user)}'
+            f',"error":{q(error) if error.__class__ is str else v(error)}'
+            f',"event":{q(event) if event.__class__ is str else v(event)}'
+        )
+        back = (
+            f'"kek":{q(kek) if kek.__class__ is str else v(kek)}'
+            f',"key_id":{n(key_id) if key_id.__class__ is int else v(key_id)}'
+            f',"key_version":{v(key_version)}'
+            f',"outcome":{q(outcome) if outcome.__class__ is str else v(outcome)}'
+            f',"prev":{q(prev) if prev.__class__ is str else v(prev)}'
+            f',"seq":{n(seq) if seq.__class__ is int else v(seq)}'
+            f',"session":{q(session) if session.__class__ is str else v(session)}'
+            f',"statement":{q(statement) if statement.__class__ is str else v(statement)}'
+            f',"table":{q(table) if table.__class__ is str else v(table)}'
+            f',"tenant":{q(tenant) if tenant.__class__ is str else v(tenant)}'
+            f',"ts":{q(ts) if ts.__class__ is str else v(ts)}}}'
+        )
+        digest = hashlib.sha256(f"{front},{back}".encode()).hexdigest()
+        sealed.append(SealedLine(seq, digest, f'{front},"hash":"{digest}",{back}'))
+    if not sealed:
+        return sealed, head
+    return sealed, ChainHead(seq, digest, event)
 
 
 def head_of(line: str) -> ChainHead | None:

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.audit.records import (
+    EVENTS,
     FIELDS,
     GENESIS,
+    OUTCOMES,
     AuditRecord,
     ChainHead,
+    SealedLine,
+    canonical,
     chain,
     head_of,
     record_hash,
     verify_lines,
 )
+from proxy.server.datapath_shell import ConnectionFacts, audit_records
+from proxy.session.datapath import AuditNote
 
 
 def trail(n: int = 6) -> list[str]:
@@ -140,3 +150,175 @@ def test_record_validation() -> None:
         AuditRecord("data.deny", outcome="maybe")
     with pytest.raises(TypeError):
         AuditRecord("data.encrypt", columns=["ssn"])  # type: ignore[arg-type]
+
+
+# --- chain() is byte for byte the dict + json.dumps serialization it replaced ----------------
+
+
+def oracle_canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def oracle_chain(
+    records: list[tuple[AuditRecord, Any]], head: ChainHead
+) -> tuple[list[SealedLine], ChainHead]:
+    """chain() as it was first written (the trail on disk is the compatibility contract)."""
+    sealed: list[SealedLine] = []
+    for record, ts in records:
+        body: dict[str, Any] = {
+            "event": record.event, "tenant": record.tenant, "key_id": record.key_id,
+            "key_version": record.key_version, "kek": record.kek, "table": record.table,
+            "columns": list(record.columns), "count": record.count, "db_user": record.db_user,
+            "database": record.database, "application_name": record.application_name,
+            "client_addr": record.client_addr, "session": record.session,
+            "statement": record.statement, "outcome": record.outcome, "error": record.error,
+        }
+        body["ts"] = ts
+        body["seq"] = head.seq + 1
+        body["prev"] = head.hash
+        digest = hashlib.sha256(
+            oracle_canonical({k: v for k, v in body.items() if k != "hash"})
+        ).hexdigest()
+        body["hash"] = digest
+        sealed.append(SealedLine(head.seq + 1, digest, oracle_canonical(body).decode()))
+        head = ChainHead(head.seq + 1, digest, record.event)
+    return sealed, head
+
+
+# What could confuse a serializer that splices text: keys and quotes inside values.
+TRICKY = [
+    '"kek":', ',"kek":', '"hash"', ',"hash":"', '"hash":', '\\"', "\\", '"', "'", "{", "}", "[",
+    "]", ",", ":", "null", "\x00", "\x01", "\n", "\r", "\t", "\x1f", "\x7f", "\x80", "\u2028",
+    "\u2029", "é", "ß", "日本", "😀", "\ufeff", " ",
+]
+texts = st.lists(st.one_of(st.sampled_from(TRICKY), st.text(max_size=6)), max_size=6).map(
+    "".join
+)
+maybe_texts = st.none() | texts
+maybe_ints = st.none() | st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
+records = st.builds(
+    AuditRecord,
+    event=st.sampled_from(sorted(EVENTS)),
+    tenant=maybe_texts, key_id=maybe_ints, key_version=maybe_ints, kek=maybe_texts,
+    table=maybe_texts, columns=st.lists(texts, max_size=4).map(tuple), count=maybe_ints,
+    db_user=maybe_texts, database=maybe_texts, application_name=maybe_texts,
+    client_addr=maybe_texts, session=maybe_texts, statement=maybe_texts,
+    outcome=st.sampled_from(sorted(OUTCOMES)), error=maybe_texts,
+)
+heads = st.builds(ChainHead, seq=st.integers(min_value=0, max_value=2**40),
+                  hash=st.just(GENESIS) | texts, event=st.none() | texts)
+
+
+def same_as_oracle(batch: list[tuple[AuditRecord, Any]], head: ChainHead) -> None:
+    try:
+        expected = oracle_chain(batch, head)
+    except Exception as error:  # e.g. a lone surrogate cannot be UTF-8 encoded
+        with pytest.raises(type(error)):
+            chain(batch, head)
+        return
+    assert chain(batch, head) == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(records, texts), max_size=4), heads)
+def test_chain_is_byte_identical_to_the_oracle(batch: list[tuple[AuditRecord, str]],
+                                               head: ChainHead) -> None:
+    sealed, new_head = chain(batch, head)
+    assert (sealed, new_head) == oracle_chain(batch, head)
+    if not batch:
+        assert new_head is head
+    for s in sealed:
+        body = json.loads(s.line)
+        assert record_hash(body) == s.hash == body["hash"]
+        assert canonical(body).decode() == s.line
+        assert head_of(s.line) == ChainHead(s.seq, s.hash, body["event"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(records, texts), max_size=5))
+def test_chained_lines_verify(batch: list[tuple[AuditRecord, str]]) -> None:
+    batch = [*batch, (AuditRecord("audit.stop"), "t")]
+    sealed, head = chain(batch, ChainHead())
+    report = check([s.line for s in sealed])
+    assert report.ok, report.problems
+    assert report.records == len(batch) and report.head == head
+
+
+class Name(str):
+    """A str subclass (json writes the string itself, whatever __str__ says)."""
+
+    def __str__(self) -> str:
+        return "not this"
+
+
+# Values a caller should not pass (the fields are not type-checked): still what json wrote.
+odd = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | texts | texts.map(Name),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_chain_matches_the_oracle_for_odd_value_types(data: st.DataObject) -> None:
+    fields = {
+        name: data.draw(odd, label=name)
+        for name in ("tenant", "key_id", "key_version", "kek", "table", "count", "db_user",
+                     "database", "application_name", "client_addr", "session", "statement",
+                     "error")
+    }
+    event = data.draw(st.sampled_from(sorted(EVENTS)) | st.sampled_from(sorted(EVENTS)).map(Name))
+    columns = data.draw(st.lists(texts | texts.map(Name), max_size=3).map(tuple))
+    record = AuditRecord(event, columns=columns, **fields)
+    ts = data.draw(odd, label="ts")
+    head = ChainHead(data.draw(st.integers(min_value=0)), data.draw(odd | texts, label="hash"))
+    same_as_oracle([(record, ts), (record, ts)], head)
+
+
+def test_lone_surrogate_fails_as_before() -> None:
+    same_as_oracle([(AuditRecord("data.encrypt", tenant="\udc80"), "t")], ChainHead())
+    with pytest.raises(UnicodeEncodeError):
+        chain([(AuditRecord("data.encrypt", tenant="\udc80"), "t")], ChainHead())
+
+
+def test_unserializable_value_fails_as_before() -> None:
+    record = AuditRecord("data.encrypt", tenant=object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        chain([(record, "t")], ChainHead())
+
+
+def test_lines_written_before_still_verify() -> None:
+    """A trail the old serializer wrote verifies, and chain() continues it seamlessly."""
+    batch = [(AuditRecord("audit.start", session="w1"), "t0")] + [
+        (AuditRecord("data.encrypt", tenant='a"kek":b', key_id=i, table="public.t",
+                     columns=("ssn", ',"kek":'), count=i, statement='SELECT "\\"'), f"t{i}")
+        for i in range(1, 4)
+    ]
+    old, head = oracle_chain(batch, ChainHead())
+    assert head_of(old[-1].line) == head
+    new, _ = chain([(AuditRecord("audit.stop"), "t9")], head)
+    report = check([s.line for s in old + new])
+    assert report.ok, report.problems
+
+
+def test_audit_records_fill_the_fields_the_note_names() -> None:
+    facts = ConnectionFacts("u", "db", "app", "10.0.0.1", "42.7")
+    notes = (
+        AuditNote("data.encrypt", "acme", 7, "public.t", ("a", "b"), 3, "INSERT ...", "ok"),
+        AuditNote("data.deny", None, None, None, (), 0, "SELECT ...", "denied", "no key"),
+    )
+    assert audit_records(notes, facts) == [
+        AuditRecord(
+            note.event, tenant=note.tenant, key_id=note.key_id, table=note.table,
+            columns=note.columns, count=note.count, db_user=facts.db_user,
+            database=facts.database, application_name=facts.application_name,
+            client_addr=facts.client_addr, session=facts.session, statement=note.statement,
+            outcome=note.outcome, error=note.error,
+        )
+        for note in notes
+    ]
+    with pytest.raises(ValueError, match="unknown audit event"):
+        audit_records((AuditNote("data.steal", None, None, None, (), 0, "x"),), facts)
+    with pytest.raises(ValueError, match="outcome"):
+        audit_records((AuditNote("data.deny", None, None, None, (), 0, "x", "maybe"),), facts)
