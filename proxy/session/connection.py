@@ -394,15 +394,19 @@ class ProxySession:
         datapath = self.datapath
         assert datapath is not None
         server = self._server
-        server.hold(_DATA_ROW, datapath.rows_need_looking_at())
+        held = server.held
+        rows = datapath.rows_need_looking_at()
+        if held[_DATA_ROW] != rows:
+            server.hold(_DATA_ROW, rows)
         copy_out = datapath.copy_out is not None
-        if server.held[_COPY_DATA] != copy_out:
+        if held[_COPY_DATA] != copy_out:
             server.hold(_COPY_DATA, copy_out)
             server.hold(_COPY_DONE, copy_out)
         # Client tables are shared by every session: swapped whole, never edited.
-        self._client.held = (
-            _CLIENT_HELD_DATAPATH_COPY if datapath.copy_in is not None else _CLIENT_HELD_DATAPATH
-        )
+        if datapath.copy_in is not None:
+            self._client.held = _CLIENT_HELD_DATAPATH_COPY
+        elif self._client.held is not _CLIENT_HELD_DATAPATH:
+            self._client.held = _CLIENT_HELD_DATAPATH
 
     def _collect_audit(self) -> None:
         if self.datapath is not None and self.datapath.audit:

@@ -33,6 +33,7 @@ never a forward of plaintext.
 
 from __future__ import annotations
 
+import binascii
 import enum
 import re
 import struct
@@ -174,6 +175,8 @@ class _Opener:
     index: int
     target: OutputTarget
     fmt: int
+    column: str  # schema.table.column (the cells' subkey and AAD)
+    table: str  # schema.table (audit records)
     # The tenant of the cell's row, when the statement shows it: a column of the same
     # result (index, format, type OID; 0 if not described yet) or a value the WHERE
     # clause pins. A cell whose key belongs to another tenant was copied there.
@@ -197,6 +200,75 @@ class _Statement:
     field_oids: tuple[int, ...] = ()
     # The search_path the plan was made under: PostgreSQL re-analyses it under another.
     search_path: tuple[str, ...] = ()
+    # How Bind seals the protected parameters (see _compile_params).
+    slots: tuple[_ParamSlot, ...] = ()
+    # Openers by the Bind's result formats, when the plan's outputs are exact and no row
+    # tenant comes from a parameter; shared with every Parse of the same text until a
+    # Describe of this statement gives it fields of its own.
+    openers_by_formats: dict[tuple[int, ...], tuple[_Opener, ...]] = field(default_factory=dict)
+    compiled: _Compiled | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _ParamSlot:
+    """How Bind seals one protected parameter: compiled once per statement text."""
+
+    position: int  # 0-based, in the Bind's parameters
+    target: ParamTarget
+    column: str  # schema.table.column
+    table: str  # schema.table
+    use: str  # "write" | "read" (the isolation rules)
+    # Parameters whose tenant has the same source share one tenant lookup per Bind.
+    group: int
+
+
+@dataclass(slots=True)
+class _Described:
+    """A portal's RowDescription of a protected statement as the client gets it, and what
+    it says about the result's columns."""
+
+    out: bytes
+    rd: m.RowDescription
+    fields: tuple[tuple[str, TableKey | None], ...]
+    targets: tuple[OutputTarget | None, ...]
+    # The portal's openers (None: they depend on the Bind: a row tenant from a parameter).
+    openers: tuple[_Opener, ...] | None
+
+
+@dataclass(slots=True)
+class _Compiled:
+    """What every Parse of the same message (same text, types, name) under the same
+    search_path shares: drivers re-send the unnamed statement's Parse before each
+    execution, and it must not be analysed, rewritten and re-encoded each time."""
+
+    name: str
+    sql: str
+    plan: StatementPlan
+    param_types: tuple[int, ...]
+    search_path: tuple[str, ...]
+    forwarded: bytes | None  # the Parse sent upstream; None: the client's own
+    n_client: int = 0
+    synthetic: tuple[LiteralTarget, ...] = ()
+    slots: tuple[_ParamSlot, ...] = ()
+    openers_by_formats: dict[tuple[int, ...], tuple[_Opener, ...]] = field(default_factory=dict)
+    described: dict[bytes, _Described] = field(default_factory=dict)
+
+    def statement(self) -> _Statement:
+        return _Statement(
+            self.name,
+            self.sql,
+            self.plan,
+            self.param_types,
+            n_client=self.n_client,
+            synthetic=self.synthetic,
+            search_path=self.search_path,
+            slots=self.slots,
+            openers_by_formats=self.openers_by_formats,
+            compiled=self,
+        )
+
+
+_COMPILED_LIMIT = 256  # distinct Parse messages remembered per connection
 
 
 @dataclass(slots=True)
@@ -246,7 +318,7 @@ class _Pending:
     # as it was when sent: later SETs in the same pipeline must not decide its reads.
     tenants: tuple[str | None, ...] = ()
     # audit counts of opened cells: (tenant, key_id, table) -> [columns, count]
-    opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] = field(default_factory=dict)
+    opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] | None = None
     failed: bool = False  # an error was sent for this result: swallow the rest
 
 
@@ -293,6 +365,9 @@ class DataPath:
         self.pending: deque[_Pending] = deque()
         self.audit: list[AuditNote] = []
         self.table_oids: dict[int, TableKey] = {}
+        # Parse messages already handled, by body (see _Compiled); RowDescriptions are
+        # cached in them too, so they are dropped when table_oids changes.
+        self._compiled: dict[bytes, _Compiled] = {}
         self._catalog_rows: list[tuple[int, TableKey]] = []
         self._format_cache: tuple[tuple[str, ...], SessionFormat] | None = None
         # COPY (see the COPY section): column lists of the protected tables (catalog query),
@@ -366,6 +441,12 @@ class DataPath:
         if self.copy_in is not None and t in (0x64, 0x63, 0x66):  # CopyData, Done, Fail
             return self._copy_client(frame, self.copy_in)
         if t == 0x50:  # Parse
+            compiled = self._compiled.get(frame.body)
+            if compiled is not None and compiled.search_path == self.search_path:
+                name = compiled.name
+                if not name or name not in self.statements or self._closing(name):
+                    self._parse_entry(name, compiled.statement())
+                    return compiled.forwarded or frame.raw
             return self._parse(m.decode_parse(frame.body), frame)
         if t == 0x42:  # Bind
             names = _bind_names(frame.body)
@@ -460,8 +541,8 @@ class DataPath:
             assert plan.refusal is not None
             return self._refuse_parse(parse, plan.refusal.sqlstate, plan.refusal.message)
         if plan.kind == "passthrough":
-            statement = self._remember(parse, plan)
-            self._parse_entry(parse.name, statement)
+            compiled = self._compile(frame, parse, plan, None)
+            self._parse_entry(parse.name, compiled.statement())
             return frame.raw
         # Literals are sealed at Bind time, never here: a prepared statement may be bound
         # under another session tenant later (pooled connections), and a literal's tenant
@@ -477,10 +558,6 @@ class DataPath:
         for k, literal in enumerate(plan.literals):
             edits.append(literal.edit(f"${n_client + 1 + k}"))
         sql = apply_edits(parse.sql, edits) if edits else parse.sql
-        statement = self._remember(parse, plan)
-        statement.n_client = n_client
-        statement.synthetic = plan.literals
-        self._parse_entry(parse.name, statement)
         types = list(parse.param_types) + [0] * (
             n_client + len(plan.literals) - len(parse.param_types)
         )
@@ -488,13 +565,49 @@ class DataPath:
             types[index - 1] = BYTEA_ARRAY_OID if target.array or target.versions else BYTEA_OID
         for k in range(len(plan.literals)):
             types[n_client + k] = BYTEA_ARRAY_OID if plan.literals[k].versions else BYTEA_OID
-        return m.Parse(parse.name, sql, tuple(types)).encode()
+        forwarded = m.Parse(parse.name, sql, tuple(types)).encode()
+        if plan.copy is not None:
+            # Its column list may come from the catalog (`_copy_edits`): never reused.
+            statement = self._remember(parse, plan)
+            statement.n_client = n_client
+            statement.synthetic = plan.literals
+            statement.slots = _compile_params(plan)
+            self._parse_entry(parse.name, statement)
+            return forwarded
+        compiled = self._compile(frame, parse, plan, forwarded, n_client)
+        self._parse_entry(parse.name, compiled.statement())
+        return forwarded
 
     def _remember(self, parse: m.Parse, plan: StatementPlan) -> _Statement:
         """A new record (stored by `_parse_entry`, with the one it replaces)."""
         return _Statement(
             parse.name, parse.sql, plan, parse.param_types, search_path=self.search_path
         )
+
+    def _compile(
+        self,
+        frame: Frame,
+        parse: m.Parse,
+        plan: StatementPlan,
+        forwarded: bytes | None,
+        n_client: int = 0,
+    ) -> _Compiled:
+        """Remember what this Parse became, for the next Parse of the same bytes."""
+        compiled = _Compiled(
+            parse.name,
+            parse.sql,
+            plan,
+            parse.param_types,
+            self.search_path,
+            forwarded,
+            n_client=n_client,
+            synthetic=plan.literals,
+            slots=_compile_params(plan),
+        )
+        if len(self._compiled) >= _COMPILED_LIMIT:
+            self._compiled.clear()
+        self._compiled[frame.body] = compiled
+        return compiled
 
     def _parse_entry(
         self, name: str, statement: _Statement | None, refusal: bytes | None = None
@@ -588,12 +701,20 @@ class DataPath:
         openers: tuple[_Opener, ...] | None
         try:
             if plan.outputs_exact or statement.fields is not None:
-                fields = statement.fields
-                targets = plan.outputs if plan.outputs_exact else self._resolve(plan, fields or ())
-                result_formats = [bind.result_format(i) for i in range(len(targets))]
-                openers = self._openers(
-                    targets, result_formats, fields, statement.field_oids, bind, statement
-                )
+                openers = statement.openers_by_formats.get(bind.result_formats)
+                if openers is None:
+                    fields = statement.fields
+                    targets = (
+                        plan.outputs if plan.outputs_exact else self._resolve(plan, fields or ())
+                    )
+                    result_formats = [bind.result_format(i) for i in range(len(targets))]
+                    openers = self._openers(
+                        targets, result_formats, fields, statement.field_oids, bind, statement
+                    )
+                    if not any(o.target.tenant.kind == "param" for o in openers):
+                        if len(statement.openers_by_formats) >= _COMPILED_LIMIT:
+                            statement.openers_by_formats.clear()
+                        statement.openers_by_formats[bind.result_formats] = openers
             else:
                 openers = None
         except Refused as exc:
@@ -621,39 +742,63 @@ class DataPath:
     def _seal_params(
         self, bind: m.Bind, statement: _Statement
     ) -> tuple[tuple[bytes | None, ...], tuple[int, ...], list[AuditNote]]:
-        plan = statement.plan
         values = list(bind.params)
-        formats = [bind.param_format(i) for i in range(len(values))]
-        sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
-        need: set[str] = set()
-        for index, target in plan.params.items():
-            if index > len(values):
-                raise Refused("08P01", f"pgseal: Bind has no value for ${index}")
-            raw = values[index - 1]
+        n_values = len(values)
+        param_formats = bind.param_formats
+        formats = (
+            list(param_formats)
+            if len(param_formats) == n_values
+            else [param_formats[0] if param_formats else 0] * n_values
+        )
+        # 1. The tenant of each value (once per tenant source), and how many values each
+        #    tenant's keys seal: one key lookup per tenant, counted once per value.
+        tenant_of_group: dict[int, str] = {}
+        to_seal: list[tuple[_ParamSlot, str, bytes]] = []
+        uses: dict[tuple[str, bool], int] = {}
+        for slot in statement.slots:
+            target = slot.target
+            if slot.position >= n_values:
+                raise Refused("08P01", f"pgseal: Bind has no value for ${target.index}")
+            raw = values[slot.position]
             if raw is None:
                 if target.versions and not target.array:
-                    values[index - 1] = _bytea_array([None])  # compares as NULL does
-                formats[index - 1] = 1
+                    values[slot.position] = _bytea_array([None])  # compares as NULL does
+                formats[slot.position] = 1
                 continue
-            tenant = self._value_tenant(
-                target.tenant,
-                target.column.table_key,
-                bind,
-                statement,
-                "write" if target.use == "store" else "read",
-            )
-            keys = self._sealing_keys(tenant, target.versions)
+            tenant = tenant_of_group.get(slot.group)
+            if tenant is None:
+                tenant = self._value_tenant(
+                    target.tenant, target.column.table_key, bind, statement, slot.use
+                )
+                tenant_of_group[slot.group] = tenant
+            to_seal.append((slot, tenant, raw))
+            wanted = (tenant, target.versions)
+            uses[wanted] = uses.get(wanted, 0) + 1
+        # 2. The keys (a miss: NeedKeys after the rest is checked).
+        keys_of: dict[tuple[str, bool], Sequence[CellKey]] = {}
+        need: set[str] = set()
+        for (tenant, versions), n in uses.items():
+            keys = self._sealing_keys(tenant, versions, n)
             if keys is None:
                 need.add(tenant)
+            else:
+                keys_of[(tenant, versions)] = keys
+        # 3. Seal.
+        sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
+        for slot, tenant, raw in to_seal:
+            target = slot.target
+            found = keys_of.get((tenant, target.versions))
+            if found is None:
                 continue
+            keys = found
+            position = slot.position
             client_type = (
-                statement.client_param_types[index - 1]
-                if index <= len(statement.client_param_types)
+                statement.client_param_types[position]
+                if position < len(statement.client_param_types)
                 else 0
             )
-            fmt = formats[index - 1]
-            deterministic = target.policy.searchable
-            column = str(target.column)
+            fmt = formats[position]
+            column = slot.column
             if target.array:
                 elements = _array_elements(raw, fmt, target.policy.type, client_type)
                 canonicals = [
@@ -670,25 +815,27 @@ class DataPath:
                         else [k.seal(column, canonical, deterministic=True) for k in keys]
                     )
                 ]
-                values[index - 1] = _bytea_array(cells)
+                values[position] = _bytea_array(cells)
                 count = sum(1 for c in canonicals if c is not None)
             elif target.versions:
                 canonical = self._canonical(target, raw, fmt, client_type)
-                values[index - 1] = _bytea_array(
+                values[position] = _bytea_array(
                     [k.seal(column, canonical, deterministic=True) for k in keys]
                 )
                 count = 1
             else:
                 canonical = self._canonical(target, raw, fmt, client_type)
-                values[index - 1] = keys[0].seal(column, canonical, deterministic=deterministic)
-                count = 1
-            formats[index - 1] = 1
-            for key in keys:
-                slot = sealed.setdefault(
-                    (tenant, key.key_id, _table_name(target.column.table_key)), (set(), [0])
+                values[position] = keys[0].seal(
+                    column, canonical, deterministic=target.policy.searchable
                 )
-                slot[0].add(target.column.column)
-                slot[1][0] += count
+                count = 1
+            formats[position] = 1
+            for key in keys:
+                entry = sealed.get((tenant, key.key_id, slot.table))
+                if entry is None:
+                    entry = sealed[(tenant, key.key_id, slot.table)] = (set(), [0])
+                entry[0].add(target.column.column)
+                entry[1][0] += count
         for literal in statement.synthetic:
             sealed_cells = self._seal_literal(literal, bind, statement, need, sealed)
             if sealed_cells is None:
@@ -745,12 +892,15 @@ class DataPath:
             slot[1][0] += 1
         return cells
 
-    def _sealing_keys(self, tenant: str, versions: bool) -> Sequence[CellKey] | None:
-        """The keys a value is sealed with: the tenant's active key, or for a compared value
-        every live version, the active one first. None: not all in memory (NeedKeys)."""
+    def _sealing_keys(
+        self, tenant: str, versions: bool, uses: int = 1
+    ) -> Sequence[CellKey] | None:
+        """The keys `uses` values are sealed with: the tenant's active key, or for compared
+        values every live version, the active one first. None: not all in memory
+        (NeedKeys)."""
         if versions:
-            return self.keys.versions(tenant, 1)
-        key = self.keys.current(tenant, 1)
+            return self.keys.versions(tenant, uses)
+        key = self.keys.current(tenant, uses)
         return None if key is None else (key,)
 
     def _canonical(
@@ -1164,6 +1314,7 @@ class DataPath:
             tracker.ready(status, last=last)
         if head.kind is _Kind.CATALOG:
             self.table_oids = dict(self._catalog_rows)
+            self._compiled.clear()
             return b""
         if status == "I":
             self.portals.clear()  # portals do not outlive their transaction
@@ -1209,6 +1360,22 @@ class DataPath:
             elif head.kind is _Kind.QUERY:
                 head.openers = ()
             return frame.raw
+        if head.kind is _Kind.DESCRIBE_P and head.portal is not None:
+            portal = head.portal
+            compiled = portal.statement.compiled
+            described = compiled.described.get(frame.body) if compiled is not None else None
+            if described is not None:
+                # The same statement described the same way before: same answer.
+                self.pending.popleft()
+                portal.openers = (
+                    described.openers
+                    if described.openers is not None
+                    else self._openers_described(
+                        described.targets, described.rd, described.fields, portal.bind,
+                        portal.statement,
+                    )
+                )
+                return described.out
         rd = m.decode_row_description(frame.body)
         fields = self._fields(rd)
         targets: tuple[OutputTarget | None, ...]
@@ -1219,16 +1386,28 @@ class DataPath:
                 return frame.raw
             statement.fields = fields
             statement.field_oids = tuple(f.type_oid for f in rd.fields)
+            statement.openers_by_formats = {}  # openers now follow these fields
             targets = self._resolve(statement.plan, fields)
         elif head.kind is _Kind.DESCRIBE_P:
-            portal = head.portal
+            described_portal = head.portal
             self.pending.popleft()
-            if portal is None or portal.statement.plan.kind != "protected":
+            if described_portal is None or described_portal.statement.plan.kind != "protected":
                 return frame.raw
+            portal = described_portal
             targets = self._resolve(portal.statement.plan, fields)
             portal.openers = self._openers_described(
                 targets, rd, fields, portal.bind, portal.statement
             )
+            out = self._described_fields(frame, rd, targets)
+            compiled = portal.statement.compiled
+            if compiled is not None:
+                if len(compiled.described) >= _COMPILED_LIMIT:
+                    compiled.described.clear()
+                param_tenant = any(o.target.tenant.kind == "param" for o in portal.openers)
+                compiled.described[frame.body] = _Described(
+                    out, rd, fields, targets, None if param_tenant else portal.openers
+                )
+            return out
         elif head.kind is _Kind.QUERY:
             plan = head.plans[head.result_index] if head.result_index < len(head.plans) else None
             if plan is None or plan.kind != "protected":
@@ -1238,6 +1417,12 @@ class DataPath:
             head.openers = self._openers_described(targets, rd, fields, None, None)
         else:
             return frame.raw
+        return self._described_fields(frame, rd, targets)
+
+    def _described_fields(
+        self, frame: Frame, rd: m.RowDescription, targets: Sequence[OutputTarget | None]
+    ) -> bytes:
+        """The RowDescription the client gets: the declared type of each sealed column."""
         if not any(t is not None for t in targets):
             return frame.raw
         new_fields = []
@@ -1295,7 +1480,9 @@ class DataPath:
         for i, target in enumerate(targets):
             if target is None or i >= len(formats):
                 continue
-            opener = _Opener(i, target, formats[i])
+            opener = _Opener(
+                i, target, formats[i], str(target.column), _table_name(target.column.table_key)
+            )
             source = target.tenant
             if source.kind == "output":
                 at = source.output
@@ -1347,11 +1534,9 @@ class DataPath:
         if failure is not None:
             return self._fail_result(head, failure.sqlstate, str(failure))
         row: list[bytes | None] = list(m.decode_data_row(frame.body).values)
-        need: set[int] = set()
-        opened: list[tuple[int, bytes | None]] = []
-        counted: list[tuple[tuple[str, int, str], str]] = []
-        denials: list[AuditNote] = []
-        session = self.session_format
+        # 1. The cells and the keys they name (one lookup per key, counted per cell).
+        cells: list[tuple[_Opener, bytes, int]] = []
+        uses: dict[int, int] = {}
         for opener in openers:
             if opener.index >= len(row):
                 continue
@@ -1367,38 +1552,59 @@ class DataPath:
                     "XX001",
                     f"pgseal: {opener.target.column} holds a value that is not a pgseal cell",
                 )
-            key = self.keys.by_id(key_id, 1)
+            cells.append((opener, cell, key_id))
+            uses[key_id] = uses.get(key_id, 0) + 1
+        keys: dict[int, CellKey | None] = {}
+        need: set[int] = set()
+        for key_id, n in uses.items():
+            key = keys[key_id] = self.keys.by_id(key_id, n)
+            if key is None and self.keys.destroyed(key_id) is None:
+                need.add(key_id)
+        if need:
+            raise NeedKeys(key_ids=frozenset(need))
+        # 2. The rules, then open.
+        opened: list[tuple[int, bytes | None]] = []
+        counted: list[tuple[tuple[str, int, str], str]] = []
+        denials: list[AuditNote] = []
+        readable: set[tuple[TableKey, str]] = set()  # (table, tenant) the rules allow
+        session = self.session_format
+        for opener, cell, key_id in cells:
+            target = opener.target
+            key = keys[key_id]
             if key is None:
                 shredded = self.keys.destroyed(key_id)
-                if shredded is None:
-                    need.add(key_id)
-                    continue
+                assert shredded is not None
                 # Crypto-shredded: never openable again; on_denied says NULL or an error.
                 # The tenant and role rules come first: a reader who could not see this
                 # cell anyway learns nothing about its tenant's keys.
-                rule = self._read_denial(opener.target, shredded, session_tenant)
+                rule = self._read_denial(target, shredded, session_tenant)
                 gone = rule or (
-                    f"pgseal: a cell of {opener.target.column} cannot be opened: "
+                    f"pgseal: a cell of {target.column} cannot be opened: "
                     f"data key {key_id} of tenant {shredded!r} was destroyed "
                     "(crypto-shredded)"
                 )
                 sqlstate = "42501" if rule else "58030"
                 denial: tuple[str, str, str, int] | None = (sqlstate, gone, shredded, key_id)
             else:
-                reason = self._read_denial(opener.target, key.tenant, session_tenant)
+                allowed = (target.column.table_key, key.tenant)
+                reason = None
+                if allowed not in readable:
+                    reason = self._read_denial(target, key.tenant, session_tenant)
+                    if reason is None:
+                        readable.add(allowed)
                 if reason is None:
                     reason = self._row_tenant_denial(opener, row, key)
                 denial = None if reason is None else ("42501", reason, key.tenant, key.key_id)
             if denial is not None:
                 sqlstate, message, tenant, denied_key = denial
-                table = self._policy(opener.target.column.table_key)
+                table = self._policy(target.column.table_key)
                 denials.append(
                     AuditNote(
                         "data.deny",
                         tenant,
                         denied_key,
                         table.qualified_name,
-                        (opener.target.column.column,),
+                        (target.column.column,),
                         1,
                         fingerprint(head.sql or ""),
                         outcome="denied",
@@ -1412,34 +1618,33 @@ class DataPath:
                 return self._fail_result(head, sqlstate, message)
             assert key is not None
             try:
-                canonical = key.open(str(opener.target.column), cell)
-                plain = from_canonical(opener.target.policy.type, canonical, opener.fmt, session)
+                canonical = key.open(opener.column, cell)
+                plain = from_canonical(target.policy.type, canonical, opener.fmt, session)
             except CellError:
                 return self._fail_result(
                     head,
                     "XX001",
-                    f"pgseal: a cell of {opener.target.column} cannot be "
+                    f"pgseal: a cell of {target.column} cannot be "
                     "opened (moved from another row, tenant or column, or corrupted)",
                 )
             except ValueFormatError as exc:
                 return self._fail_result(
-                    head, exc.sqlstate, f"pgseal: {exc} (column {opener.target.column})"
+                    head, exc.sqlstate, f"pgseal: {exc} (column {target.column})"
                 )
             opened.append((opener.index, plain))
-            counted.append(
-                (
-                    (key.tenant, key.key_id, _table_name(opener.target.column.table_key)),
-                    opener.target.column.column,
-                )
-            )
-        if need:
-            raise NeedKeys(key_ids=frozenset(need))
+            counted.append(((key.tenant, key.key_id, opener.table), target.column.column))
         # Only now that the whole row is done: a NeedKeys retry must not count twice.
         self.audit.extend(denials)
-        for slot_key, column in counted:
-            slot = head.opened.setdefault(slot_key, (set(), [0]))
-            slot[0].add(column)
-            slot[1][0] += 1
+        if counted:
+            totals = head.opened
+            if totals is None:
+                totals = head.opened = {}
+            for slot_key, column in counted:
+                slot = totals.get(slot_key)
+                if slot is None:
+                    slot = totals[slot_key] = (set(), [0])
+                slot[0].add(column)
+                slot[1][0] += 1
         for index, value_out in opened:
             row[index] = value_out
         return m.DataRow(tuple(row)).encode()
@@ -1516,7 +1721,7 @@ class DataPath:
                     "data.decrypt", tenant, key_id, table, tuple(sorted(cols)), n[0], statement
                 )
             )
-        head.opened = {}
+        head.opened = None
 
     def _audit_deny(self, sql: str, message: str) -> None:
         self.audit.append(
@@ -1890,6 +2095,21 @@ def _plain_result(head: _Pending) -> bool:
     return False
 
 
+def _compile_params(plan: StatementPlan) -> tuple[_ParamSlot, ...]:
+    """The Bind program of a protected statement: one slot per sealed parameter, in the
+    plan's order (which decides which refusal a Bind gets when several apply)."""
+    groups: dict[tuple[TenantSource, TableKey, str], int] = {}
+    slots = []
+    for index, target in plan.params.items():
+        use = "write" if target.use == "store" else "read"
+        table = target.column.table_key
+        group = groups.setdefault((target.tenant, table, use), len(groups))
+        slots.append(
+            _ParamSlot(index - 1, target, str(target.column), _table_name(table), use, group)
+        )
+    return tuple(slots)
+
+
 def _same_plan(new: StatementPlan, old: StatementPlan) -> bool:
     """Whether a re-analysed statement is handled as it was at Parse time."""
     return (
@@ -1950,8 +2170,8 @@ def _cell_bytes(value: bytes, fmt: int) -> bytes:
     if value[:2] != b"\\x":
         return _unescape_bytea(value)
     try:
-        return bytes.fromhex(value[2:].decode("ascii"))
-    except ValueError:
+        return binascii.a2b_hex(memoryview(value)[2:])
+    except (binascii.Error, ValueError):
         raise CellError() from None
 
 
