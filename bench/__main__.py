@@ -8,8 +8,10 @@ Commands:
   encrypted    pgbench on three encrypted columns via pgseal vs the plaintext twin via pgseal
                and direct (bench/encrypted.py); target encrypted >= 0.7x plain-through-pgseal
   cells, keys  the crypto / key-service microbenchmarks (bench/bench_cells.py, bench/bench_keys.py)
+  datapath     CPU of the pure core per transaction of the encrypted benchmark, in-process
+               (bench/bench_datapath.py): quiet enough to compare two versions of the data path
   migrate      migration / rekey throughput under load (bench/migrate.py)
-  (cells, keys and migrate take their own options after the command: `-- --help`)
+  (cells, keys, datapath and migrate take their own options after the command: `-- --help`)
 
 `--quick` is a short smoke run (1 round of 3 s per configuration).
 """
@@ -24,7 +26,12 @@ from pathlib import Path
 from bench.common import BenchError
 from bench.passthrough import CLIENTS, MODES, Plan, main, profile
 
-SCRIPTS = {"cells": "bench_cells.py", "keys": "bench_keys.py", "migrate": "migrate.py"}
+SCRIPTS = {
+    "cells": "bench_cells.py",
+    "keys": "bench_keys.py",
+    "migrate": "migrate.py",
+    "datapath": "bench_datapath.py",
+}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -579,8 +579,41 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
 def profile_proxy(
     server: Server, script: Path, pid: int, plan: EncPlan, stem: Path
 ) -> dict[str, Any] | None:
-    """py-spy (raw, Python frames, idle included) on the proxy under the encrypted load."""
-    from bench.passthrough import _sample
+    """py-spy on the proxy under the encrypted load: raw Python frames of whichever thread
+    holds the GIL (`--gil`), i.e. where the proxy's CPU time goes, idle excluded."""
+    from bench.passthrough import _pyspy, summarize_pyspy
+
+    def _sample(_flavour: str, pid: int, seconds: float, stem: Path) -> dict[str, Any] | None:
+        spy = _pyspy()
+        if spy is None:
+            print("bench: py-spy not found; skipping the profile")
+            return None
+        path = stem.with_suffix(".txt")
+        rec = subprocess.run(
+            [
+                spy,
+                "record",
+                "-p",
+                str(pid),
+                "-d",
+                str(int(seconds)),
+                "-r",
+                "250",
+                "--gil",
+                "--nonblocking",
+                "-f",
+                "raw",
+                "-o",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if rec.returncode != 0 or not path.exists():
+            print(f"bench: py-spy failed: {rec.stderr.strip()[-300:]}")
+            return None
+        return {"file": str(path), **summarize_pyspy(path)}
 
     seconds = plan.profile_seconds
     load = subprocess.Popen(
