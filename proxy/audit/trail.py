@@ -10,6 +10,13 @@ With ``on_failure: block`` a batch that some sink could not make durable fails e
 describes must fail too. With ``warn`` the failure is logged and the callers go on.
 A sink that failed is tried again with the next batch, so the trail recovers by itself
 once the disk or database is back.
+
+Records of things that already happened (``record(..., kept=True)``: the data path's key
+uses, written after the fact) are never dropped when a sink fails: that sink keeps them
+(up to MAX_BACKLOG) and writes them, in order and before anything newer, once it works
+again; ``retry()`` tries that without new records. Only the sink that failed keeps them,
+so a sink that wrote a batch never gets it twice. Other records describe something the
+caller refuses to do when it cannot record it, and are not retried.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from proxy.errors import KeyServiceUnavailable
 log = logging.getLogger("pgseal.audit")
 
 Clock = Callable[[], dt.datetime]
+
+# Records a failed sink keeps for when it is back (see module doc), at most.
+MAX_BACKLOG = 100_000
 
 
 def _utc_now() -> dt.datetime:
@@ -63,7 +73,10 @@ class AuditTrail:
         self.sinks = list(sinks)
         self.on_failure = on_failure
         self._clock = clock
-        self._queue: list[tuple[Sequence[AuditRecord], str, asyncio.Future[None]]] = []
+        self._queue: list[tuple[Sequence[AuditRecord], str, asyncio.Future[None], bool]] = []
+        # Per sink: kept records it failed to write, oldest first (see module doc).
+        self._backlog: list[list[tuple[AuditRecord, str]]] = [[] for _ in self.sinks]
+        self.dropped = 0  # kept records given up on (a backlog over MAX_BACKLOG)
         self._writer: asyncio.Task[None] | None = None
         self._started = False
         self._start_owed = False
@@ -112,10 +125,27 @@ class AuditTrail:
             )
         )
 
-    async def record(self, *records: AuditRecord) -> None:
-        """Make `records` durable in every sink, in order; raises KeyServiceUnavailable (block)."""
+    async def record(self, *records: AuditRecord, kept: bool = False) -> None:
+        """Make `records` durable in every sink, in order; raises KeyServiceUnavailable (block).
+
+        `kept`: they describe what already happened; a sink that fails keeps them for later
+        (see module doc)."""
         if not records:
             return
+        await self._enqueue(records, kept)
+
+    async def retry(self) -> None:
+        """Write what failed sinks kept; raises KeyServiceUnavailable (block) while one of
+        them still fails."""
+        if any(self._backlog):
+            await self._enqueue((), False)
+
+    @property
+    def backlog(self) -> int:
+        """Kept records waiting for a sink to come back (the largest backlog)."""
+        return max((len(b) for b in self._backlog), default=0)
+
+    async def _enqueue(self, records: Sequence[AuditRecord], kept: bool) -> None:
         if self._closed:
             raise KeyServiceUnavailable("audit trail is closed")
         if self._start_owed:
@@ -127,7 +157,7 @@ class AuditTrail:
         # Retrieve the outcome even when the waiter was cancelled, so an abandoned failure
         # is not reported again as "exception never retrieved".
         done.add_done_callback(lambda f: None if f.cancelled() else f.exception())
-        self._queue.append((records, format_ts(self._clock()), done))
+        self._queue.append((records, format_ts(self._clock()), done, kept))
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._drain(), name="pgseal-audit-writer")
         # shield: a caller that gives up still gets its record written (and the next
@@ -137,9 +167,11 @@ class AuditTrail:
     async def _drain(self) -> None:
         while self._queue:
             taken, self._queue = self._queue, []
-            batch = [(rec, ts) for recs, ts, _ in taken for rec in recs]
+            batch = [(rec, ts) for recs, ts, _, _ in taken for rec in recs]
+            kept = [(rec, ts) for recs, ts, _, keep in taken if keep for rec in recs]
             results = await asyncio.gather(
-                *(sink.write(batch) for sink in self.sinks), return_exceptions=True
+                *(self._write_sink(i, batch, kept) for i in range(len(self.sinks))),
+                return_exceptions=True,
             )
             self.batches += 1
             errors = [r for r in results if isinstance(r, BaseException)]
@@ -157,13 +189,39 @@ class AuditTrail:
                 else:
                     log.warning("%s (audit.on_failure: warn, %d records lost there)",
                                 message, len(batch))
-            for _, _, fut in taken:
+            for _, _, fut, _ in taken:
                 if fut.done():
                     continue
                 if failure is not None:
                     fut.set_exception(failure)
                 else:
                     fut.set_result(None)
+
+    async def _write_sink(
+        self, index: int, batch: list[tuple[AuditRecord, str]], kept: list[tuple[AuditRecord, str]]
+    ) -> None:
+        """Write what sink `index` kept, then `batch`; on failure it keeps `kept` too."""
+        sink, backlog = self.sinks[index], self._backlog[index]
+        writing = backlog + batch if backlog else batch
+        if not writing:
+            return
+        try:
+            await sink.write(writing)
+        except BaseException:
+            backlog = backlog + kept
+            if len(backlog) > MAX_BACKLOG:
+                over = len(backlog) - MAX_BACKLOG
+                self.dropped += over
+                log.error(
+                    "audit sink %s is down with %d records waiting: the oldest %d are dropped",
+                    sink.name, len(backlog), over,
+                )
+                backlog = backlog[over:]
+            self._backlog[index] = backlog
+            raise
+        if backlog:
+            log.warning("audit sink %s is back: %d kept records written", sink.name, len(backlog))
+        self._backlog[index] = []
 
     async def close(self) -> None:
         """Write audit.stop (the clean-shutdown marker verify looks for), then close sinks."""
@@ -178,5 +236,10 @@ class AuditTrail:
             self._closed = True
             if self._writer is not None:
                 await asyncio.gather(self._writer, return_exceptions=True)
-            for sink in self.sinks:
+            for sink, backlog in zip(self.sinks, self._backlog, strict=True):
+                if backlog:
+                    log.error(
+                        "audit sink %s still down at shutdown: %d records of key uses could "
+                        "not be written to it", sink.name, len(backlog),
+                    )
                 await sink.close()

@@ -22,6 +22,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgseal.datapath")
 
+# Data-path records are written after the key uses they describe (statements do not wait
+# for them): the statements of this many seconds share one write and one fsync. With
+# on_failure block, the first failed write stops every later key use.
+AUDIT_GROUP_COMMIT = 0.02
+# While the trail is down: how often the kept records are tried again.
+AUDIT_RETRY = 1.0
+# Shutdown waits this long for queued records to be written.
+AUDIT_DRAIN_WAIT = 5.0
+
 
 class CacheKeyRing:
     """The KeyRing of every connection: a view of the key service's in-memory cache."""
@@ -139,8 +148,8 @@ class DataPathRuntime:
         self.audit = audit
         self.keyring = CacheKeyRing(service, audit)
         self.rotation: RotationScheduler | None = None
-        # Audit notes of every connection, written by one task per event-loop turn
-        # rather than one task per statement (the trail batches them into one fsync).
+        # Audit notes of every connection, written by one task every AUDIT_GROUP_COMMIT
+        # rather than one per statement (the trail writes each batch with one fsync).
         self._queued: list[AuditRecord] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -163,23 +172,46 @@ class DataPathRuntime:
 
     def queue_audit(self, notes: tuple[AuditNote, ...], facts: ConnectionFacts) -> None:
         """Queue records for writing; statements do not wait for them. A failed write
-        (on_failure block) makes every later key use fail until a write succeeds."""
+        (on_failure block) makes every later key use fail until the trail is back; the
+        records it could not write are kept and written then (see AuditTrail)."""
         self._queued.extend(audit_records(notes, facts))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_queued())
 
     async def _write_queued(self) -> None:
-        while self._queued:
+        while True:
+            failing = self.keyring.audit_failure is not None
+            await asyncio.sleep(AUDIT_RETRY if failing else AUDIT_GROUP_COMMIT)
             records, self._queued = self._queued, []
             try:
-                await self.audit.record(*records)
+                if records:
+                    await self.audit.record(*records, kept=True)
+                else:
+                    await self.audit.retry()
             except KeyServiceUnavailable as exc:
+                if not failing:
+                    log.error("audit trail unavailable, key uses refused until it is back: %s", exc)
                 self.keyring.audit_failure = exc
-                log.error("audit trail unavailable: %s", exc)
-            else:
-                self.keyring.audit_failure = None
+                continue
+            if failing:
+                log.warning("audit trail available again: key uses resume")
+            self.keyring.audit_failure = None
+            if not self._queued:
+                return
 
     async def drain_audit(self) -> None:
-        """Wait for queued records (shutdown)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+        """Write what is queued (shutdown). While the trail is down this gives up after
+        AUDIT_DRAIN_WAIT; the trail then logs how many records it could not write."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            if self.keyring.audit_failure is None:
+                await asyncio.wait({writer}, timeout=AUDIT_DRAIN_WAIT)
+            if not writer.done():
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+        if self._queued:
+            records, self._queued = self._queued, []
+            try:
+                await self.audit.record(*records, kept=True)
+            except KeyServiceUnavailable as exc:
+                log.error("audit trail unavailable at shutdown: %s", exc)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import decimal
-import logging
 import os
 import secrets
 import struct
@@ -29,6 +28,8 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
+
+from tests.support.logs import capture_logs
 
 pytestmark = pytest.mark.integration
 
@@ -46,15 +47,6 @@ class Workload:
     log_records: list[str] = field(default_factory=list)
     notes_after: int = 0  # notes rows with a larger id are this workload's
     log_offset: int = 0  # the server log from here on is this workload's
-
-
-class _Capture(logging.Handler):
-    def __init__(self, sink: list[str]) -> None:
-        super().__init__(logging.DEBUG)
-        self.sink = sink
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(self.format(record))
 
 
 def _v(tag: str) -> str:
@@ -285,22 +277,13 @@ def _psql_work(dsn: str, w: Workload) -> None:
 def workload(sealing_proxy: Any, pg: Any) -> Iterator[Workload]:
     pg.require_local()
     w = Workload(tenant=f"np-{secrets.token_hex(4)}", other=f"np-other-{secrets.token_hex(4)}")
-    handler = _Capture(w.log_records)
-    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
     w.notes_after = int(pg.execute("SELECT coalesce(max(id), 0) FROM notes")[0][0])
     w.log_offset = Path(pg.require_local().log_path).stat().st_size
-    try:
+    with capture_logs(w.log_records, "%(name)s %(message)s"):
         dsn = sealing_proxy.dsn()
         _psycopg_work(dsn, w)
         asyncio.run(_asyncpg_work(dsn, w))
         _psql_work(dsn, w)
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
     pg.execute("CHECKPOINT")
     yield w
 

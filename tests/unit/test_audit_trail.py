@@ -218,3 +218,73 @@ async def test_failed_start_is_written_with_the_first_record_later() -> None:
     await trail.record(AuditRecord("key.unwrap"))
     await trail.close()
     assert sink.written == ["audit.start", "key.unwrap", "audit.stop"]
+
+
+class CountingSink(StdoutSink):
+    """Always works; remembers what it wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name = "counting"
+        self.written: list[tuple[str, int | None]] = []
+
+    async def write(self, batch):  # type: ignore[no-untyped-def]
+        self.written += [(rec.event, rec.key_id) for rec, _ in batch]
+
+
+@pytest.mark.asyncio
+async def test_kept_records_are_written_once_the_sink_is_back() -> None:
+    down, up = FailingSink(), CountingSink()
+    trail = AuditTrail([down, up], on_failure="block")
+    with pytest.raises(KeyServiceUnavailable, match="disk on fire"):
+        await trail.record(AuditRecord("data.encrypt", key_id=1), kept=True)
+    with pytest.raises(KeyServiceUnavailable):
+        await trail.record(AuditRecord("key.unwrap", key_id=2))  # refused use: not kept
+    with pytest.raises(KeyServiceUnavailable):
+        await trail.record(AuditRecord("data.decrypt", key_id=3), kept=True)
+    assert trail.backlog == 2
+    with pytest.raises(KeyServiceUnavailable):
+        await trail.retry()  # still down: still kept
+    assert trail.backlog == 2
+    down.fail = False
+    await trail.retry()
+    assert trail.backlog == 0
+    # The sink that was down gets the kept records, oldest first; the sink that worked got
+    # every batch exactly once.
+    assert down.written == ["data.encrypt", "data.decrypt"]
+    assert up.written == [("data.encrypt", 1), ("key.unwrap", 2), ("data.decrypt", 3)]
+    await trail.record(AuditRecord("data.encrypt", key_id=4), kept=True)
+    assert down.written[-1] == "data.encrypt" and up.written[-1] == ("data.encrypt", 4)
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+async def test_kept_records_go_before_newer_ones(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    trail = await open_trail(path)
+    path.rename(path.with_suffix(".old"))
+    path.symlink_to("/dev/full")  # the sink reopens its path: a full disk from now on
+    with pytest.raises(KeyServiceUnavailable, match="no space left"):
+        await trail.record(AuditRecord("data.encrypt", tenant="acme", key_id=1), kept=True)
+    path.unlink()  # space again: the sink starts a new file
+    await trail.record(AuditRecord("data.decrypt", tenant="acme", key_id=2), kept=True)
+    await trail.close()
+    assert [(r["event"], r["key_id"]) for r in lines(path)] == [
+        ("data.encrypt", 1), ("data.decrypt", 2), ("audit.stop", None)
+    ]
+    assert [r["seq"] for r in lines(path)] == [1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_a_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.audit import trail as trail_module
+
+    monkeypatch.setattr(trail_module, "MAX_BACKLOG", 3)
+    sink = FailingSink()
+    trail = AuditTrail([sink], on_failure="warn")
+    for i in range(5):
+        await trail.record(AuditRecord("data.encrypt", key_id=i), kept=True)
+    assert trail.backlog == 3 and trail.dropped == 2
+    sink.fail = False
+    await trail.retry()
+    assert sink.written == ["data.encrypt"] * 3
