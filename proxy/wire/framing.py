@@ -230,6 +230,21 @@ class FrameBuffer:
         buf = self._buf
         end = len(buf)
         pos = self._pos
+        if end - pos >= 5 and self.held[buf[pos]] and not self._stream_left:
+            # The common case with a data path: a held message first. Same checks as below.
+            mtype = buf[pos]
+            length = self._length_of(buf, pos, mtype)
+            stop = pos + length + 1
+            if stop > end:
+                return None
+            raw = buf[pos:stop] if type(buf) is bytes else bytes(memoryview(buf)[pos:stop])
+            if stop == end:
+                self._buf = b""
+                self._pos = 0
+            else:
+                self._pos = stop
+                self._compact()
+            return Frame(mtype, raw[5:], raw)
         if self._stream_left:
             take = min(self._stream_left, end - pos)
             if take == 0:
@@ -244,11 +259,7 @@ class FrameBuffer:
         start = pos
         while end - pos >= 5:
             mtype = buf[pos]
-            (length,) = _read_u32(buf, pos + 1)
-            if length < 4 or length > self.max_message:
-                raise ProtocolViolation(self.who, f"invalid message length {length}")
-            if self.valid_types is not None and mtype not in self.valid_types:
-                raise ProtocolViolation(self.who, f"invalid message type {mtype!r}")
+            length = self._length_of(buf, pos, mtype)
             total = length + 1
             if held[mtype]:
                 if pos > start:
@@ -277,6 +288,15 @@ class FrameBuffer:
         span = self._slice(start, pos)
         self._compact()
         return span
+
+    def _length_of(self, buf: bytes | bytearray, pos: int, mtype: int) -> int:
+        """The length field of the message at `pos`, after checking it and its type."""
+        (length,) = _read_u32(buf, pos + 1)
+        if length < 4 or length > self.max_message:
+            raise ProtocolViolation(self.who, f"invalid message length {length}")
+        if self.valid_types is not None and mtype not in self.valid_types:
+            raise ProtocolViolation(self.who, f"invalid message type {mtype!r}")
+        return int(length)
 
     def _watch(self, mtype: int, pos: int) -> None:
         self.seen[mtype] += 1
