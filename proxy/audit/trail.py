@@ -16,7 +16,10 @@ uses, written after the fact) are never dropped when a sink fails: that sink kee
 (up to MAX_BACKLOG) and writes them, in order and before anything newer, once it works
 again; ``retry()`` tries that without new records. Only the sink that failed keeps them,
 so a sink that wrote a batch never gets it twice. Other records describe something the
-caller refuses to do when it cannot record it, and are not retried.
+caller refuses to do when it cannot record it, and are not retried. A sink holding a
+backlog is not handed every batch (each attempt re-chains the whole backlog): it is tried
+again after RETRY_FIRST seconds, then after twice as long each time it still fails (up to
+RETRY_MAX); batches in between fail at once for it and add their kept records.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -39,6 +43,9 @@ Clock = Callable[[], dt.datetime]
 
 # Records a failed sink keeps for when it is back (see module doc), at most.
 MAX_BACKLOG = 100_000
+# Seconds before a sink with a backlog is tried again: doubling from the first to the max.
+RETRY_FIRST = 0.5
+RETRY_MAX = 4.0
 
 
 def _utc_now() -> dt.datetime:
@@ -76,6 +83,9 @@ class AuditTrail:
         self._queue: list[tuple[Sequence[AuditRecord], str, asyncio.Future[None], bool]] = []
         # Per sink: kept records it failed to write, oldest first (see module doc).
         self._backlog: list[list[tuple[AuditRecord, str]]] = [[] for _ in self.sinks]
+        # Per sink with a backlog: (when it may be tried again, the wait after that, why it
+        # failed last).
+        self._down: list[tuple[float, float, str] | None] = [None for _ in self.sinks]
         self.dropped = 0  # kept records given up on (a backlog over MAX_BACKLOG)
         self._writer: asyncio.Task[None] | None = None
         self._started = False
@@ -135,8 +145,8 @@ class AuditTrail:
         await self._enqueue(records, kept)
 
     async def retry(self) -> None:
-        """Write what failed sinks kept; raises KeyServiceUnavailable (block) while one of
-        them still fails."""
+        """Write what failed sinks kept (those whose wait is over); raises
+        KeyServiceUnavailable (block) while one of them still fails."""
         if any(self._backlog):
             await self._enqueue((), False)
 
@@ -187,8 +197,10 @@ class AuditTrail:
                 if self.on_failure == "block":
                     failure = KeyServiceUnavailable(message)
                 else:
-                    log.warning("%s (audit.on_failure: warn, %d records lost there)",
-                                message, len(batch))
+                    log.warning(
+                        "%s (audit.on_failure: warn; %d records of key uses kept for it, "
+                        "%d others lost there)", message, len(kept), len(batch) - len(kept),
+                    )
             for _, _, fut, _ in taken:
                 if fut.done():
                     continue
@@ -201,13 +213,19 @@ class AuditTrail:
         self, index: int, batch: list[tuple[AuditRecord, str]], kept: list[tuple[AuditRecord, str]]
     ) -> None:
         """Write what sink `index` kept, then `batch`; on failure it keeps `kept` too."""
-        sink, backlog = self.sinks[index], self._backlog[index]
+        sink, backlog, down = self.sinks[index], self._backlog[index], self._down[index]
         writing = backlog + batch if backlog else batch
         if not writing:
             return
+        now = time.monotonic()
         try:
+            if backlog and down is not None and now < down[0]:
+                raise SinkError(down[2])  # not yet: see the module doc
             await sink.write(writing)
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, SinkError) or down is None or now >= down[0]:
+                wait = RETRY_FIRST if down is None else min(down[1] * 2, RETRY_MAX)
+                self._down[index] = (now + wait, wait, str(exc) or type(exc).__name__)
             backlog = backlog + kept
             if len(backlog) > MAX_BACKLOG:
                 over = len(backlog) - MAX_BACKLOG
@@ -222,6 +240,7 @@ class AuditTrail:
         if backlog:
             log.warning("audit sink %s is back: %d kept records written", sink.name, len(backlog))
         self._backlog[index] = []
+        self._down[index] = None
 
     async def close(self) -> None:
         """Write audit.stop (the clean-shutdown marker verify looks for), then close sinks."""

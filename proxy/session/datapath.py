@@ -268,7 +268,13 @@ class _Compiled:
         )
 
 
-_COMPILED_LIMIT = 256  # distinct Parse messages remembered per connection
+# Per connection: distinct Parse messages remembered, and per statement the Describe
+# answers and result-format variants. Count limits; a Parse over _COMPILED_MAX_BYTES (bulk
+# INSERTs with inline values, never sent twice) is not remembered at all: the cache must
+# not pin megabytes, nor the plaintext constants in them, after the statement is gone.
+_COMPILED_LIMIT = 128
+_COMPILED_VARIANTS = 16
+_COMPILED_MAX_BYTES = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -592,7 +598,8 @@ class DataPath:
         forwarded: bytes | None,
         n_client: int = 0,
     ) -> _Compiled:
-        """Remember what this Parse became, for the next Parse of the same bytes."""
+        """What this Parse became, remembered for the next Parse of the same bytes (unless it
+        is too large to keep)."""
         compiled = _Compiled(
             parse.name,
             parse.sql,
@@ -604,6 +611,8 @@ class DataPath:
             synthetic=plan.literals,
             slots=_compile_params(plan),
         )
+        if len(frame.body) > _COMPILED_MAX_BYTES:
+            return compiled
         if len(self._compiled) >= _COMPILED_LIMIT:
             self._compiled.clear()
         self._compiled[frame.body] = compiled
@@ -707,12 +716,19 @@ class DataPath:
                     targets = (
                         plan.outputs if plan.outputs_exact else self._resolve(plan, fields or ())
                     )
+                    n_formats = len(bind.result_formats)
+                    if n_formats > 1 and n_formats != len(targets):
+                        raise Refused(
+                            "08P01",
+                            f"bind message has {n_formats} result formats but query has "
+                            f"{len(targets)} columns",
+                        )
                     result_formats = [bind.result_format(i) for i in range(len(targets))]
                     openers = self._openers(
                         targets, result_formats, fields, statement.field_oids, bind, statement
                     )
                     if not any(o.target.tenant.kind == "param" for o in openers):
-                        if len(statement.openers_by_formats) >= _COMPILED_LIMIT:
+                        if len(statement.openers_by_formats) >= _COMPILED_VARIANTS:
                             statement.openers_by_formats.clear()
                         statement.openers_by_formats[bind.result_formats] = openers
             else:
@@ -1401,7 +1417,7 @@ class DataPath:
             out = self._described_fields(frame, rd, targets)
             compiled = portal.statement.compiled
             if compiled is not None:
-                if len(compiled.described) >= _COMPILED_LIMIT:
+                if len(compiled.described) >= _COMPILED_VARIANTS:
                     compiled.described.clear()
                 param_tenant = any(o.target.tenant.kind == "param" for o in portal.openers)
                 compiled.described[frame.body] = _Described(
@@ -1555,20 +1571,21 @@ class DataPath:
             cells.append((opener, cell, key_id))
             uses[key_id] = uses.get(key_id, 0) + 1
         keys: dict[int, CellKey | None] = {}
-        need: set[int] = set()
+        need: set[int] = set()  # not in memory: fetched after the rules ran on the rest
         for key_id, n in uses.items():
             key = keys[key_id] = self.keys.by_id(key_id, n)
             if key is None and self.keys.destroyed(key_id) is None:
                 need.add(key_id)
-        if need:
-            raise NeedKeys(key_ids=frozenset(need))
-        # 2. The rules, then open.
+        # 2. The rules, then open. A row refused by a cell whose key is at hand is refused
+        #    before any other tenant's key is fetched for it.
         opened: list[tuple[int, bytes | None]] = []
         counted: list[tuple[tuple[str, int, str], str]] = []
         denials: list[AuditNote] = []
         readable: set[tuple[TableKey, str]] = set()  # (table, tenant) the rules allow
         session = self.session_format
         for opener, cell, key_id in cells:
+            if key_id in need:
+                continue
             target = opener.target
             key = keys[key_id]
             if key is None:
@@ -1633,6 +1650,8 @@ class DataPath:
                 )
             opened.append((opener.index, plain))
             counted.append(((key.tenant, key.key_id, opener.table), target.column.column))
+        if need:
+            raise NeedKeys(key_ids=frozenset(need))
         # Only now that the whole row is done: a NeedKeys retry must not count twice.
         self.audit.extend(denials)
         if counted:

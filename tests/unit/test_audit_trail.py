@@ -220,6 +220,15 @@ async def test_failed_start_is_written_with_the_first_record_later() -> None:
     assert sink.written == ["audit.start", "key.unwrap", "audit.stop"]
 
 
+@pytest.fixture
+def no_retry_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sink with a backlog is tried again with the very next batch (no backoff)."""
+    from proxy.audit import trail as trail_module
+
+    monkeypatch.setattr(trail_module, "RETRY_FIRST", 0.0)
+    monkeypatch.setattr(trail_module, "RETRY_MAX", 0.0)
+
+
 class CountingSink(StdoutSink):
     """Always works; remembers what it wrote."""
 
@@ -233,7 +242,7 @@ class CountingSink(StdoutSink):
 
 
 @pytest.mark.asyncio
-async def test_kept_records_are_written_once_the_sink_is_back() -> None:
+async def test_kept_records_are_written_once_the_sink_is_back(no_retry_wait: None) -> None:
     down, up = FailingSink(), CountingSink()
     trail = AuditTrail([down, up], on_failure="block")
     with pytest.raises(KeyServiceUnavailable, match="disk on fire"):
@@ -259,7 +268,7 @@ async def test_kept_records_are_written_once_the_sink_is_back() -> None:
 
 @pytest.mark.asyncio
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-async def test_kept_records_go_before_newer_ones(tmp_path: Path) -> None:
+async def test_kept_records_go_before_newer_ones(tmp_path: Path, no_retry_wait: None) -> None:
     path = tmp_path / "a.jsonl"
     trail = await open_trail(path)
     path.rename(path.with_suffix(".old"))
@@ -276,10 +285,10 @@ async def test_kept_records_go_before_newer_ones(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
-async def test_a_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch, no_retry_wait: None) -> None:
     from proxy.audit import trail as trail_module
 
-    monkeypatch.setattr(trail_module, "MAX_BACKLOG", 3)
+    monkeypatch.setattr(trail_module, "MAX_BACKLOG", 3)  # (no_retry_wait: every batch tries)
     sink = FailingSink()
     trail = AuditTrail([sink], on_failure="warn")
     for i in range(5):
@@ -288,3 +297,42 @@ async def test_a_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     sink.fail = False
     await trail.retry()
     assert sink.written == ["data.encrypt"] * 3
+
+
+@pytest.mark.asyncio
+async def test_a_sink_with_a_backlog_is_tried_again_after_a_growing_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy.audit import trail as trail_module
+
+    clock = [100.0]
+    monkeypatch.setattr(trail_module.time, "monotonic", lambda: clock[0])
+    sink = FailingSink()
+    attempts = 0
+    fail_write = sink.write
+
+    async def counted(batch):  # type: ignore[no-untyped-def]
+        nonlocal attempts
+        attempts += 1
+        await fail_write(batch)
+
+    sink.write = counted  # type: ignore[method-assign]
+    trail = AuditTrail([sink], on_failure="block")
+    for step in range(10):  # 10 batches in 0.45 s: one attempt, the rest wait
+        with pytest.raises(KeyServiceUnavailable, match="disk on fire"):
+            await trail.record(AuditRecord("data.encrypt", key_id=step), kept=True)
+        clock[0] += 0.05
+    assert attempts == 1 and trail.backlog == 10
+    clock[0] += 0.1  # RETRY_FIRST is over
+    with pytest.raises(KeyServiceUnavailable):
+        await trail.retry()
+    assert attempts == 2
+    clock[0] += trail_module.RETRY_FIRST  # the wait doubled: not yet
+    with pytest.raises(KeyServiceUnavailable):
+        await trail.retry()
+    assert attempts == 2
+    clock[0] += trail_module.RETRY_FIRST
+    sink.fail = False
+    await trail.retry()
+    assert attempts == 3 and trail.backlog == 0
+    assert sink.written == ["data.encrypt"] * 10
