@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 
-from proxy.audit.records import AuditRecord, ChainHead, chain, head_of
+from proxy.audit.records import AuditRecord, ChainHead, SealedLine, chain, head_of
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
@@ -104,6 +104,9 @@ class JsonlSink:
         self._fd: int | None = None
         self._ino: int | None = None
         self._end = -1  # where our last write ended; -1: unknown, read the tail
+        # Where our own last batch ended (a whole line): only then may a batch chained on
+        # the event loop be written as it is (see write()).
+        self._written = -1
         self._head = ChainHead()
         # File I/O is blocking: one thread per file keeps batches in order.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgseal-audit")
@@ -131,7 +134,7 @@ class JsonlSink:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        self._fd, self._ino, self._end = fd, os.fstat(fd).st_ino, -1
+        self._fd, self._ino, self._end, self._written = fd, os.fstat(fd).st_ino, -1, -1
         return fd
 
     def _close_fd(self) -> None:
@@ -161,16 +164,21 @@ class JsonlSink:
             self._close_fd()
             raise SinkError(f"audit sink {self.name} unwritable: {exc.strerror or exc}") from None
 
-    def _write_sync(self, batch: Batch) -> ChainHead:
+    def _write_sync(
+        self, batch: Batch, premade: tuple[list[SealedLine], ChainHead] | None, at: int
+    ) -> ChainHead:
         fd = self._open_fd()
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             size = os.fstat(fd).st_size
-            head = self._sync_head(fd, size)
             prefix = b""
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                prefix = b"\n"  # a cut-off line: start ours on a line of its own
-            sealed, new_head = chain(batch, head)
+            if premade is not None and size == at and size == self._written:
+                sealed, new_head = premade  # the file is where our last batch left it
+            else:
+                head = self._sync_head(fd, size)
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    prefix = b"\n"  # a cut-off line: start ours on a line of its own
+                sealed, new_head = chain(batch, head)
             data = prefix + "".join(s.line + "\n" for s in sealed).encode()
             try:
                 view = memoryview(data)
@@ -183,17 +191,23 @@ class JsonlSink:
                     os.ftruncate(fd, size)
                 except OSError:
                     pass
-                self._end = -1
+                self._end = self._written = -1
                 raise
-            self._end = size + len(data)
+            self._end = self._written = size + len(data)
             self._head = new_head
             return new_head
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 
     async def write(self, batch: Batch) -> None:
+        # Chained here, on the event loop, from where this process's last batch left the
+        # file: the writer thread then only writes and fsyncs, and barely needs the GIL
+        # (a thread hashing while the loop runs makes both wait for it). When another
+        # writer appended meanwhile, the thread chains again from what it reads back.
+        at = self._written
+        premade = chain(batch, self._head) if at >= 0 else None
         try:
-            await self._in_thread(lambda: self._write_sync(batch))
+            await self._in_thread(lambda: self._write_sync(batch, premade, at))
         except OSError as exc:
             self._close_fd_safely()
             reason = exc.strerror or str(exc)
