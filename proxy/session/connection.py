@@ -381,9 +381,9 @@ class ProxySession:
             self.to_server.append(out)
         else:
             self.to_client.append(out)
-            if self.datapath.ignored_syncs:  # Syncs PostgreSQL skipped inside a COPY
-                self.awaiting_ready = max(0, self.awaiting_ready - self.datapath.ignored_syncs)
-                self.datapath.ignored_syncs = 0
+        if self.datapath.ignored_syncs:  # Syncs and Queries PostgreSQL will not answer
+            self.awaiting_ready = max(0, self.awaiting_ready - self.datapath.ignored_syncs)
+            self.datapath.ignored_syncs = 0
         self._sync_held()
         return out
 

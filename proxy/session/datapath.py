@@ -382,7 +382,10 @@ class DataPath:
         self.table_columns: dict[TableKey, tuple[str, ...]] = {}
         self.copy_in: _CopyInJob | None = None
         self.copy_out: _CopyOutJob | None = None
-        self.ignored_syncs = 0
+        self.ignored_syncs = 0  # Syncs and Queries PostgreSQL will not answer (the session counts)
+        # PostgreSQL discards every client message until Sync: an extended-protocol error
+        # came back before the client sent the Sync that ends its batch (Flush pipelines).
+        self.server_skipping = False
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -446,6 +449,14 @@ class DataPath:
         t = frame.type
         if self.copy_in is not None and t in (0x64, 0x63, 0x66):  # CopyData, Done, Fail
             return self._copy_client(frame, self.copy_in)
+        if self.server_skipping:
+            if t != 0x53:
+                # PostgreSQL would discard it unread: drop it here (nothing of it goes up,
+                # and no answer is owed for it).
+                if t == 0x51:
+                    self.ignored_syncs += 1
+                return b""
+            self.server_skipping = False
         if t == 0x50:  # Parse
             compiled = self._compiled.get(frame.body)
             if compiled is not None and compiled.search_path == self.search_path:
@@ -1305,11 +1316,13 @@ class DataPath:
             if head.kind is _Kind.QUERY:
                 head.openers = ()
             return out
-        # Extended protocol: the server skips to Sync, so do we.
+        # Extended protocol: the server skips to Sync, so do we; until the client sends one
+        # if it has not yet.
         dropped = []
         while self.pending and self.pending[0].kind is not _Kind.SYNC:
             dropped.append(self.pending.popleft())
         self._unwind(dropped, head)
+        self.server_skipping = not self.pending
         return out
 
     def _ready(self, frame: Frame, head: _Pending) -> bytes:

@@ -82,3 +82,40 @@ def test_prepared_statement_with_literal_is_sealed_per_bind_tenant(sealing_proxy
             rows = conn.execute("SELECT name FROM patients WHERE ssn = %s", [f"lit-{tenant}"], prepare=True).fetchall()
             assert rows == [("LITERAL SENTINEL",)]
     assert not pg.execute("SELECT 1 FROM patients WHERE position('LITERAL SENTINEL'::bytea in name) > 0")
+
+
+def test_messages_after_a_flushed_error_are_skipped_and_the_connection_goes_on(
+    sealing_proxy, pg
+) -> None:
+    """An error answered on Flush, then a simple Query and a protected INSERT before the
+    Sync: PostgreSQL skips both; through the proxy the same, nothing of them reaches the
+    server, and the connection stays in step."""
+    from proxy.wire import messages as m
+    from tests.integration.test_protocol_robustness import RawConn
+
+    with RawConn(sealing_proxy.host, sealing_proxy.port) as conn:
+        conn.startup(options="-c pgseal.tenant=acme")
+        conn.send(
+            m.Parse("", "select 1/0").encode(),
+            m.Bind("", "", (), (), ()).encode(),
+            m.Execute("").encode(),
+            m.FLUSH,
+        )
+        frames = [conn.read_frame(timeout=5) for _ in range(2)]
+        assert [chr(f.type) for f in frames if f] == ["1", "E"]  # 1/0 fails at Bind
+        conn.send(
+            m.Query("SELECT 'skipped'").encode(),
+            m.Parse(
+                "", "INSERT INTO patients (tenant_id, ssn, name) VALUES ('acme', '1', 'SKIPPEDSENTINEL')"
+            ).encode(),
+            m.Bind("", "", (), (), ()).encode(),
+            m.Execute("").encode(),
+            m.SYNC,
+        )
+        assert [chr(f.type) for f in conn.read_until_ready()] == ["Z"]
+        conn.send(m.Query("SELECT 'still in step'").encode())
+        tail = conn.read_until_ready()
+        assert [chr(f.type) for f in tail] == ["T", "D", "C", "Z"]
+        assert m.decode_data_row(tail[1].body).values == (b"still in step",)
+    stored = pg.execute("SELECT name FROM patients")
+    assert all(b"SKIPPEDSENTINEL" not in bytes(v) for r in stored for v in r if v is not None)

@@ -252,3 +252,31 @@ def test_compared_literal_in_a_query_becomes_an_array_of_versions(policies) -> N
     out = m.decode_query(client(dp, m.Query("SELECT name FROM patients WHERE ssn <> '1-2-3'"))[5:]).sql
     assert out.startswith("SELECT name FROM patients WHERE ssn <> ALL(ARRAY['\\x01020000000")
     assert out.count("::bytea") == 2 and "1-2-3" not in out
+
+
+def test_messages_after_an_error_before_sync_are_skipped_like_postgresql(policies) -> None:  # type: ignore[no-untyped-def]
+    """After an error in an extended-protocol batch PostgreSQL discards every message until
+    Sync. A batch flushed without Sync (psycopg's pipeline, Flush) can have its error back
+    before the client sends more: those messages, a simple Query among them, get no answer,
+    and the response queue must not wait for one (it used to take the Sync's ReadyForQuery
+    as the Query's and end the connection, out of step, at the next ParseComplete)."""
+    dp, _ = make(policies)
+    client(dp, m.Parse("", "SELECT nosuchcolumn FROM patients_x"))
+    client(dp, m.Bind("", "", (), (), ()))
+    client(dp, m.Execute(""))
+    pg_error = m.ErrorResponse.make("42P01", 'relation "patients_x" does not exist').encode()
+    assert server(dp, pg_error) == pg_error  # answered after a Flush: no Sync sent yet
+    # Sent after the error: PostgreSQL skips all of it, the plaintext included.
+    assert client(dp, m.Query("SELECT 1")) == b""
+    assert client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '1')")) == b""
+    assert dp.client_frame(frame_of(m.SYNC)) == m.SYNC
+    assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
+    assert not dp.pending
+    # And the connection goes on in step.
+    client(dp, m.Parse("", "SELECT 1"))
+    client(dp, m.Bind("", "", (), (), ()))
+    dp.client_frame(frame_of(m.SYNC))
+    assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE
+    assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
+    assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
+    assert not dp.pending
