@@ -228,13 +228,15 @@ class AuditTrail:
                 self._down[index] = (now + wait, wait, str(exc) or type(exc).__name__)
             backlog = backlog + kept
             if len(backlog) > MAX_BACKLOG:
+                # The newest go: with on_failure block the oldest are the key uses made
+                # before the failure was known, the newer ones the refusals since.
                 over = len(backlog) - MAX_BACKLOG
                 self.dropped += over
                 log.error(
-                    "audit sink %s is down with %d records waiting: the oldest %d are dropped",
+                    "audit sink %s is down with %d records waiting: the newest %d are dropped",
                     sink.name, len(backlog), over,
                 )
-                backlog = backlog[over:]
+                backlog = backlog[:MAX_BACKLOG]
             self._backlog[index] = backlog
             raise
         if backlog:

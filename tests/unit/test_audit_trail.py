@@ -153,6 +153,7 @@ class FailingSink(StdoutSink):
         self.name = "failing"
         self.fail = True
         self.written: list[str] = []
+        self.kept_ids: list[tuple[str, int | None]] = []
 
     async def write(self, batch):  # type: ignore[no-untyped-def]
         from proxy.audit.sinks import SinkError
@@ -160,6 +161,7 @@ class FailingSink(StdoutSink):
         if self.fail:
             raise SinkError("audit sink failing unwritable: disk on fire")
         self.written += [rec.event for rec, _ in batch]
+        self.kept_ids += [(rec.event, rec.key_id) for rec, _ in batch]
 
 
 @pytest.mark.asyncio
@@ -297,6 +299,8 @@ async def test_a_backlog_is_bounded(monkeypatch: pytest.MonkeyPatch, no_retry_wa
     sink.fail = False
     await trail.retry()
     assert sink.written == ["data.encrypt"] * 3
+    # The oldest are kept (under block: the key uses made before the failure was known).
+    assert [key_id for _, key_id in sink.kept_ids] == [0, 1, 2]
 
 
 @pytest.mark.asyncio
