@@ -110,6 +110,33 @@ def _two_cstrings(body: bytes) -> tuple[str, str, int]:
         raise _malformed("client", "string is not UTF-8") from None
 
 
+def _values(
+    body: bytes, pos: int, n: int, who: str
+) -> tuple[tuple[bytes | None, ...], int]:
+    """`n` length-prefixed values from `pos` (Bind parameters, DataRow columns; -1 is
+    NULL), and where they end."""
+    size = len(body)
+    values: list[bytes | None] = []
+    append = values.append
+    try:
+        for _ in range(n):
+            length = _unpack_i32(body, pos)[0]  # struct.error if truncated
+            pos += 4
+            if length >= 0:
+                end = pos + length
+                if end > size:
+                    raise _malformed(who, "truncated field")
+                append(body[pos:end])
+                pos = end
+            elif length == -1:
+                append(None)
+            else:
+                raise _malformed(who, "truncated field")
+    except struct.error:
+        raise _malformed(who, "truncated int32") from None
+    return tuple(values), pos
+
+
 def frame(mtype: bytes, body: bytes) -> bytes:
     return mtype + _I32.pack(len(body) + 4) + body
 
@@ -601,25 +628,7 @@ def decode_bind(body: bytes) -> Bind:
         raise _malformed("client", "negative parameter count")
     if nf > 1 and nf != n:
         raise _malformed("client", "parameter format count does not match parameter count")
-    pos = end
-    params: list[bytes | None] = []
-    append = params.append
-    try:
-        for _ in range(n):
-            length = _unpack_i32(body, pos)[0]  # struct.error if truncated
-            pos += 4
-            if length >= 0:
-                end = pos + length
-                if end > size:
-                    raise _malformed("client", "truncated field")
-                append(body[pos:end])
-                pos = end
-            elif length == -1:
-                append(None)
-            else:
-                raise _malformed("client", "truncated field")
-    except struct.error:
-        raise _malformed("client", "truncated int32") from None
+    params, pos = _values(body, end, n, "client")
     end = pos + 2
     if end > size:
         raise _malformed("client", "truncated int16")
@@ -639,7 +648,7 @@ def decode_bind(body: bytes) -> Bind:
     _bind_portal(msg, portal)
     _bind_statement(msg, statement)
     _bind_param_formats(msg, formats)
-    _bind_params(msg, tuple(params))
+    _bind_params(msg, params)
     _bind_result_formats(msg, results)
     return msg
 
@@ -868,29 +877,11 @@ def decode_data_row(body: bytes) -> DataRow:
     n = _unpack_i16(body, 0)[0]
     if n < 0:
         raise _malformed("server", "negative column count")
-    pos = 2
-    values: list[bytes | None] = []
-    append = values.append
-    try:
-        for _ in range(n):
-            length = _unpack_i32(body, pos)[0]  # struct.error if truncated
-            pos += 4
-            if length >= 0:
-                end = pos + length
-                if end > size:
-                    raise _malformed("server", "truncated field")
-                append(body[pos:end])
-                pos = end
-            elif length == -1:
-                append(None)
-            else:
-                raise _malformed("server", "truncated field")
-    except struct.error:
-        raise _malformed("server", "truncated int32") from None
+    values, pos = _values(body, 2, n, "server")
     if pos != size:
         raise _malformed("server", "trailing bytes")
     msg = _new(DataRow)
-    _data_row_values(msg, tuple(values))
+    _data_row_values(msg, values)
     return msg
 
 
