@@ -581,39 +581,7 @@ def profile_proxy(
 ) -> dict[str, Any] | None:
     """py-spy on the proxy under the encrypted load: raw Python frames of whichever thread
     holds the GIL (`--gil`), i.e. where the proxy's CPU time goes, idle excluded."""
-    from bench.passthrough import _pyspy, summarize_pyspy
-
-    def _sample(_flavour: str, pid: int, seconds: float, stem: Path) -> dict[str, Any] | None:
-        spy = _pyspy()
-        if spy is None:
-            print("bench: py-spy not found; skipping the profile")
-            return None
-        path = stem.with_suffix(".txt")
-        rec = subprocess.run(
-            [
-                spy,
-                "record",
-                "-p",
-                str(pid),
-                "-d",
-                str(int(seconds)),
-                "-r",
-                "250",
-                "--gil",
-                "--nonblocking",
-                "-f",
-                "raw",
-                "-o",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if rec.returncode != 0 or not path.exists():
-            print(f"bench: py-spy failed: {rec.stderr.strip()[-300:]}")
-            return None
-        return {"file": str(path), **summarize_pyspy(path)}
+    from bench.passthrough import _sample
 
     seconds = plan.profile_seconds
     load = subprocess.Popen(
@@ -625,7 +593,7 @@ def profile_proxy(
     )
     try:
         time.sleep(2)
-        return _sample("python", pid, seconds, stem)
+        return _sample("gil", pid, seconds, stem)
     finally:
         stop_process(load, timeout=2)
 

@@ -559,7 +559,13 @@ def _sample(flavour: str, pid: int, seconds: float, stem: Path) -> dict[str, Any
         print("bench: py-spy not found; skipping the py-spy profiles")
         return None
     path = stem.with_suffix(".txt")
-    extra = ["--nonblocking"] if flavour == "python" else ["--native"]
+    # python: Python frames of every thread, idle included; native: with C frames too;
+    # gil: only the thread holding the GIL, i.e. where the process's CPU time goes.
+    extra = {
+        "python": ["--idle", "--nonblocking"],
+        "native": ["--idle", "--native"],
+        "gil": ["--gil", "--nonblocking"],
+    }[flavour]
     rec = subprocess.run(
         [
             spy,
@@ -570,7 +576,6 @@ def _sample(flavour: str, pid: int, seconds: float, stem: Path) -> dict[str, Any
             str(int(seconds)),
             "-r",
             "250",
-            "--idle",
             "-f",
             "raw",
             "-o",
