@@ -550,8 +550,8 @@ class DataPath:
             self._parse_entry(parse.name, None)  # fails upstream: no record
             return frame.raw
         if not plans:  # empty query string
-            statement = self._remember(parse, StatementPlan("passthrough", 0, 0))
-            self._parse_entry(parse.name, statement)
+            compiled = self._compile(frame, parse, StatementPlan("passthrough", 0, 0), None)
+            self._parse_entry(parse.name, compiled.statement())
             return frame.raw
         plan = plans[0]
         if plan.kind == "refused":
@@ -583,23 +583,9 @@ class DataPath:
         for k in range(len(plan.literals)):
             types[n_client + k] = BYTEA_ARRAY_OID if plan.literals[k].versions else BYTEA_OID
         forwarded = m.Parse(parse.name, sql, tuple(types)).encode()
-        if plan.copy is not None:
-            # Its column list may come from the catalog (`_copy_edits`): never reused.
-            statement = self._remember(parse, plan)
-            statement.n_client = n_client
-            statement.synthetic = plan.literals
-            statement.slots = _compile_params(plan)
-            self._parse_entry(parse.name, statement)
-            return forwarded
         compiled = self._compile(frame, parse, plan, forwarded, n_client)
         self._parse_entry(parse.name, compiled.statement())
         return forwarded
-
-    def _remember(self, parse: m.Parse, plan: StatementPlan) -> _Statement:
-        """A new record (stored by `_parse_entry`, with the one it replaces)."""
-        return _Statement(
-            parse.name, parse.sql, plan, parse.param_types, search_path=self.search_path
-        )
 
     def _compile(
         self,
@@ -610,7 +596,7 @@ class DataPath:
         n_client: int = 0,
     ) -> _Compiled:
         """What this Parse became, remembered for the next Parse of the same bytes (unless it
-        is too large to keep)."""
+        is too large to keep, or a COPY)."""
         compiled = _Compiled(
             parse.name,
             parse.sql,
@@ -622,7 +608,9 @@ class DataPath:
             synthetic=plan.literals,
             slots=_compile_params(plan),
         )
-        if len(frame.body) > _COMPILED_MAX_BYTES:
+        if len(frame.body) > _COMPILED_MAX_BYTES or plan.copy is not None:
+            # Too large to pin; or a COPY, whose column list may come from the catalog
+            # (`_copy_edits`) at the time of its Parse.
             return compiled
         if len(self._compiled) >= _COMPILED_LIMIT:
             self._compiled.clear()
@@ -814,10 +802,9 @@ class DataPath:
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
         for slot, tenant, raw in to_seal:
             target = slot.target
-            found = keys_of.get((tenant, target.versions))
-            if found is None:
+            keys = keys_of.get((tenant, target.versions))
+            if keys is None:
                 continue
-            keys = found
             position = slot.position
             client_type = (
                 statement.client_param_types[position]
