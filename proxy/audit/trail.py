@@ -218,31 +218,35 @@ class AuditTrail:
         if not writing:
             return
         now = time.monotonic()
+        if backlog and down is not None and now < down[0]:
+            self._keep(index, kept)  # not tried yet: see the module doc
+            raise SinkError(down[2])
         try:
-            if backlog and down is not None and now < down[0]:
-                raise SinkError(down[2])  # not yet: see the module doc
             await sink.write(writing)
         except BaseException as exc:
-            if not isinstance(exc, SinkError) or down is None or now >= down[0]:
-                wait = RETRY_FIRST if down is None else min(down[1] * 2, RETRY_MAX)
-                self._down[index] = (now + wait, wait, str(exc) or type(exc).__name__)
-            backlog = backlog + kept
-            if len(backlog) > MAX_BACKLOG:
-                # The newest go: with on_failure block the oldest are the key uses made
-                # before the failure was known, the newer ones the refusals since.
-                over = len(backlog) - MAX_BACKLOG
-                self.dropped += over
-                log.error(
-                    "audit sink %s is down with %d records waiting: the newest %d are dropped",
-                    sink.name, len(backlog), over,
-                )
-                backlog = backlog[:MAX_BACKLOG]
-            self._backlog[index] = backlog
+            wait = RETRY_FIRST if down is None else min(down[1] * 2, RETRY_MAX)
+            self._down[index] = (now + wait, wait, str(exc) or type(exc).__name__)
+            self._keep(index, kept)
             raise
         if backlog:
             log.warning("audit sink %s is back: %d kept records written", sink.name, len(backlog))
         self._backlog[index] = []
         self._down[index] = None
+
+    def _keep(self, index: int, kept: list[tuple[AuditRecord, str]]) -> None:
+        """Add `kept` to what sink `index` holds for later, up to MAX_BACKLOG."""
+        backlog = self._backlog[index] + kept
+        if len(backlog) > MAX_BACKLOG:
+            # The newest go: with on_failure block the oldest are the key uses made
+            # before the failure was known, the newer ones the refusals since.
+            over = len(backlog) - MAX_BACKLOG
+            self.dropped += over
+            log.error(
+                "audit sink %s is down with %d records waiting: the newest %d are dropped",
+                self.sinks[index].name, len(backlog), over,
+            )
+            backlog = backlog[:MAX_BACKLOG]
+        self._backlog[index] = backlog
 
     async def close(self) -> None:
         """Write audit.stop (the clean-shutdown marker verify looks for), then close sinks."""
