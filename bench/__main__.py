@@ -67,7 +67,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--profile-seconds", type=float, default=5, help="profile: py-spy record duration"
     )
-    p.add_argument("--workers", type=int, default=1, help="profile: pgseal --workers")
+    p.add_argument("--workers", type=int, default=1, help="profile, encrypted: pgseal --workers N")
     p.add_argument("--rows", type=int, help="encrypted: rows per tenant per table (10000)")
     p.add_argument("--tenants", type=int, default=4, help="encrypted: tenants (default 4)")
     p.add_argument(
@@ -114,6 +114,7 @@ def run(argv: list[str]) -> int:
                 tenants=args.tenants,
                 warmup=1.0 if args.quick else 3.0,
                 profile_seconds=args.pyspy,
+                workers=args.workers,
             )
         )
     plan = Plan(

@@ -290,6 +290,13 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+def syscall_counts(pid: int) -> tuple[int, int]:
+    """(read, write) system calls made so far by `pid` (syscr/syscw of /proc/PID/io):
+    on loopback every write wakes the reader, so writes per transaction are a cost."""
+    fields = dict(line.split(": ", 1) for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(fields["syscr"]), int(fields["syscw"])
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, idle) clock ticks of all CPUs together, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

@@ -66,6 +66,7 @@ from bench.common import (
     BenchError,
     Cleanup,
     Server,
+    child_pids,
     cpu_ticks,
     machine_info,
     machine_ticks,
@@ -78,6 +79,7 @@ from bench.common import (
     signals_raise,
     start_postgres,
     stop_process,
+    syscall_counts,
     wait_port,
     write_results,
 )
@@ -98,6 +100,7 @@ class EncPlan:
     jobs: int = 2
     warmup: float = 3.0
     profile_seconds: float = 0.0
+    workers: int = 1  # pgseal serve --workers
 
 
 @dataclass
@@ -114,6 +117,8 @@ class EncRun:
     proxy_user_us_per_tx: float | None = None
     proxy_sys_us_per_tx: float | None = None
     machine_busy: float | None = None
+    proxy_reads_per_tx: float | None = None
+    proxy_writes_per_tx: float | None = None
 
 
 # --- setup ------------------------------------------------------------------------------
@@ -229,11 +234,12 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def write_config(work: Path, pg: LocalPostgres, port: int) -> Path:
+def write_config(work: Path, pg: LocalPostgres, port: int, workers: int = 1) -> Path:
     policy = work / "policy.yaml"
     policy.write_text(yaml.safe_dump(POLICY, sort_keys=False))
     config = {
         "listen": f"127.0.0.1:{port}",
+        "workers": workers,
         "upstream": f"{pg.host}:{pg.port}",
         "upstream_tls": {"sslmode": "disable"},
         "hsm": {
@@ -417,12 +423,17 @@ def statement_latencies(out: str) -> dict[str, float]:
     return found
 
 
-def proxy_ticks(pid: int | None) -> tuple[int, int]:
+def proxy_ticks(pid: int | None) -> tuple[int, int, int, int]:
+    """(utime, stime, read syscalls, write syscalls) of the proxy so far, summed over its
+    workers under `--workers N` (the parent then only waits)."""
     if pid is None:
-        return 0, 0
-    with contextlib.suppress(OSError):
-        return cpu_ticks(pid)
-    return 0, 0
+        return 0, 0, 0, 0
+    totals = [0, 0, 0, 0]
+    for one in [pid, *child_pids(pid)]:
+        with contextlib.suppress(OSError):
+            for i, v in enumerate((*cpu_ticks(one), *syscall_counts(one))):
+                totals[i] += v
+    return totals[0], totals[1], totals[2], totals[3]
 
 
 def run_once(
@@ -488,6 +499,8 @@ def run_once(
         per_tick_us = 1e6 / CLK_TCK
         run.proxy_user_us_per_tx = (after[0] - before[0]) * per_tick_us / run.transactions
         run.proxy_sys_us_per_tx = (after[1] - before[1]) * per_tick_us / run.transactions
+        run.proxy_reads_per_tx = (after[2] - before[2]) / run.transactions
+        run.proxy_writes_per_tx = (after[3] - before[3]) / run.transactions
     return run
 
 
@@ -522,6 +535,8 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
         if cpu:
             row["user_us_per_tx"] = median([r.proxy_user_us_per_tx or 0.0 for r in cpu])
             row["sys_us_per_tx"] = median([r.proxy_sys_us_per_tx or 0.0 for r in cpu])
+            row["reads_per_tx"] = median([r.proxy_reads_per_tx or 0.0 for r in cpu])
+            row["writes_per_tx"] = median([r.proxy_writes_per_tx or 0.0 for r in cpu])
         rows.append(row)
     return {
         "rows": rows,
@@ -534,11 +549,12 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
 def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
     print(
         f"pgbench -M extended -c {plan.clients} -j {plan.jobs}, PGOPTIONS='-c "
-        f"pgseal.tenant={TENANT}'; {plan.rows:,} rows x {plan.tenants} tenants per table;\n"
+        f"pgseal.tenant={TENANT}'; pgseal --workers {plan.workers}; {plan.rows:,} rows x "
+        f"{plan.tenants} tenants per table;\n"
         f"one transaction = select by id + select by equality search + insert; medians of "
         f"{plan.rounds} interleaved rounds of {plan.duration:.0f}s.\nstatement columns: "
-        "pgbench -r mean latency per statement (ms); cpu = the proxy process's user+sys "
-        "µs per transaction."
+        "pgbench -r mean latency per statement (ms); cpu = the proxy's (all workers') user+sys "
+        "µs per transaction; r/w = its read and write system calls per transaction."
     )
     load = os.getloadavg()
     print(
@@ -547,20 +563,21 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
     )
     header = (
         f"{'target':<14}{'TPS':>8}{'p50 µs':>9}{'p99 µs':>9}{'by id':>8}{'by email':>10}"
-        f"{'insert':>8}{'cpu u+s µs/tx':>16}"
+        f"{'insert':>8}{'cpu u+s µs/tx':>16}{'r/w per tx':>12}"
     )
     print(header)
     print("-" * len(header))
     for row in summary["rows"]:
         st = row["statements_ms"]
-        cpu = ""
+        cpu = calls = ""
         if "user_us_per_tx" in row:
             cpu = f"{row['user_us_per_tx']:.0f}+{row['sys_us_per_tx']:.0f}"
+            calls = f"{row['reads_per_tx']:.1f}/{row['writes_per_tx']:.1f}"
         print(
             f"{row['target']:<14}{row['tps']:>8.0f}{row['p50_us']:>9.0f}{row['p99_us']:>9.0f}"
             f"{st.get('select_by_id', float('nan')):>8.3f}"
             f"{st.get('select_by_email', float('nan')):>10.3f}"
-            f"{st.get('insert', float('nan')):>8.3f}{cpu:>16}"
+            f"{st.get('insert', float('nan')):>8.3f}{cpu:>16}{calls:>12}"
         )
     ratio = summary["encrypted_x_plain_pgseal"]
     print()
@@ -627,7 +644,7 @@ def main(plan: EncPlan) -> int:
         psql(pg, SCHEMA_SQL)
         env = child_env()
         port = free_port()
-        config = write_config(work, pg, port)
+        config = write_config(work, pg, port, plan.workers)
         hsm_init(config, env)
         proxy = start_sealing_proxy(cleanup, work, config, port, env)
         assert proxy.pid is not None
@@ -671,6 +688,7 @@ def main(plan: EncPlan) -> int:
                 eta = (time.monotonic() - started) / len(runs) * (total - len(runs))
                 cpu = (
                     f"  proxy cpu {r.proxy_user_us_per_tx:.0f}+{r.proxy_sys_us_per_tx:.0f} µs/tx"
+                    f" r/w {r.proxy_reads_per_tx:.1f}/{r.proxy_writes_per_tx:.1f}"
                     if r.proxy_user_us_per_tx is not None
                     else ""
                 )

@@ -564,7 +564,7 @@ def _sample(flavour: str, pid: int, seconds: float, stem: Path) -> dict[str, Any
     extra = {
         "python": ["--idle", "--nonblocking"],
         "native": ["--idle", "--native"],
-        "gil": ["--gil", "--nonblocking"],
+        "gil": ["--gil"],
     }[flavour]
     rec = subprocess.run(
         [
