@@ -55,6 +55,7 @@ __all__ = [
     "CellError",
     "CellHeader",
     "CellKey",
+    "cell_key_id",
     "read_cell_header",
     "wipe",
 ]
@@ -114,15 +115,21 @@ def read_cell_header(cell: bytes | bytearray | memoryview) -> CellHeader:
     Returns the header only if the version and suite are known and the cell
     is long enough for that suite; otherwise raises `CellError`. A valid
     header says nothing about authenticity: only `CellKey.open` checks that.
-    Callers use it to find which key (key_id) to fetch.
     """
-    if len(cell) < HEADER_LEN:
+    key_id = cell_key_id(cell)  # first: it validates the length the suite is read from
+    return CellHeader(FORMAT_VERSION, cell[1], key_id)
+
+
+def cell_key_id(cell: bytes | bytearray | memoryview) -> int:
+    """The key id of a cell whose header `read_cell_header` accepts (else `CellError`):
+    which key to fetch, found once per cell read, without building a CellHeader."""
+    n = len(cell)
+    if n < HEADER_LEN or cell[0] != FORMAT_VERSION:
         raise CellError
-    version = cell[0]
-    suite = cell[1]
-    if version != FORMAT_VERSION or suite not in _MIN_LEN or len(cell) < _MIN_LEN[suite]:
+    shortest = _MIN_LEN.get(cell[1])
+    if shortest is None or n < shortest:
         raise CellError
-    return CellHeader(version, suite, int.from_bytes(cell[2:HEADER_LEN], "big"))
+    return int.from_bytes(cell[2:HEADER_LEN], "big")
 
 
 def wipe(buf: bytearray) -> None:

@@ -52,8 +52,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 from typing import Final
 
 from proxy.crypto import _json, _numbers, _temporal
@@ -103,6 +102,12 @@ class SessionFormat:
     client_encoding: str = "UTF8"
     bytea_output: str = "hex"
     extra_float_digits: int = 1
+    # What these mean for the conversions, worked out once per SessionFormat instead of
+    # once per value (not a field of equality or hashing: it follows from the others).
+    settings: _Settings = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", _settings(self))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +148,7 @@ TYPE_LENGTHS: Final[dict[str, int]] = {name: t.typlen for name, t in TYPE_INFO.i
 SUPPORTED_TYPES: Final[frozenset[str]] = frozenset(TYPE_INFO)
 
 
-# -- session settings, resolved once per distinct SessionFormat -----------------------
+# -- session settings, resolved once per SessionFormat (its `settings`) ---------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +163,6 @@ class _Settings:
         return _temporal.session_zone(self.timezone)
 
 
-@lru_cache(maxsize=256)
 def _settings(session: SessionFormat) -> _Settings:
     encoding = session.client_encoding.upper().replace("-", "").replace("_", "")
     style = session.datestyle.split(",")[0].strip().upper()
@@ -638,7 +642,7 @@ def to_canonical(type_name: str, data: bytes, fmt_code: int, session: SessionFor
     (or where the proxy refuses rather than guess; see the module docstring).
     """
     codec = _codec(type_name)
-    settings = _settings(session)
+    settings = session.settings
     _check_encoding(settings)
     if fmt_code == FORMAT_TEXT:
         payload = codec.text_in(_decode(data), settings)
@@ -659,7 +663,7 @@ def from_canonical(
     `to_canonical` for a compatible type.
     """
     codec = _codec(type_name)
-    settings = _settings(session)
+    settings = session.settings
     _check_encoding(settings)
     if not canonical or canonical[0] != codec.tag:
         raise _corrupt(type_name)

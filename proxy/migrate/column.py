@@ -28,7 +28,7 @@ import asyncpg
 
 from proxy.audit.records import AuditRecord
 from proxy.config import Config
-from proxy.crypto.cells import CellError, read_cell_header
+from proxy.crypto.cells import CellError, cell_key_id
 from proxy.crypto.values import ValueFormatError, from_canonical, to_canonical
 from proxy.errors import PgsealError
 from proxy.keys.model import DataKey
@@ -508,7 +508,7 @@ class ColumnMigrator:
         cells = [bytes(r["v"]) for r in rows]
         for i, cell in enumerate(cells):
             try:
-                by_key.setdefault(read_cell_header(cell).key_id, []).append(i)
+                by_key.setdefault(cell_key_id(cell), []).append(i)
             except CellError:
                 raise MigrationError(f"{self.qualified}: row {shape.describe(addresses[i])} "
                                      "holds a value that is not a pgseal cell") from None

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import asyncpg
 
 from proxy.config import Config
-from proxy.crypto.cells import CellError, read_cell_header
+from proxy.crypto.cells import CellError, cell_key_id
 from proxy.errors import PgsealError
 from proxy.keys.keystore import ACTIVE, RETIRED, Conn
 from proxy.keys.model import KeyInfo
@@ -297,7 +297,7 @@ class Rekeyer:
         cells = [bytes(r["cell"]) for r in rows]
         for i, cell in enumerate(cells):
             try:
-                by_key.setdefault(read_cell_header(cell).key_id, []).append(i)
+                by_key.setdefault(cell_key_id(cell), []).append(i)
             except CellError:
                 report.unreadable += 1
         for key_id, indexes in by_key.items():

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from proxy.crypto.cells import CellError, CellKey, read_cell_header
+from proxy.crypto.cells import CellError, CellKey, cell_key_id
 from proxy.crypto.values import SessionFormat, ValueFormatError, from_canonical, to_canonical
 from proxy.policy.model import PolicySet, TablePolicy
 from proxy.rewrite.plan import CopyOptions, OutputTarget
@@ -401,7 +401,7 @@ class CopyOut:
                         continue
                     try:
                         cell = cell_of(bytea_value(raw))
-                        key_id = read_cell_header(cell).key_id
+                        key_id = cell_key_id(cell)
                     except CellError:
                         raise CopyStop(
                             CORRUPT,

@@ -40,10 +40,9 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Protocol
 
-from proxy.crypto.cells import CellError, CellKey, read_cell_header
+from proxy.crypto.cells import CellError, CellKey, cell_key_id
 from proxy.crypto.values import (
     TYPE_INFO,
     SessionFormat,
@@ -159,10 +158,22 @@ _LITERAL_RE = re.compile(
 _SPACE_RE = re.compile(r"\s+")
 
 
-@lru_cache(maxsize=4096)
 def fingerprint(sql: str) -> str:
-    """The statement without its literals: safe to store in the audit trail."""
+    """The statement without its literals: safe to store in the audit trail. Not memoized
+    by text: a memo would keep statements of any size, and the plaintext constants in
+    them, alive after they are done (a prepared statement keeps its own fingerprint; see
+    _statement_fingerprint)."""
     return _SPACE_RE.sub(" ", _LITERAL_RE.sub("?", sql)).strip()[:1000]
+
+
+def _statement_fingerprint(statement: _Statement) -> str:
+    """fingerprint() of a prepared statement, once per Parse text rather than per Bind."""
+    found = statement.fingerprint
+    if found is None:
+        found = statement.fingerprint = fingerprint(statement.sql)
+        if statement.compiled is not None:
+            statement.compiled.fingerprint = found
+    return found
 
 
 # --- per-statement and per-portal state -----------------------------------------------
@@ -207,6 +218,9 @@ class _Statement:
     # Describe of this statement gives it fields of its own.
     openers_by_formats: dict[tuple[int, ...], tuple[_Opener, ...]] = field(default_factory=dict)
     compiled: _Compiled | None = None
+    # The text without its literals, for audit records: worked out at the first record,
+    # then kept with the statement (see _statement_fingerprint).
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +266,7 @@ class _Compiled:
     slots: tuple[_ParamSlot, ...] = ()
     openers_by_formats: dict[tuple[int, ...], tuple[_Opener, ...]] = field(default_factory=dict)
     described: dict[bytes, _Described] = field(default_factory=dict)
+    fingerprint: str | None = None
 
     def statement(self) -> _Statement:
         return _Statement(
@@ -265,6 +280,7 @@ class _Compiled:
             slots=self.slots,
             openers_by_formats=self.openers_by_formats,
             compiled=self,
+            fingerprint=self.fingerprint,
         )
 
 
@@ -700,9 +716,14 @@ class DataPath:
             self.pending.append(_Pending(_Kind.BIND))
             return frame.raw
         plan = statement.plan
+        # No value to seal (a protected statement only for its result): the client's Bind
+        # goes out as it came.
+        seals = bool(statement.slots or statement.synthetic)
         try:
             self._check_key_service()
-            params, formats, notes = self._seal_params(bind, statement)
+            params, formats, notes = (
+                self._seal_params(bind, statement) if seals else (bind.params, (), [])
+            )
         except Refused as exc:
             self._audit_deny(statement.sql, str(exc))
             return self._refuse_bind(bind, exc.sqlstate, str(exc))
@@ -739,7 +760,11 @@ class DataPath:
         portal = _Portal(statement, bind.result_formats, self.tenant.current, openers, bind)
         self.portals[bind.portal] = portal
         self.pending.append(_Pending(_Kind.BIND))
-        out = m.Bind(bind.portal, bind.statement, formats, params, bind.result_formats).encode()
+        out = (
+            m.Bind(bind.portal, bind.statement, formats, params, bind.result_formats).encode()
+            if seals
+            else frame.raw
+        )
         if openers is None and plan.has_protected_outputs:
             # Which result columns are cells depends on the live table (`*`): ask for the
             # portal's RowDescription ourselves and keep the answer to ourselves.
@@ -799,6 +824,7 @@ class DataPath:
             else:
                 keys_of[(tenant, versions)] = keys
         # 3. Seal.
+        session = self.session_format
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
         for slot, tenant, raw in to_seal:
             target = slot.target
@@ -816,7 +842,7 @@ class DataPath:
             if target.array:
                 elements = _array_elements(raw, fmt, target.policy.type, client_type)
                 canonicals = [
-                    None if e is None else self._canonical(target, e, efmt, client_type)
+                    None if e is None else self._canonical(target, e, efmt, client_type, session)
                     for e, efmt in elements
                 ]
                 # Each element under every live key version: a search finds old cells too.
@@ -832,13 +858,13 @@ class DataPath:
                 values[position] = _bytea_array(cells)
                 count = sum(1 for c in canonicals if c is not None)
             elif target.versions:
-                canonical = self._canonical(target, raw, fmt, client_type)
+                canonical = self._canonical(target, raw, fmt, client_type, session)
                 values[position] = _bytea_array(
                     [k.seal(column, canonical, deterministic=True) for k in keys]
                 )
                 count = 1
             else:
-                canonical = self._canonical(target, raw, fmt, client_type)
+                canonical = self._canonical(target, raw, fmt, client_type, session)
                 values[position] = keys[0].seal(
                     column, canonical, deterministic=target.policy.searchable
                 )
@@ -866,7 +892,7 @@ class DataPath:
                 table,
                 tuple(sorted(cols)),
                 n[0],
-                fingerprint(statement.sql),
+                _statement_fingerprint(statement),
             )
             for (tenant, key_id, table), (cols, n) in sealed.items()
         ]
@@ -894,7 +920,9 @@ class DataPath:
         if keys is None:
             need.add(tenant)
             return None
-        canonical = self._canonical(literal, literal.value.encode("utf-8"), 0, 0)
+        canonical = self._canonical(
+            literal, literal.value.encode("utf-8"), 0, 0, self.session_format
+        )
         deterministic = literal.policy.searchable or literal.use == "compare"
         column = str(literal.column)
         cells = [k.seal(column, canonical, deterministic=deterministic) for k in keys]
@@ -918,7 +946,12 @@ class DataPath:
         return None if key is None else (key,)
 
     def _canonical(
-        self, target: ParamTarget | LiteralTarget, raw: bytes, fmt: int, client_type: int
+        self,
+        target: ParamTarget | LiteralTarget,
+        raw: bytes,
+        fmt: int,
+        client_type: int,
+        session: SessionFormat,
     ) -> bytes:
         type_name = target.policy.type
         try:
@@ -932,11 +965,9 @@ class DataPath:
                         f"pgseal: parameter for {target.column} sent as binary of "
                         f"type OID {client_type}; send it as {type_name} or as text",
                     )
-                text = from_canonical(
-                    other, to_canonical(other, raw, 1, self.session_format), 0, self.session_format
-                )
-                return to_canonical(type_name, text, 0, self.session_format)
-            return to_canonical(type_name, raw, fmt, self.session_format)
+                text = from_canonical(other, to_canonical(other, raw, 1, session), 0, session)
+                return to_canonical(type_name, text, 0, session)
+            return to_canonical(type_name, raw, fmt, session)
         except ValueFormatError as exc:
             raise Refused(exc.sqlstate, f"pgseal: {exc} (column {target.column})") from None
 
@@ -1561,7 +1592,7 @@ class DataPath:
                 continue
             try:
                 cell = _cell_bytes(value, opener.fmt)
-                key_id = read_cell_header(cell).key_id
+                key_id = cell_key_id(cell)
             except CellError:
                 return self._fail_result(
                     head,
@@ -1732,7 +1763,7 @@ class DataPath:
         statement = (
             fingerprint(head.sql)
             if head.sql
-            else (fingerprint(head.portal.statement.sql) if head.portal is not None else "")
+            else (_statement_fingerprint(head.portal.statement) if head.portal is not None else "")
         )
         for (tenant, key_id, table), (cols, n) in head.opened.items():
             self.audit.append(
@@ -2296,7 +2327,6 @@ def _parse_text_array(text: str) -> list[bytes | None]:
             raise Refused("22P02", "pgseal: malformed array literal")
         i += 1
     return out
-
 
 
 # --- COPY jobs -------------------------------------------------------------------------------

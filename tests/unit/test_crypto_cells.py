@@ -18,6 +18,7 @@ from proxy.crypto.cells import (
     CellError,
     CellHeader,
     CellKey,
+    cell_key_id,
     read_cell_header,
     wipe,
 )
@@ -219,6 +220,28 @@ def test_fuzz_open_either_opens_or_raises_cell_error(data: bytes) -> None:
 
 
 # -- header ----------------------------------------------------------------------------
+
+
+@given(
+    st.one_of(
+        st.binary(max_size=40),
+        # a valid header's prefix, then anything: the length checks per suite
+        st.tuples(st.sampled_from([b"\x01\x01", b"\x01\x02", b"\x01\x03", b"\x02\x01"]),
+                  st.binary(max_size=40)).map(lambda t: t[0] + t[1]),
+    )
+)
+@settings(max_examples=500)
+def test_cell_key_id_accepts_exactly_what_read_cell_header_accepts(data: bytes) -> None:
+    try:
+        expected: int | None = read_cell_header(data).key_id
+    except CellError:
+        expected = None
+    for form in (data, bytearray(data), memoryview(data)):
+        try:
+            got: int | None = cell_key_id(form)
+        except CellError:
+            got = None
+        assert got == expected
 
 
 def test_read_cell_header() -> None:

@@ -165,6 +165,24 @@ def test_data_row_cells_are_opened_into_the_requested_format(policies) -> None: 
     assert [n.event for n in dp.take_audit()] == ["data.decrypt"]
 
 
+def test_a_bind_with_nothing_to_seal_goes_out_as_the_client_sent_it(policies) -> None:  # type: ignore[no-untyped-def]
+    """A statement protected only for its result (a cell is read, none written or compared):
+    its Bind is forwarded byte for byte, and the result is still opened."""
+    dp, ring = make(policies)
+    cell = ring.keys[1].seal("public.patients.name", b"\x01Alice", deterministic=False)
+    client(dp, m.Parse("", "SELECT id, name FROM patients WHERE id = $1"))
+    bind = m.Bind("", "", (0,), (b"1",), (1, 0))
+    assert client(dp, bind) == bind.encode()
+    client(dp, m.Execute(""))
+    dp.client_frame(frame_of(m.SYNC))
+    server(dp, PARSE_COMPLETE)
+    server(dp, BIND_COMPLETE)
+    row = m.DataRow((b"\0\0\0\7", b"\\x" + cell.hex().encode()))
+    assert m.decode_data_row(server(dp, row.encode())[5:]).values == (b"\0\0\0\7", b"Alice")
+    server(dp, m.CommandComplete("SELECT 1").encode())
+    assert [n.event for n in dp.take_audit()] == ["data.decrypt"]
+
+
 def test_reading_another_tenants_cell_is_denied(policies) -> None:  # type: ignore[no-untyped-def]
     dp, ring = make(policies, tenant="acme")
     cell = ring.keys[2].seal("public.patients.name", b"\x01Bob", deterministic=False)

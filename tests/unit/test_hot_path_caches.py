@@ -163,6 +163,34 @@ def test_large_parse_messages_are_not_pinned_by_the_compiled_cache(policies) -> 
     assert held < 8 * len(big), f"{held / 2**20:.1f} MiB held after 24 replaced statements"
 
 
+def test_simple_queries_with_sealed_constants_are_not_kept_after_they_are_done(policies) -> None:  # type: ignore[no-untyped-def]
+    """The audit fingerprint of a statement is not memoized by its text: a memo of 4,096
+    texts of any size kept large Query texts, and the plaintext constants sealed out of
+    them, alive long after (gigabytes, with large enough statements). What stays is the
+    last statement's (the SQL tokenizer's last input), whatever the count."""
+    dp, _ = make(policies)
+    big = "4111 1111 1111 1111 " * (256 * 1024 // 20)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(24):
+            sql = f"INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '{i}{big}')"
+            out = client(dp, m.Query(sql))
+            assert big.encode() not in out  # sealed, not forwarded
+            server(dp, m.CommandComplete("INSERT 0 1").encode())
+            server(dp, READY)
+            notes = dp.take_audit()
+            assert [n.event for n in notes] == ["data.encrypt"]
+            assert all(big not in n.statement for n in notes)
+            del sql, out, notes
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * len(big), f"{held / 2**20:.1f} MiB held after 24 finished queries"
+
+
 def test_a_denied_cell_is_refused_before_another_cells_key_is_fetched(policies) -> None:  # type: ignore[no-untyped-def]
     """A row with a cell of another tenant (on_denied: error) is refused at once (42501,
     data.deny audited), before the key of a later cell (a third tenant's, not in memory) is
