@@ -297,6 +297,18 @@ def syscall_counts(pid: int) -> tuple[int, int]:
     return int(fields["syscr"]), int(fields["syscw"])
 
 
+def tree_ticks(pid: int) -> int:
+    """CPU ticks (user+sys) of `pid`, of its children that were reaped (cutime, cstime), and
+    of those alive now: for a postmaster, every backend, ended or running."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    total = sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    for child in child_pids(pid):
+        with contextlib.suppress(OSError, ValueError):
+            total += sum(cpu_ticks(child))
+    return total
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, idle) clock ticks of all CPUs together, from /proc/stat."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

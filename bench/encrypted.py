@@ -26,16 +26,20 @@ The pgbench script (one transaction = three statements, autocommit each):
 
 (the equality search looks up the email the first statement just read; the insert's
 email is a random number, so inserted rows never match a search) runs with
-`-M extended -c 8 -j 2 -n` and PGOPTIONS='-c pgseal.tenant=t1' against three targets:
+`-M extended -c 8 -j 2 -n` and PGOPTIONS='-c pgseal.tenant=t1' against four targets:
 
     encrypted      pgseal, bench_secure   (seal 3 values/insert, 1/search; open 5/tx)
     plain-pgseal   pgseal, bench_plain    (the same proxy; a statement on a table
                                            outside the policy never reaches the parser)
     plain-direct   PostgreSQL, bench_plain
+    cells-direct   PostgreSQL, bench_secure, the SQL pgseal sends for the encrypted
+                   script (see cells_script_text): the cells' own cost, no proxy
 
 in interleaved rounds (rotating order), medians over rounds; the ratios
 encrypted/plain-pgseal (target >= 0.7) and plain-pgseal/direct are taken per round, then
-the median. The proxy's user+sys CPU per transaction comes from /proc/PID/stat.
+the median. The proxy's user+sys CPU per transaction comes from /proc/PID/stat, its system
+calls from /proc/PID/io; PostgreSQL's, pgbench's and the machine's CPU per transaction are
+shown next to it.
 `--profile S` then samples the proxy with py-spy for S seconds under the encrypted load.
 """
 
@@ -46,6 +50,7 @@ import contextlib
 import glob
 import os
 import re
+import resource
 import secrets
 import shutil
 import subprocess
@@ -80,6 +85,7 @@ from bench.common import (
     start_postgres,
     stop_process,
     syscall_counts,
+    tree_ticks,
     wait_port,
     write_results,
 )
@@ -87,7 +93,7 @@ from proxy.localpg import LocalPostgres, find_pg_bindir, free_port
 
 RATIO_TARGET = 0.7  # encrypted >= 0.7x the plaintext-through-pgseal TPS (issue 4)
 TENANT = "t1"
-TARGETS = ("encrypted", "plain-pgseal", "plain-direct")
+TARGETS = ("encrypted", "plain-pgseal", "plain-direct", "cells-direct")
 
 
 @dataclass
@@ -119,6 +125,11 @@ class EncRun:
     machine_busy: float | None = None
     proxy_reads_per_tx: float | None = None
     proxy_writes_per_tx: float | None = None
+    # The rest of the machine's CPU per transaction: PostgreSQL (postmaster and backends),
+    # pgbench itself, and the machine as a whole (all processes and the kernel).
+    pg_us_per_tx: float | None = None
+    pgbench_us_per_tx: float | None = None
+    machine_us_per_tx: float | None = None
 
 
 # --- setup ------------------------------------------------------------------------------
@@ -167,6 +178,23 @@ def script_text(table: str, rows: int) -> str:
         f"SELECT id, name, balance FROM {table} WHERE email = :p_email;\n"
         f"INSERT INTO {table} (tenant_id, email, name, balance) "
         f"VALUES ('{TENANT}', :nid, :p_name, :p_balance);\n"
+    )
+
+
+def cells_script_text(rows: int) -> str:
+    """The encrypted script's SQL as pgseal sends it upstream, with cells, straight to
+    PostgreSQL: what the database itself pays for sealed columns (larger rows, a bytea
+    index, a search over every key version as `= ANY(bytea[])`), without any proxy. The
+    first statement reads real cells; the search looks one up; the insert stores a fresh
+    42-byte value (an email cell's size) and the cells it read."""
+    fresh = "substring(sha256(:nid::text::bytea) || sha256(:nid::text::bytea) from 1 for 42)"
+    return (
+        f"\\set id random(1, {rows})\n"
+        "\\set nid random(1000000000, 9999999999)\n"
+        "SELECT email, name, balance FROM bench_secure WHERE id = :id \\gset p_\n"
+        "SELECT id, name, balance FROM bench_secure WHERE email = ANY(ARRAY[:p_email::bytea]);\n"
+        "INSERT INTO bench_secure (tenant_id, email, name, balance) "
+        f"VALUES ('{TENANT}', {fresh}, :p_name::bytea, :p_balance::bytea);\n"
     )
 
 
@@ -436,11 +464,26 @@ def proxy_ticks(pid: int | None) -> tuple[int, int, int, int]:
     return totals[0], totals[1], totals[2], totals[3]
 
 
+def postmaster_pid(pg: LocalPostgres) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+    return None
+
+
+def _pg_ticks(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError):
+        return tree_ticks(pid)
+    return None
+
+
 def run_once(
     name: str,
     server: Server,
     script: Path,
     proxy_pid: int,
+    pg_pid: int | None,
     plan: EncPlan,
     logdir: Path,
     rnd: int,
@@ -451,6 +494,7 @@ def run_once(
     prefix = logdir / "tx"
     cmd = pgbench_cmd(server, script, plan, duration, prefix)
     before, mach_before = proxy_ticks(proxy_pid), machine_ticks()
+    pg_before, children_before = _pg_ticks(pg_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -464,6 +508,7 @@ def run_once(
     finally:
         stop_process(proc, timeout=2)
     after, mach_after = proxy_ticks(proxy_pid), machine_ticks()
+    pg_after, children_after = _pg_ticks(pg_pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise BenchError(
             f"pgbench against {name} failed (rc {proc.returncode}): "
@@ -495,6 +540,14 @@ def run_once(
     )
     if run.failed:
         raise BenchError(f"pgbench against {name}: {run.failed} failed transactions")
+    tick_us = 1e6 / CLK_TCK
+    if pg_before is not None and pg_after is not None:
+        run.pg_us_per_tx = (pg_after - pg_before) * tick_us / run.transactions
+    pgbench_s = (children_after.ru_utime - children_before.ru_utime) + (
+        children_after.ru_stime - children_before.ru_stime
+    )
+    run.pgbench_us_per_tx = pgbench_s * 1e6 / run.transactions
+    run.machine_us_per_tx = busy * tick_us / run.transactions
     if server.name == "pgseal":
         per_tick_us = 1e6 / CLK_TCK
         run.proxy_user_us_per_tx = (after[0] - before[0]) * per_tick_us / run.transactions
@@ -531,6 +584,9 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
                 if any(k in r.statements_ms for r in mine)
             },
         }
+        for what in ("pg_us_per_tx", "pgbench_us_per_tx", "machine_us_per_tx"):
+            known = [getattr(r, what) for r in mine if getattr(r, what) is not None]
+            row[what] = median(known) if known else float("nan")
         cpu = [r for r in mine if r.proxy_user_us_per_tx is not None]
         if cpu:
             row["user_us_per_tx"] = median([r.proxy_user_us_per_tx or 0.0 for r in cpu])
@@ -543,6 +599,7 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
         "encrypted_x_plain_pgseal": _paired(runs, "encrypted", "plain-pgseal"),
         "plain_pgseal_x_direct": _paired(runs, "plain-pgseal", "plain-direct"),
         "encrypted_x_direct": _paired(runs, "encrypted", "plain-direct"),
+        "cells_direct_x_direct": _paired(runs, "cells-direct", "plain-direct"),
     }
 
 
@@ -554,7 +611,9 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
         f"one transaction = select by id + select by equality search + insert; medians of "
         f"{plan.rounds} interleaved rounds of {plan.duration:.0f}s.\nstatement columns: "
         "pgbench -r mean latency per statement (ms); cpu = the proxy's (all workers') user+sys "
-        "µs per transaction; r/w = its read and write system calls per transaction."
+        "µs per transaction; r/w = its read and write system calls per transaction;\n"
+        "pg, pgbench, all = CPU µs per transaction of PostgreSQL (all backends), of pgbench, "
+        "of the whole machine (every process and the kernel)."
     )
     load = os.getloadavg()
     print(
@@ -563,7 +622,7 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
     )
     header = (
         f"{'target':<14}{'TPS':>8}{'p50 µs':>9}{'p99 µs':>9}{'by id':>8}{'by email':>10}"
-        f"{'insert':>8}{'cpu u+s µs/tx':>16}{'r/w per tx':>12}"
+        f"{'insert':>8}{'cpu u+s µs/tx':>16}{'r/w per tx':>12}{'pg':>6}{'pgbench':>8}{'all':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -578,6 +637,8 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
             f"{st.get('select_by_id', float('nan')):>8.3f}"
             f"{st.get('select_by_email', float('nan')):>10.3f}"
             f"{st.get('insert', float('nan')):>8.3f}{cpu:>16}{calls:>12}"
+            f"{row['pg_us_per_tx']:>6.0f}{row['pgbench_us_per_tx']:>8.0f}"
+            f"{row['machine_us_per_tx']:>6.0f}"
         )
     ratio = summary["encrypted_x_plain_pgseal"]
     print()
@@ -588,6 +649,11 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
         print(f"         TPS plain-pgseal / direct     {summary['plain_pgseal_x_direct']:.3f}")
     if summary["encrypted_x_direct"] is not None:
         print(f"         TPS encrypted / direct        {summary['encrypted_x_direct']:.3f}")
+    if summary["cells_direct_x_direct"] is not None:
+        print(
+            f"         TPS cells-direct / direct     {summary['cells_direct_x_direct']:.3f}"
+            "   (the cells' own cost in PostgreSQL, no proxy)"
+        )
 
 
 # --- profile ----------------------------------------------------------------------------------
@@ -649,6 +715,7 @@ def main(plan: EncPlan) -> int:
         proxy = start_sealing_proxy(cleanup, work, config, port, env)
         assert proxy.pid is not None
         pid = proxy.pid
+        pg_pid = postmaster_pid(pg)
         print(
             f"bench: {plan.rows:,} rows x {plan.tenants} tenants into bench_secure (through "
             "pgseal) and bench_plain (direct) ...",
@@ -664,16 +731,19 @@ def main(plan: EncPlan) -> int:
         for table in ("bench_secure", "bench_plain"):
             scripts[table] = work / f"{table}.sql"
             scripts[table].write_text(script_text(table, plan.rows))
+        scripts["cells"] = work / "cells.sql"
+        scripts["cells"].write_text(cells_script_text(plan.rows))
         targets = [
             ("encrypted", proxy, scripts["bench_secure"]),
             ("plain-pgseal", proxy, scripts["bench_plain"]),
             ("plain-direct", direct, scripts["bench_plain"]),
+            ("cells-direct", direct, scripts["cells"]),
         ]
         logdir = work / "logs"
         logdir.mkdir()
         if plan.warmup > 0:
             for name, server, script in targets:
-                run_once(name, server, script, pid, plan, logdir, -1, max(1.0, plan.warmup))
+                run_once(name, server, script, pid, pg_pid, plan, logdir, -1, max(1.0, plan.warmup))
         total = plan.rounds * len(targets)
         started = time.monotonic()
         print(
@@ -683,7 +753,7 @@ def main(plan: EncPlan) -> int:
         for rnd in range(plan.rounds):
             shift = rnd % len(targets)
             for name, server, script in targets[shift:] + targets[:shift]:
-                r = run_once(name, server, script, pid, plan, logdir, rnd, plan.duration)
+                r = run_once(name, server, script, pid, pg_pid, plan, logdir, rnd, plan.duration)
                 runs.append(r)
                 eta = (time.monotonic() - started) / len(runs) * (total - len(runs))
                 cpu = (
