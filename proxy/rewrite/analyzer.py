@@ -33,6 +33,7 @@ import itertools
 import logging
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -85,7 +86,8 @@ DEFAULT_SEARCH_PATH: tuple[str, ...] = ("public",)
 CROSS_COLUMN_EQUALITY = False
 
 # Statements longer than this are analyzed but not cached: bulk INSERTs with
-# inline values are never sent twice, and the cache must not pin megabytes.
+# inline values are never sent twice, and the cache must not pin megabytes. (Nor is a
+# statement with constants for protected columns, whatever its length: see analyze().)
 _CACHE_MAX_SQL = 16 * 1024
 _CACHE_ENTRIES = 4096
 
@@ -2691,25 +2693,40 @@ def _analyze(
     return tuple(plans)
 
 
-@lru_cache(maxsize=_CACHE_ENTRIES)
-def _analyze_cached(
-    sql: str, policies: PolicySet, search_path: tuple[str, ...]
-) -> tuple[StatementPlan, ...]:
-    # PolicySet hashes by identity and the cache keeps a reference to it: a
-    # reloaded policy is a different key, never a stale hit.
-    return _analyze(sql, policies, search_path)
+# Plans by (text, policies, search_path), least recently used first. PolicySet hashes by
+# identity and the key keeps a reference to it: a reloaded policy is a different key,
+# never a stale hit.
+_CACHE: OrderedDict[tuple[str, PolicySet, tuple[str, ...]], tuple[StatementPlan, ...]] = (
+    OrderedDict()
+)
+_CACHE_LOCK = threading.Lock()
 
 
 def analyze(
     sql: str, policies: PolicySet, search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
 ) -> list[StatementPlan]:
-    """One plan per statement of `sql` (see `proxy.rewrite` for the contract). Pure; cached."""
+    """One plan per statement of `sql` (see `proxy.rewrite` for the contract). Pure; cached,
+    except a text with constants for protected columns: its key and its plan hold those
+    plaintexts, and a text with inline values is rarely sent twice anyway."""
     search_path = tuple(search_path)
     if len(sql) > _CACHE_MAX_SQL:
         return list(_analyze(sql, policies, search_path))
-    return list(_analyze_cached(sql, policies, search_path))
+    key = (sql, policies, search_path)
+    with _CACHE_LOCK:
+        plans = _CACHE.get(key)
+        if plans is not None:
+            _CACHE.move_to_end(key)
+            return list(plans)
+    plans = _analyze(sql, policies, search_path)
+    if not any(plan.literals for plan in plans):
+        with _CACHE_LOCK:
+            _CACHE[key] = plans
+            if len(_CACHE) > _CACHE_ENTRIES:
+                _CACHE.popitem(last=False)
+    return list(plans)
 
 
 def clear_cache() -> None:
     """Forget every cached plan (after a policy reload, to release the old PolicySet)."""
-    _analyze_cached.cache_clear()
+    with _CACHE_LOCK:
+        _CACHE.clear()

@@ -624,9 +624,11 @@ class DataPath:
             synthetic=plan.literals,
             slots=_compile_params(plan),
         )
-        if len(frame.body) > _COMPILED_MAX_BYTES or plan.copy is not None:
+        if len(frame.body) > _COMPILED_MAX_BYTES or plan.copy is not None or plan.literals:
             # Too large to pin; or a COPY, whose column list may come from the catalog
-            # (`_copy_edits`) at the time of its Parse.
+            # (`_copy_edits`) at the time of its Parse; or a text with constants for
+            # protected columns (client-side binding): its plaintexts stay only as long as
+            # the statement does.
             return compiled
         if len(self._compiled) >= _COMPILED_LIMIT:
             self._compiled.clear()

@@ -163,6 +163,19 @@ def test_large_parse_messages_are_not_pinned_by_the_compiled_cache(policies) -> 
     assert held < 8 * len(big), f"{held / 2**20:.1f} MiB held after 24 replaced statements"
 
 
+def test_parse_messages_with_sealed_constants_are_not_remembered(policies) -> None:  # type: ignore[no-untyped-def]
+    """Client-side binding puts values in the Parse text: such a Parse is not remembered
+    once its statement is gone (its plaintexts live as long as the statement); a Parse
+    with only parameters is."""
+    dp, _ = make(policies)
+    client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')"))
+    server(dp, PARSE_COMPLETE)
+    assert not any(b"123-45-6789" in body for body in dp._compiled)
+    client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ($1, $2)"))
+    server(dp, PARSE_COMPLETE)
+    assert len(dp._compiled) == 1
+
+
 def test_simple_queries_with_sealed_constants_are_not_kept_after_they_are_done(policies) -> None:  # type: ignore[no-untyped-def]
     """The audit fingerprint of a statement is not memoized by its text: a memo of 4,096
     texts of any size kept large Query texts, and the plaintext constants sealed out of

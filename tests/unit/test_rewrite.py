@@ -1581,6 +1581,22 @@ def test_plans_are_cached_per_policy_object(policies: PolicySet, tmp_path: Path)
     assert analyze(sql, policies)[0] is not first[0]
 
 
+def test_statements_with_protected_constants_are_not_cached(policies: PolicySet) -> None:
+    """The plaintext of an inline value for a protected column is in the text (the key)
+    and in the plan: neither is kept once the statement is analyzed."""
+    sql = "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')"
+    (plan,) = analyze(sql, policies)
+    assert [lit.value for lit in plan.literals] == ["123-45-6789"]
+    assert analyze(sql, policies)[0] is not plan
+    from proxy.rewrite import analyzer
+
+    assert not any("123-45-6789" in key[0] for key in analyzer._CACHE)
+    # An unprotected constant is no reason not to cache.
+    unprotected = "SELECT name FROM patients WHERE tenant_id = 'acme'"
+    first = analyze(unprotected, policies)
+    assert analyze(unprotected, policies)[0] is first[0]
+
+
 def test_long_statements_are_not_cached(policies: PolicySet) -> None:
     rows = ", ".join(f"($1, '{i}')" for i in range(3000))
     sql = f"INSERT INTO patients (tenant_id, ssn) VALUES {rows}"
