@@ -2706,8 +2706,9 @@ def analyze(
     sql: str, policies: PolicySet, search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
 ) -> list[StatementPlan]:
     """One plan per statement of `sql` (see `proxy.rewrite` for the contract). Pure; cached,
-    except a text with constants for protected columns: its key and its plan hold those
-    plaintexts, and a text with inline values is rarely sent twice anyway."""
+    except a text with constants for protected columns (its key and its plan hold those
+    plaintexts, and a text with inline values is rarely sent twice anyway), and a refused
+    one (it may hold constants the analysis could not place, e.g. `ssn LIKE '123%'`)."""
     search_path = tuple(search_path)
     if len(sql) > _CACHE_MAX_SQL:
         return list(_analyze(sql, policies, search_path))
@@ -2718,7 +2719,7 @@ def analyze(
             _CACHE.move_to_end(key)
             return list(plans)
     plans = _analyze(sql, policies, search_path)
-    if not any(plan.literals for plan in plans):
+    if not any(plan.literals or plan.kind == "refused" for plan in plans):
         with _CACHE_LOCK:
             _CACHE[key] = plans
             if len(_CACHE) > _CACHE_ENTRIES:

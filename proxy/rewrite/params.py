@@ -10,7 +10,6 @@ ParameterDescription.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 
 from proxy.rewrite.lexer import skip_block_comment
 
@@ -31,9 +30,9 @@ _ESCAPE_STR_END = re.compile(r"(?:[^'\\]|\\.|'')*'", re.DOTALL)
 _IDENT_END = re.compile(r'(?:[^"]|"")*"')
 
 
-@lru_cache(maxsize=4096)
 def highest_parameter(sql: str) -> int:
-    """The largest n of a `$n` outside quotes and comments (0 when there is none)."""
+    """The largest n of a `$n` outside quotes and comments (0 when there is none). Not
+    memoized: a memo would keep Parse texts, constants and all, after they are done."""
     highest = 0
     pos = 0
     n = len(sql)

@@ -342,6 +342,7 @@ class _Pending:
     # audit counts of opened cells: (tenant, key_id, table) -> [columns, count]
     opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] | None = None
     failed: bool = False  # an error was sent for this result: swallow the rest
+    fingerprint: str | None = None  # of its statement, for audit notes (_result_fingerprint)
 
 
 @dataclass(slots=True)
@@ -1656,7 +1657,7 @@ class DataPath:
                         table.qualified_name,
                         (target.column.column,),
                         1,
-                        fingerprint(head.sql or ""),
+                        self._result_fingerprint(head),
                         outcome="denied",
                         error=message,
                     )
@@ -1759,14 +1760,24 @@ class DataPath:
         head.failed = True
         return _error(sqlstate, message)
 
+    def _result_fingerprint(self, head: _Pending) -> str:
+        """The audit fingerprint of the statement a result belongs to, once per result (a
+        denied cell per row must not run the regexes over the text each time)."""
+        found = head.fingerprint
+        if found is None:
+            if head.sql:
+                found = fingerprint(head.sql)
+            elif head.portal is not None:
+                found = _statement_fingerprint(head.portal.statement)
+            else:
+                found = ""
+            head.fingerprint = found
+        return found
+
     def _flush_opened(self, head: _Pending) -> None:
         if not head.opened:
             return
-        statement = (
-            fingerprint(head.sql)
-            if head.sql
-            else (_statement_fingerprint(head.portal.statement) if head.portal is not None else "")
-        )
+        statement = self._result_fingerprint(head)
         for (tenant, key_id, table), (cols, n) in head.opened.items():
             self.audit.append(
                 AuditNote(
@@ -2075,7 +2086,7 @@ class DataPath:
                     d.table,
                     (d.column,),
                     1,
-                    fingerprint(job.sql),
+                    job.audit_sql(),
                     outcome="denied",
                     error=d.message,
                 )
@@ -2097,7 +2108,7 @@ class DataPath:
                         table,
                         tuple(sorted(cols)),
                         n[0],
-                        fingerprint(out_job.sql),
+                        out_job.audit_sql(),
                     )
                 )
         job = self.copy_in
@@ -2351,6 +2362,12 @@ class _CopyOutJob:
     copy: CopyOut | None  # None: the stream of a result already failed, dropped
     entry: _Pending
     sql: str
+    fingerprint: str | None = None  # of sql, worked out at the first audit note
+
+    def audit_sql(self) -> str:
+        if self.fingerprint is None:
+            self.fingerprint = fingerprint(self.sql)
+        return self.fingerprint
 
 
 def _quote_ident(name: str) -> str:

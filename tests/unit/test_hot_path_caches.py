@@ -176,6 +176,63 @@ def test_parse_messages_with_sealed_constants_are_not_remembered(policies) -> No
     assert len(dp._compiled) == 1
 
 
+def test_parses_with_sealed_constants_are_not_kept_after_the_connection(policies) -> None:  # type: ignore[no-untyped-def]
+    """Client-side binding through the extended protocol: nothing (the Parse cache, the
+    parameter scan, the analysis cache) keeps the texts once the connection is gone."""
+    big = "4111 1111 1111 1111 " * (256 * 1024 // 20)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        dp, _ = make(policies)
+        for i in range(24):
+            client(dp, m.Parse("", f"INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '{i}{big}')"))
+            server(dp, PARSE_COMPLETE)
+            out = client(dp, m.Bind("", "", (), (), ()))
+            assert big.encode() not in out  # the constant goes up as a sealed parameter
+            server(dp, BIND_COMPLETE)
+            dp.take_audit()
+        client(dp, m.Parse("", "SELECT 1"))
+        server(dp, PARSE_COMPLETE)
+        del dp, out
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * len(big), f"{held / 2**20:.1f} MiB held after the connection"
+
+
+def test_a_denied_cell_names_its_statement_and_costs_one_fingerprint_per_result(  # type: ignore[no-untyped-def]
+    policies, monkeypatch
+) -> None:
+    """A cell answered with NULL (on_denied: null, key destroyed) is audited with the
+    prepared statement's fingerprint, worked out once for the whole result, not per row."""
+    from proxy.session import datapath
+
+    dp, ring = make(policies)
+    shredded = CellKey(9, "acme", bytes([9]) * 32)
+    ring.gone[9] = "acme"
+    cell = shredded.seal("public.payments.card_number", b"\x014111", deterministic=True)
+    calls: list[str] = []
+    real = datapath.fingerprint
+    monkeypatch.setattr(datapath, "fingerprint", lambda sql: calls.append(sql) or real(sql))
+    sql = "SELECT id, card_number FROM payments WHERE amount IS NOT NULL AND id > $1"
+    client(dp, m.Parse("", sql))
+    client(dp, m.Bind("", "", (), (b"0",), ()))
+    client(dp, m.Execute(""))
+    dp.client_frame(frame_of(m.SYNC))
+    server(dp, PARSE_COMPLETE)
+    server(dp, BIND_COMPLETE)
+    for i in range(3):
+        row = m.DataRow((str(i).encode(), _hex(cell)))
+        assert m.decode_data_row(server(dp, row.encode())[5:]).values == (str(i).encode(), None)
+    server(dp, m.CommandComplete("SELECT 3").encode())
+    notes = dp.take_audit()
+    assert [n.event for n in notes] == ["data.deny"] * 3
+    assert {n.statement for n in notes} == {real(sql)}
+    assert calls == [sql]
+
+
 def test_simple_queries_with_sealed_constants_are_not_kept_after_they_are_done(policies) -> None:  # type: ignore[no-untyped-def]
     """The audit fingerprint of a statement is not memoized by its text: a memo of 4,096
     texts of any size kept large Query texts, and the plaintext constants sealed out of

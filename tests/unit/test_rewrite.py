@@ -1591,6 +1591,11 @@ def test_statements_with_protected_constants_are_not_cached(policies: PolicySet)
     from proxy.rewrite import analyzer
 
     assert not any("123-45-6789" in key[0] for key in analyzer._CACHE)
+    # Nor a refused statement: its constants may be ones the analysis could not place.
+    refused = "SELECT id FROM patients WHERE ssn LIKE '987-65-4321%'"
+    (plan,) = analyze(refused, policies)
+    assert plan.kind == "refused" and not plan.literals
+    assert not any("987-65-4321" in key[0] for key in analyzer._CACHE)
     # An unprotected constant is no reason not to cache.
     unprotected = "SELECT name FROM patients WHERE tenant_id = 'acme'"
     first = analyze(unprotected, policies)
