@@ -42,7 +42,9 @@ class PgTarget:
     def log_path(self) -> Path | None:
         return self.local.log_path if self.local else None
 
-    def dsn(self, user: str = "postgres", database: str = "postgres", password: str | None = None) -> str:
+    def dsn(
+        self, user: str = "postgres", database: str = "postgres", password: str | None = None
+    ) -> str:
         if self.kind != "local":
             parts = urlsplit(self.superuser_dsn)
             if user == "postgres" and password is None:
@@ -71,7 +73,9 @@ def _docker_answers() -> bool:
     if not shutil.which("docker"):
         return False
     try:
-        return subprocess.run(["docker", "info"], capture_output=True, timeout=5, check=False).returncode == 0
+        return subprocess.run(
+            ["docker", "info"], capture_output=True, timeout=5, check=False
+        ).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -91,7 +95,9 @@ def pg(tls_files: TlsFiles) -> Iterator[PgTarget]:
     if os.environ.get("PGSEAL_TEST_NO_DOCKER") != "1" and _docker_answers():
         from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:15", username="postgres", password="postgres") as container:
+        with PostgresContainer(
+            "postgres:15", username="postgres", password="postgres"
+        ) as container:
             host = container.get_container_host_ip()
             port = int(container.get_exposed_port(5432))
             dsn = f"postgresql://postgres:postgres@{host}:{port}/postgres"

@@ -11,7 +11,9 @@ def test_insert_and_select_round_trip_text(sealing_proxy, pg) -> None:
             "INSERT INTO patients (tenant_id, ssn, name, dob, balance) VALUES (%s, %s, %s, %s, %s)",
             ["acme", "123-45-6789", "Alice SENTINEL", "1980-01-02", "12.50"],
         )
-        row = conn.execute("SELECT ssn, name, dob, balance FROM patients WHERE ssn = %s", ["123-45-6789"]).fetchone()
+        row = conn.execute(
+            "SELECT ssn, name, dob, balance FROM patients WHERE ssn = %s", ["123-45-6789"]
+        ).fetchone()
         assert row is not None
         assert row[0] == "123-45-6789" and row[1] == "Alice SENTINEL"
         assert str(row[2]) == "1980-01-02" and str(row[3]) == "12.50"
@@ -21,15 +23,18 @@ def test_insert_and_select_round_trip_text(sealing_proxy, pg) -> None:
 
 @pytest.mark.asyncio
 async def test_asyncpg_binary_round_trip(sealing_proxy, pg) -> None:
-    import asyncpg
     import datetime as dt
     import decimal
+
+    import asyncpg
 
     conn = await asyncpg.connect(sealing_proxy.dsn(), server_settings={"pgseal.tenant": "globex"})
     try:
         await conn.execute(
-            "INSERT INTO patients (tenant_id, ssn, name, dob, balance, profile) VALUES ($1, $2, $3, $4, $5, $6)",
-            "globex", "999-00-1111", "Bob SENTINEL", dt.date(1975, 5, 6), decimal.Decimal("-3.25"), '{"b": 1, "a": [1, 2]}',
+            "INSERT INTO patients (tenant_id, ssn, name, dob, balance, profile) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            "globex", "999-00-1111", "Bob SENTINEL", dt.date(1975, 5, 6), decimal.Decimal("-3.25"),
+            '{"b": 1, "a": [1, 2]}',
         )
         row = await conn.fetchrow("SELECT * FROM patients WHERE ssn = $1", "999-00-1111")
         assert row["name"] == "Bob SENTINEL"
@@ -47,7 +52,9 @@ def test_simple_protocol_literals_and_refusals(sealing_proxy, pg) -> None:
     dsn = sealing_proxy.dsn()
     out = subprocess.run(
         ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=0", dsn, "-c",
-         "SET pgseal.tenant = 'initech'; INSERT INTO patients (tenant_id, ssn, name) VALUES ('initech', '555-55-5555', 'Carol SENTINEL'); "
+         "SET pgseal.tenant = 'initech'; "
+         "INSERT INTO patients (tenant_id, ssn, name) "
+         "VALUES ('initech', '555-55-5555', 'Carol SENTINEL'); "
          "SELECT name FROM patients WHERE ssn = '555-55-5555';",
          "-c", "SELECT name FROM patients WHERE name LIKE 'Car%'"],
         capture_output=True, text=True, timeout=30,
@@ -59,7 +66,9 @@ def test_simple_protocol_literals_and_refusals(sealing_proxy, pg) -> None:
 def test_cross_tenant_read_is_refused(sealing_proxy) -> None:
     with psycopg.connect(sealing_proxy.dsn(), autocommit=True) as conn:
         conn.execute("SET pgseal.tenant = 'acme'")
-        conn.execute("INSERT INTO patients (tenant_id, ssn, name) VALUES (%s, %s, %s)", ["acme", "1", "x"])
+        conn.execute(
+            "INSERT INTO patients (tenant_id, ssn, name) VALUES (%s, %s, %s)", ["acme", "1", "x"]
+        )
         conn.execute("SET pgseal.tenant = 'other'")
         with pytest.raises(psycopg.Error) as info:
             conn.execute("SELECT name FROM patients WHERE tenant_id = 'acme'").fetchall()
@@ -79,9 +88,13 @@ def test_prepared_statement_with_literal_is_sealed_per_bind_tenant(sealing_proxy
                 "INSERT INTO patients (tenant_id, ssn, name) VALUES (%s, %s, 'LITERAL SENTINEL')",
                 [tenant, f"lit-{tenant}"], prepare=True,
             )
-            rows = conn.execute("SELECT name FROM patients WHERE ssn = %s", [f"lit-{tenant}"], prepare=True).fetchall()
+            rows = conn.execute(
+                "SELECT name FROM patients WHERE ssn = %s", [f"lit-{tenant}"], prepare=True
+            ).fetchall()
             assert rows == [("LITERAL SENTINEL",)]
-    assert not pg.execute("SELECT 1 FROM patients WHERE position('LITERAL SENTINEL'::bytea in name) > 0")
+    assert not pg.execute(
+        "SELECT 1 FROM patients WHERE position('LITERAL SENTINEL'::bytea in name) > 0"
+    )
 
 
 def test_messages_after_a_flushed_error_are_skipped_and_the_connection_goes_on(
@@ -106,7 +119,9 @@ def test_messages_after_a_flushed_error_are_skipped_and_the_connection_goes_on(
         conn.send(
             m.Query("SELECT 'skipped'").encode(),
             m.Parse(
-                "", "INSERT INTO patients (tenant_id, ssn, name) VALUES ('acme', '1', 'SKIPPEDSENTINEL')"
+                "",
+                "INSERT INTO patients (tenant_id, ssn, name) "
+                "VALUES ('acme', '1', 'SKIPPEDSENTINEL')",
             ).encode(),
             m.Bind("", "", (), (), ()).encode(),
             m.Execute("").encode(),

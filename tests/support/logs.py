@@ -19,7 +19,9 @@ class LogCapture(logging.Handler):
 
 
 @contextlib.contextmanager
-def capture_logs(sink: list[str], fmt: str = "%(levelname)s %(name)s %(message)s") -> Iterator[None]:
+def capture_logs(
+    sink: list[str], fmt: str = "%(levelname)s %(name)s %(message)s"
+) -> Iterator[None]:
     """Every log record of this process, at every level, into `sink` while inside."""
     handler = LogCapture(sink)
     handler.setFormatter(logging.Formatter(fmt))

@@ -49,10 +49,18 @@ class ProxyThread:
     def host(self) -> str:
         return self.config.listen.host
 
-    def dsn(self, user: str = "postgres", database: str = "postgres", password: str | None = None, **params: str) -> str:
+    def dsn(
+        self,
+        user: str = "postgres",
+        database: str = "postgres",
+        password: str | None = None,
+        **params: str,
+    ) -> str:
         auth = f"{user}:{password}@" if password else f"{user}@"
         query = "&".join(f"{k}={v}" for k, v in params.items())
-        return f"postgresql://{auth}{self.host}:{self.port}/{database}" + (f"?{query}" if query else "")
+        return f"postgresql://{auth}{self.host}:{self.port}/{database}" + (
+            f"?{query}" if query else ""
+        )
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -97,7 +105,9 @@ async def _call(fn: Callable[[], Any]) -> Any:
 class ProxyProcess:
     """The real `pgseal serve` in a subprocess."""
 
-    def __init__(self, args: list[str], env: dict[str, str] | None = None, port: int | None = None) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str] | None = None, port: int | None = None
+    ) -> None:
         self.port = port or free_port()
         self.args = args
         self.env = {**os.environ, **(env or {})}
@@ -105,7 +115,10 @@ class ProxyProcess:
 
     def start(self, timeout: float = 20.0) -> ProxyProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{self.port}", *self.args],
+            [
+                sys.executable, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{self.port}",
+                *self.args,
+            ],
             env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + timeout
@@ -113,7 +126,10 @@ class ProxyProcess:
             if self.proc.poll() is not None:
                 out = self.proc.stdout.read() if self.proc.stdout else ""
                 raise RuntimeError(f"pgseal serve exited {self.proc.returncode}: {out}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
                 return self
             time.sleep(0.05)
         raise RuntimeError("pgseal serve did not start listening")
@@ -136,10 +152,18 @@ class ProxyProcess:
                 self.proc.kill()
                 self.proc.wait()
 
-    def dsn(self, user: str = "postgres", database: str = "postgres", password: str | None = None, **params: str) -> str:
+    def dsn(
+        self,
+        user: str = "postgres",
+        database: str = "postgres",
+        password: str | None = None,
+        **params: str,
+    ) -> str:
         auth = f"{user}:{password}@" if password else f"{user}@"
         query = "&".join(f"{k}={v}" for k, v in params.items())
-        return f"postgresql://{auth}127.0.0.1:{self.port}/{database}" + (f"?{query}" if query else "")
+        return f"postgresql://{auth}127.0.0.1:{self.port}/{database}" + (
+            f"?{query}" if query else ""
+        )
 
 
 def proxy_config(pg: Any, **overrides: Any) -> Config:
@@ -179,7 +203,9 @@ def proxy_process(pg: Any, tmp_path: Path) -> Iterator[Callable[..., ProxyProces
 
     def start(args: list[str] | None = None, env: dict[str, str] | None = None) -> ProxyProcess:
         argv = ["--upstream", f"{pg.host}:{pg.port}", *(args or [])]
-        p = ProxyProcess(argv, env={"PGSEAL_UPSTREAM_TLS_SSLMODE": "disable", **(env or {})}).start()
+        p = ProxyProcess(
+            argv, env={"PGSEAL_UPSTREAM_TLS_SSLMODE": "disable", **(env or {})}
+        ).start()
         started.append(p)
         return p
 

@@ -29,7 +29,7 @@ def test_environment_then_flags_override_the_file() -> None:
 def test_unknown_keys_are_errors_naming_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "c.yaml"
     bad.write_text("listen: '127.0.0.1:1'\nhsm: {modul: x}\n")
-    with pytest.raises(ConfigError, match="hsm.modul"):
+    with pytest.raises(ConfigError, match=r"hsm\.modul"):
         load_config(bad, environ={})
 
 

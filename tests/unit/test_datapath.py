@@ -84,7 +84,9 @@ BIND_COMPLETE = b"2\0\0\0\4"
 
 def test_bind_seals_protected_parameters_as_binary_bytea(policies) -> None:  # type: ignore[no-untyped-def]
     dp, ring = make(policies)
-    parse = client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn, name) VALUES ($1, $2, $3)"))
+    parse = client(
+        dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn, name) VALUES ($1, $2, $3)")
+    )
     forwarded = m.decode_parse(parse[5:])
     assert forwarded.param_types[1:] == (17, 17)
     out = client(dp, m.Bind("", "", (0,), (b"acme", b"123-45-6789", b"Alice"), ()))
@@ -116,7 +118,9 @@ def test_strict_isolation_refuses_a_row_of_another_tenant_in_order(policies) -> 
     assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE
     assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
     assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE
-    pg_error = m.ErrorResponse.make("26000", "prepared statement \"pgseal.refused\" does not exist").encode()
+    pg_error = m.ErrorResponse.make(
+        "26000", "prepared statement \"pgseal.refused\" does not exist"
+    ).encode()
     ours = m.decode_error_response(server(dp, pg_error)[5:])
     assert ours.sqlstate == "42501" and "public.patients" in (ours.message or "")
     assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
@@ -127,7 +131,9 @@ def test_refused_query_never_forwards_its_text(policies) -> None:  # type: ignor
     dp, _ = make(policies)
     out = client(dp, m.Query("SELECT * FROM patients WHERE name LIKE 'Ali%'"))
     assert out == m.Query("pgseal_refused_statement").encode()
-    err = m.decode_error_response(server(dp, m.ErrorResponse.make("42601", "syntax error").encode())[5:])
+    err = m.decode_error_response(
+        server(dp, m.ErrorResponse.make("42601", "syntax error").encode())[5:]
+    )
     assert err.sqlstate == "0A000" and "public.patients.name" in (err.message or "")
     server(dp, m.ReadyForQuery("I").encode())
     assert not dp.pending
@@ -135,7 +141,10 @@ def test_refused_query_never_forwards_its_text(policies) -> None:  # type: ignor
 
 def test_simple_query_literals_are_spliced_as_sealed_bytea(policies) -> None:  # type: ignore[no-untyped-def]
     dp, _ = make(policies)
-    sql = "INSERT INTO patients (tenant_id, ssn, name) VALUES ('acme', '1-2-3', 'Alice') RETURNING id"
+    sql = (
+        "INSERT INTO patients (tenant_id, ssn, name) VALUES ('acme', '1-2-3', 'Alice') "
+        "RETURNING id"
+    )
     out = m.decode_query(client(dp, m.Query(sql))[5:]).sql
     assert "Alice" not in out and "1-2-3" not in out
     assert out.startswith("INSERT INTO patients (tenant_id, ssn, name) VALUES ('acme', '\\x0102")
@@ -213,8 +222,10 @@ def test_a_missing_key_stalls_and_the_retry_is_exact(policies) -> None:  # type:
 
 
 def test_prepared_literals_become_parameters_sealed_at_bind(policies) -> None:  # type: ignore[no-untyped-def]
-    dp, ring = make(policies, tenant="acme")
-    parse = m.decode_parse(client(dp, m.Parse("s", "SELECT id FROM patients WHERE ssn = '1-2-3' AND id > $1"))[5:])
+    dp, _ring = make(policies, tenant="acme")
+    parse = m.decode_parse(
+        client(dp, m.Parse("s", "SELECT id FROM patients WHERE ssn = '1-2-3' AND id > $1"))[5:]
+    )
     assert "1-2-3" not in parse.sql and "$2" in parse.sql
     assert parse.param_types == (0, 1001)  # compared: its cells under every key version
     bind = m.decode_bind(client(dp, m.Bind("", "s", (), (b"5",), ()))[5:])
@@ -250,14 +261,18 @@ def test_compared_values_match_every_key_version(policies) -> None:  # type: ign
     parse = m.decode_parse(client(dp, m.Parse("", sql))[5:])
     assert parse.param_types == (17, 1001, 1001)
     assert parse.sql == (
-        "UPDATE patients SET ssn = $1 WHERE ssn = ANY($2) AND ssn = ANY ($3 || ARRAY[NULL]::bytea[])"
+        "UPDATE patients SET ssn = $1 WHERE ssn = ANY($2) "
+        "AND ssn = ANY ($3 || ARRAY[NULL]::bytea[])"
     )
     bind = m.decode_bind(client(dp, m.Bind("", "", (), (b"new", b"old", None), ()))[5:])
     stored, compared, missing = bind.params
     assert stored is not None and read_cell_header(stored).key_id == 7
     assert compared is not None and b"old" not in compared
     ssn = "public.patients.ssn"
-    cells = [new.seal(ssn, b"\x01old", deterministic=True), old.seal(ssn, b"\x01old", deterministic=True)]
+    cells = [
+        new.seal(ssn, b"\x01old", deterministic=True),
+        old.seal(ssn, b"\x01old", deterministic=True),
+    ]
     assert all(c in compared for c in cells) and compared.index(cells[0]) < compared.index(cells[1])
     assert missing is not None and missing.endswith(b"\xff\xff\xff\xff")  # {NULL}: one NULL element
     notes = dp.take_audit()
@@ -267,7 +282,9 @@ def test_compared_values_match_every_key_version(policies) -> None:  # type: ign
 def test_compared_literal_in_a_query_becomes_an_array_of_versions(policies) -> None:  # type: ignore[no-untyped-def]
     dp, ring = make(policies, tenant="acme")
     ring.add(7, "acme")
-    out = m.decode_query(client(dp, m.Query("SELECT name FROM patients WHERE ssn <> '1-2-3'"))[5:]).sql
+    out = m.decode_query(
+        client(dp, m.Query("SELECT name FROM patients WHERE ssn <> '1-2-3'"))[5:]
+    ).sql
     assert out.startswith("SELECT name FROM patients WHERE ssn <> ALL(ARRAY['\\x01020000000")
     assert out.count("::bytea") == 2 and "1-2-3" not in out
 
@@ -286,7 +303,10 @@ def test_messages_after_an_error_before_sync_are_skipped_like_postgresql(policie
     assert server(dp, pg_error) == pg_error  # answered after a Flush: no Sync sent yet
     # Sent after the error: PostgreSQL skips all of it, the plaintext included.
     assert client(dp, m.Query("SELECT 1")) == b""
-    assert client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '1')")) == b""
+    assert (
+        client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '1')"))
+        == b""
+    )
     assert dp.client_frame(frame_of(m.SYNC)) == m.SYNC
     assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
     assert not dp.pending

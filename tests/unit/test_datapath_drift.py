@@ -230,7 +230,12 @@ def test_reserved_names_are_refused(policies) -> None:  # type: ignore[no-untype
 
 def test_several_statements_in_one_parse_touching_a_protected_column_are_refused(policies) -> None:  # type: ignore[no-untyped-def]
     dp, _ = make(policies)
-    out = client(dp, m.Parse("", "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789'); SELECT 1"))
+    out = client(
+        dp,
+        m.Parse(
+            "", "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789'); SELECT 1"
+        ),
+    )
     refused_in_order(dp, out, "42601")
 
 

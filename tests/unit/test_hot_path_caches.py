@@ -186,7 +186,10 @@ def test_parses_with_sealed_constants_are_not_kept_after_the_connection(policies
         before = tracemalloc.get_traced_memory()[0]
         dp, _ = make(policies)
         for i in range(24):
-            client(dp, m.Parse("", f"INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '{i}{big}')"))
+            client(
+                dp,
+                m.Parse("", f"INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '{i}{big}')"),
+            )
             server(dp, PARSE_COMPLETE)
             out = client(dp, m.Bind("", "", (), (), ()))
             assert big.encode() not in out  # the constant goes up as a sealed parameter

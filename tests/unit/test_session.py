@@ -29,7 +29,7 @@ def ready_session(tls: bool = False) -> ProxySession:
 def test_ssl_request_without_tls_is_answered_n_then_startup_connects() -> None:
     s = ProxySession(client_tls_available=False)
     s.client_data(m.SSLRequest().encode())
-    to_server, to_client, effects = s.drain()
+    _to_server, to_client, effects = s.drain()
     assert to_client == [b"N"] and not effects
     s.client_data(STARTUP.encode())
     _, _, effects = s.drain()
@@ -62,7 +62,9 @@ def test_cancel_request_is_forwarded_and_closes() -> None:
     s = ProxySession(client_tls_available=False)
     s.client_data(m.CancelRequest(1, 2).encode())
     _, _, effects = s.drain()
-    assert effects == [ForwardCancel(m.CancelRequest(1, 2)), CloseConnection("cancel request forwarded")]
+    assert effects == [
+        ForwardCancel(m.CancelRequest(1, 2)), CloseConnection("cancel request forwarded")
+    ]
 
 
 def test_scram_plus_is_removed_from_the_offer() -> None:
@@ -135,7 +137,9 @@ def test_with_a_policy_nothing_passes_before_the_data_path_is_ready() -> None:
         datapath_factory=lambda info, params: DataPath(policies, ring, info, parameters=params),
     )
     insert = m.Query("INSERT INTO patients (tenant_id, ssn) VALUES ('acme', '123-45-6789')")
-    startup = m.StartupMessage(m.PROTOCOL_3_0, (("user", "app"), ("options", "-c pgseal.tenant=acme")))
+    startup = m.StartupMessage(
+        m.PROTOCOL_3_0, (("user", "app"), ("options", "-c pgseal.tenant=acme"))
+    )
     s.client_data(startup.encode() + insert.encode())
     s.upstream_connected(tls=False)
     assert b"123-45-6789" not in b"".join(s.drain()[0])

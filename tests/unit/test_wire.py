@@ -118,12 +118,16 @@ def collect(buf: FrameBuffer, chunks: list[bytes]) -> tuple[bytes, list[Frame]]:
 
 
 @settings(max_examples=200)
-@given(st.lists(message_strategies, min_size=1, max_size=8), st.sampled_from([b"", b"Q", b"BP", b"QPBDCE"]))
+@given(
+    st.lists(message_strategies, min_size=1, max_size=8),
+    st.sampled_from([b"", b"Q", b"BP", b"QPBDCE"]),
+)
 def test_whole_and_byte_at_a_time_give_the_same_result(msgs: list[object], held: bytes) -> None:
     stream = b"".join(x.encode() for x in msgs)  # type: ignore[attr-defined]
     whole = collect(FrameBuffer("client", held=held_table(held)), [stream])
     one_by_one = collect(
-        FrameBuffer("client", held=held_table(held)), [stream[i : i + 1] for i in range(len(stream))]
+        FrameBuffer("client", held=held_table(held)),
+        [stream[i : i + 1] for i in range(len(stream))],
     )
     assert whole[0] == stream
     assert one_by_one[0] == stream
@@ -192,7 +196,9 @@ def test_fuzz_framing_only_raises_protocol_violation(data: bytes) -> None:
         buf.feed(data)
         while (item := buf.next()) is not None:
             if isinstance(item, Frame):
-                {"Q": m.decode_query, "P": m.decode_parse, "B": m.decode_bind}[chr(item.type)](item.body)
+                {"Q": m.decode_query, "P": m.decode_parse, "B": m.decode_bind}[chr(item.type)](
+                    item.body
+                )
     except ProtocolViolation:
         pass
 
