@@ -29,6 +29,15 @@ from proxy.localpg import free_port
 from proxy.server.app import ProxyServer
 
 
+def proxy_dsn(
+    host: str, port: int, user: str, database: str, password: str | None, params: dict[str, str]
+) -> str:
+    """A libpq URL to a proxy under test (`params`: query parameters, e.g. sslmode)."""
+    auth = f"{user}:{password}@" if password else f"{user}@"
+    query = "&".join(f"{k}={v}" for k, v in params.items())
+    return f"postgresql://{auth}{host}:{port}/{database}" + (f"?{query}" if query else "")
+
+
 class ProxyThread:
     """`with ProxyThread(config) as proxy:` a ProxyServer on its own loop and thread."""
 
@@ -56,11 +65,7 @@ class ProxyThread:
         password: str | None = None,
         **params: str,
     ) -> str:
-        auth = f"{user}:{password}@" if password else f"{user}@"
-        query = "&".join(f"{k}={v}" for k, v in params.items())
-        return f"postgresql://{auth}{self.host}:{self.port}/{database}" + (
-            f"?{query}" if query else ""
-        )
+        return proxy_dsn(self.host, self.port, user, database, password, params)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -159,11 +164,7 @@ class ProxyProcess:
         password: str | None = None,
         **params: str,
     ) -> str:
-        auth = f"{user}:{password}@" if password else f"{user}@"
-        query = "&".join(f"{k}={v}" for k, v in params.items())
-        return f"postgresql://{auth}127.0.0.1:{self.port}/{database}" + (
-            f"?{query}" if query else ""
-        )
+        return proxy_dsn("127.0.0.1", self.port, user, database, password, params)
 
 
 def proxy_config(pg: Any, **overrides: Any) -> Config:
