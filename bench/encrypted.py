@@ -560,9 +560,14 @@ def run_once(
 # --- summary --------------------------------------------------------------------------------
 
 
-def _paired(runs: Sequence[EncRun], a: str, b: str) -> float | None:
+def _per_round(runs: Sequence[EncRun], a: str, b: str) -> list[float]:
+    """TPS of `a` over TPS of `b` in each round (runs minutes apart, on the same load)."""
     by = {(r.target, r.round): r for r in runs}
-    vals = [by[(a, k)].tps / by[(b, k)].tps for (t, k) in by if t == a and (b, k) in by]
+    return [by[(a, k)].tps / by[(b, k)].tps for (t, k) in by if t == a and (b, k) in by]
+
+
+def _paired(runs: Sequence[EncRun], a: str, b: str) -> float | None:
+    vals = _per_round(runs, a, b)
     return median(vals) if vals else None
 
 
@@ -597,6 +602,7 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
     return {
         "rows": rows,
         "encrypted_x_plain_pgseal": _paired(runs, "encrypted", "plain-pgseal"),
+        "encrypted_x_plain_pgseal_rounds": _per_round(runs, "encrypted", "plain-pgseal"),
         "plain_pgseal_x_direct": _paired(runs, "plain-pgseal", "plain-direct"),
         "encrypted_x_direct": _paired(runs, "encrypted", "plain-direct"),
         "cells_direct_x_direct": _paired(runs, "cells-direct", "plain-direct"),
@@ -645,6 +651,9 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
     if ratio is not None:
         mark = "ok  " if ratio >= RATIO_TARGET else "MISS"
         print(f"  [{mark}] TPS encrypted / plain-pgseal  {ratio:.3f}   (target >= {RATIO_TARGET})")
+        rounds = summary["encrypted_x_plain_pgseal_rounds"]
+        if len(rounds) > 1:  # how much one round says on this machine
+            print(f"         per round: {min(rounds):.3f} .. {max(rounds):.3f}")
     if summary["plain_pgseal_x_direct"] is not None:
         print(f"         TPS plain-pgseal / direct     {summary['plain_pgseal_x_direct']:.3f}")
     if summary["encrypted_x_direct"] is not None:
