@@ -9,7 +9,9 @@ restart (or a second process writing the same file or table) extends one chain:
   ``write`` returns only once the batch is on disk. A failed write is cut back off the
   file so a half line never ends up in the chain.
 - postgres: each batch is one transaction holding an advisory lock on the table: read
-  the last seq and hash, insert the batch, commit (durable on commit).
+  the last seq and hash, insert the batch, commit (durable on commit). A batch whose
+  COMMIT went unanswered (the connection died) is looked up by the hash it would have
+  left before its records are sent again, so they are not written twice.
 - stdout: one line per record, flushed; its chain starts afresh in every process (a log
   collector cannot be read back), so it is a copy for log shipping, not the evidence.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -32,6 +35,8 @@ from proxy.audit.records import AuditRecord, ChainHead, SealedLine, chain, head_
 
 if TYPE_CHECKING:
     from asyncpg.pool import PoolConnectionProxy
+
+log = logging.getLogger(__name__)
 
 Batch = Sequence[tuple[AuditRecord, str]]  # (record, ts)
 
@@ -279,6 +284,13 @@ class PostgresSink:
         self._timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
         self._ready = False
+        # A COMMIT whose answer is lost may still have happened. `_unsure`: the last batch
+        # sent without learning that it committed (the head it would leave, its records);
+        # the next write looks that head up. `_written`: records found committed that way,
+        # by identity (the trail sends the same objects again): never written twice, and
+        # forgotten once a write succeeds (the trail then sends none of them again).
+        self._unsure: tuple[ChainHead, list[AuditRecord]] | None = None
+        self._written: dict[int, AuditRecord] = {}
 
     async def _conn_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -322,23 +334,50 @@ class PostgresSink:
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext($1), 2)", f"pgseal-audit:{self.table}"
                 )
+                if batch is not None:
+                    await self._settle_unsure(conn)
+                    batch = [(rec, ts) for rec, ts in batch if id(rec) not in self._written]
                 row = await conn.fetchrow(
                     # qtable: identifiers checked and quoted by quote_table
                     f"SELECT seq, hash, event FROM {self.qtable} ORDER BY seq DESC LIMIT 1"  # noqa: S608
                 )
                 head = ChainHead(row["seq"], row["hash"], row["event"]) if row else ChainHead()
-                if not batch:
-                    return head
-                sealed, new_head = chain(batch, head)
-                await conn.executemany(
-                    f"INSERT INTO {self.qtable} (seq, ts, event, tenant, key_id, hash, record) "  # noqa: S608
-                    "VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7)",
-                    [
-                        (s.seq, ts, rec.event, rec.tenant, rec.key_id, s.hash, s.line)
-                        for (rec, ts), s in zip(batch, sealed, strict=True)
-                    ],
-                )
-                return new_head
+                if batch:
+                    sealed, head = chain(batch, head)
+                    # Until this transaction is known to have committed, or not.
+                    self._unsure = (head, [rec for rec, _ in batch])
+                    await conn.executemany(
+                        f"INSERT INTO {self.qtable} (seq, ts, event, tenant, key_id, hash, record) "  # noqa: S608
+                        "VALUES ($1, $2::text::timestamptz, $3, $4, $5, $6, $7)",
+                        [
+                            (s.seq, ts, rec.event, rec.tenant, rec.key_id, s.hash, s.line)
+                            for (rec, ts), s in zip(batch, sealed, strict=True)
+                        ],
+                    )
+            if batch is not None:  # committed, and the trail learns it: it sends none again
+                self._unsure = None
+                self._written.clear()
+            return head
+
+    async def _settle_unsure(self, conn: PoolConnectionProxy[Any]) -> None:
+        """Did the batch whose COMMIT went unanswered commit? Its last record is in the table,
+        with the hash that batch gave it, or not at all. (Under the table's advisory lock,
+        which that transaction held until it ended: the answer is final.)"""
+        if self._unsure is None:
+            return
+        head, records = self._unsure
+        committed = await conn.fetchval(
+            f"SELECT 1 FROM {self.qtable} WHERE seq = $1 AND hash = $2",  # noqa: S608
+            head.seq,
+            head.hash,
+        )
+        self._unsure = None
+        if committed:
+            log.warning(
+                "audit sink %s: a batch whose COMMIT went unanswered was written; "
+                "its %d records are not written again", self.name, len(records),
+            )
+            self._written.update((id(rec), rec) for rec in records)
 
     async def _guarded(self, batch: Batch | None) -> ChainHead:
         for attempt in (1, 2):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import yaml
 
@@ -88,6 +89,94 @@ async def test_unreachable_postgres_sink_blocks_then_recovers(pg: Any, audit_tab
     await trail.start()  # the database is back: no restart needed
     await trail.record(AuditRecord("key.unwrap", tenant="acme"))
     await trail.close()
+    assert (await verify_postgres(pg.superuser_dsn, audit_table)).ok
+
+
+class _LostCommitAnswers:
+    """The next `left` transactions end for real (commit or rollback), and then the
+    client is told the connection died: what a connection lost during COMMIT looks like."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from asyncpg.transaction import Transaction
+
+        self.left = 0
+        real_exit = Transaction.__aexit__
+
+        async def lossy_exit(tx: Any, extype: Any, ex: Any, tb: Any) -> Any:
+            result = await real_exit(tx, extype, ex, tb)
+            if self.left > 0:
+                self.left -= 1
+                raise asyncpg.ConnectionDoesNotExistError("connection lost (test)")
+            return result
+
+        monkeypatch.setattr(Transaction, "__aexit__", lossy_exit)
+
+
+async def _rows(dsn: str, table: str) -> list[tuple[str, int | None]]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            f"SELECT event, (record::json->>'count')::int AS n FROM {table} ORDER BY seq"
+        )
+        return [(r["event"], r["n"]) for r in rows]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_batch_whose_commit_went_unanswered_is_not_written_twice(
+    pg: Any, audit_table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lost = _LostCommitAnswers(monkeypatch)
+    trail = AuditTrail([PostgresSink(pg.superuser_dsn, audit_table)])
+    await trail.start()
+    # The sink's own retry: the batch committed, the answer was lost, the retry finds it.
+    lost.left = 1
+    await trail.record(AuditRecord("data.decrypt", tenant="acme", count=1), kept=True)
+    # Lost twice: the retry fails too, the trail keeps the record and sends it again with
+    # the next batch, which finds it written and writes only the new one.
+    lost.left = 2
+    with pytest.raises(KeyServiceUnavailable):
+        await trail.record(AuditRecord("data.decrypt", tenant="acme", count=2), kept=True)
+    await asyncio.sleep(0.6)  # the trail's first wait before it tries the sink again
+    await trail.record(AuditRecord("data.decrypt", tenant="acme", count=3), kept=True)
+    await trail.close()
+    rows = await _rows(pg.superuser_dsn, audit_table)
+    assert rows == [
+        ("audit.start", None),
+        ("data.decrypt", 1),
+        ("data.decrypt", 2),
+        ("data.decrypt", 3),
+        ("audit.stop", None),
+    ]
+    assert (await verify_postgres(pg.superuser_dsn, audit_table)).ok
+
+
+@pytest.mark.asyncio
+async def test_a_batch_that_did_not_commit_is_written_by_the_retry(
+    pg: Any, audit_table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side: the connection really died before COMMIT (the transaction rolled
+    back); the retry finds nothing and writes the batch."""
+    trail = AuditTrail([PostgresSink(pg.superuser_dsn, audit_table)])
+    await trail.start()
+    from asyncpg.transaction import Transaction
+
+    real_exit = Transaction.__aexit__
+    left = [1]
+
+    async def rolled_back(tx: Any, extype: Any, ex: Any, tb: Any) -> Any:
+        if left[0] > 0 and extype is None:
+            left[0] -= 1
+            await real_exit(tx, RuntimeError, RuntimeError("test"), None)  # ROLLBACK
+            raise asyncpg.ConnectionDoesNotExistError("connection lost (test)")
+        return await real_exit(tx, extype, ex, tb)
+
+    monkeypatch.setattr(Transaction, "__aexit__", rolled_back)
+    await trail.record(AuditRecord("data.decrypt", tenant="acme", count=7), kept=True)
+    await trail.close()
+    rows = await _rows(pg.superuser_dsn, audit_table)
+    assert rows == [("audit.start", None), ("data.decrypt", 7), ("audit.stop", None)]
     assert (await verify_postgres(pg.superuser_dsn, audit_table)).ok
 
 
