@@ -56,6 +56,7 @@ from proxy.rewrite.lexer import (
     SessionStatementError,
     decode_string_literal,
     first_keyword,
+    fold_identifier,
     glued_parameter_ends,
     parse_session_statement,
     split_statements,
@@ -127,12 +128,6 @@ def _refuse(construct: str, message: str, column: ColumnRef | None = None) -> No
     raise _Refused(Refusal(UNSUPPORTED, f"pgseal: {message}", construct, column))
 
 
-def _fold(name: str) -> str:
-    """PostgreSQL's folding of an unquoted identifier: ASCII letters only."""
-    return name.translate(_ASCII_LOWER)
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def _ident(node: exp.Expr | None) -> str | None:
@@ -140,10 +135,10 @@ def _ident(node: exp.Expr | None) -> str | None:
         return None
     if isinstance(node, exp.Identifier):
         text = str(node.this)
-        return text if node.args.get("quoted") else _fold(text)
+        return text if node.args.get("quoted") else fold_identifier(text)
     if isinstance(node, exp.TableAlias):
         return _ident(node.this)
-    return _fold(str(node.name)) if node.name else None
+    return fold_identifier(str(node.name)) if node.name else None
 
 
 def _strip_parens(node: exp.Expr) -> exp.Expr:
@@ -803,7 +798,7 @@ class _Analysis:
             for arg in item.iter_expressions():
                 if arg is not alias_node:
                     self.visit(arg, frame)
-            alias = _ident(alias_node) or _fold(str(item.name or item.key))
+            alias = _ident(alias_node) or fold_identifier(str(item.name or item.key))
             source = _Source(alias, self._new_instance(), outputs=[_Star()])
         frame.add(source)
         for join in item.args.get("joins") or ():
@@ -2418,7 +2413,7 @@ def _default_name(item: exp.Expr) -> str:
     if isinstance(e, exp.Column) and isinstance(e.this, exp.Identifier):
         return _ident(e.this) or "?column?"
     if isinstance(e, exp.Anonymous):
-        return _fold(str(e.this))
+        return fold_identifier(str(e.this))
     if isinstance(e, exp.Func):
         return e.sql_name().lower()
     return "?column?"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from proxy.policy.model import AmbiguousTableError, PolicySet, TablePolicy
-from proxy.rewrite.lexer import decode_string_literal, skip_block_comment
+from proxy.rewrite.lexer import decode_string_literal, fold_identifier, skip_block_comment
 from proxy.rewrite.plan import (
     CELL_TENANT,
     UNSUPPORTED,
@@ -94,7 +94,7 @@ def _tokens(sql: str, start: int, end: int) -> list[_Tok]:
         if kind == "space":
             continue
         if kind == "word":
-            toks.append(_Tok("word", text.translate(_ASCII_LOWER), m.start(), m.end()))
+            toks.append(_Tok("word", fold_identifier(text), m.start(), m.end()))
         elif kind == "qident":
             toks.append(_Tok("ident", text[1:-1].replace('""', '"'), m.start(), m.end()))
         elif kind in ("str", "estr", "dollar", "ustr"):
@@ -111,7 +111,6 @@ def _tokens(sql: str, start: int, end: int) -> list[_Tok]:
     return toks
 
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 @dataclass(slots=True)

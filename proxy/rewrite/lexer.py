@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from proxy.rewrite.plan import SessionSetting
 
@@ -310,7 +311,7 @@ def _session_tokens(text: str) -> list[_Tok] | None:
         if kind == "space":
             continue
         if kind == "word":
-            toks.append(_Tok("word", value.lower()))
+            toks.append(_Tok("word", fold_identifier(value)))
         elif kind == "qident":
             toks.append(_Tok("qident", value[1:-1].replace('""', '"')))
         elif kind in ("str", "estr", "dollar"):
@@ -353,6 +354,50 @@ def _values(toks: list[_Tok], i: int) -> list[str] | None:
             return None
         i += 1
     return values or None
+
+
+def fold_identifier(name: str) -> str:
+    """PostgreSQL's folding of an unquoted identifier (UTF-8 databases): ASCII letters only."""
+    return name.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+SavepointAction = Literal["savepoint", "release", "rollback_to"]
+
+
+class SavepointStatementError(ValueError):
+    """A savepoint statement whose name cannot be read (the caller fails closed)."""
+
+
+def parse_savepoint_statement(command: str, text: str) -> tuple[SavepointAction, str] | None:
+    """What a SAVEPOINT, RELEASE or ROLLBACK statement does to the block's savepoints:
+    ("savepoint" | "release" | "rollback_to", name as PostgreSQL resolves it), or None for
+    a ROLLBACK that ends the block. `command`: the statement's first keyword, upper case.
+    Raises SavepointStatementError for one that names a savepoint in a way not read here."""
+    toks = _session_tokens(text.strip().removesuffix(";"))
+    if toks is None:
+        if command == "ROLLBACK" and not re.search(r"\bto\b", text, re.IGNORECASE):
+            return None
+        raise SavepointStatementError(text)
+    words = [t.text if t.kind == "word" else None for t in toks]
+    i = 1
+    if command == "ROLLBACK":
+        if i < len(toks) and words[i] in ("work", "transaction"):
+            i += 1
+        if i == len(toks) or words[i] == "and":  # ROLLBACK [AND [NO] CHAIN]: the block ends
+            return None
+        if words[i] != "to":
+            raise SavepointStatementError(text)
+        i += 1
+        action: SavepointAction = "rollback_to"
+    else:
+        action = "savepoint" if command == "SAVEPOINT" else "release"
+    if action != "savepoint" and i + 1 < len(toks) and words[i] == "savepoint":
+        i += 1
+    if i + 1 != len(toks) or toks[i].kind not in ("word", "qident"):
+        raise SavepointStatementError(text)
+    return action, toks[i].text
 
 
 def parse_session_statement(text: str) -> SessionSetting | None:

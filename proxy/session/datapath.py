@@ -64,6 +64,7 @@ from proxy.rewrite import (
     resolve_outputs,
 )
 from proxy.rewrite.copy import copy_targets, is_utf8_encoding
+from proxy.rewrite.lexer import SavepointStatementError, parse_savepoint_statement
 from proxy.rewrite.params import parameter_count
 from proxy.rewrite.plan import CopyPlan
 from proxy.session.copystream import CopyIn, CopyOut, CopyStop, Denial, MissingKeys, dialect_of
@@ -1179,9 +1180,8 @@ class DataPath:
             elif command in ("COMMIT", "END"):
                 for tracker in self._trackers():
                     tracker.commit()
-            elif command in ("ROLLBACK", "ABORT"):
-                for tracker in self._trackers():
-                    tracker.rollback()
+            elif command in ("ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"):
+                self._track_block_end_or_savepoint(command, sql[plan.start : plan.end])
             elif command in ("SET", "RESET"):
                 self._track_output_setting(sql[plan.start : plan.end])
             elif command in ("DEALLOCATE", "DISCARD"):
@@ -1207,6 +1207,26 @@ class DataPath:
                     self.role_setting.set(
                         value if isinstance(value, str) else None, local=setting.local
                     )
+
+    def _track_block_end_or_savepoint(self, command: str, text: str) -> None:
+        """ROLLBACK / ABORT end the block; SAVEPOINT, ROLLBACK TO and RELEASE move within it
+        (ROLLBACK TO undoes the SETs since the savepoint, as PostgreSQL does)."""
+        trackers = self._trackers()
+        try:
+            found = None if command == "ABORT" else parse_savepoint_statement(command, text)
+        except SavepointStatementError:
+            for tracker in trackers:  # it may have undone a SET: fail closed
+                tracker.unknown_savepoint()
+            return
+        for tracker in trackers:
+            if found is None:
+                tracker.rollback()
+            elif found[0] == "savepoint":
+                tracker.savepoint(found[1])
+            elif found[0] == "release":
+                tracker.release(found[1])
+            else:
+                tracker.rollback_to(found[1])
 
     def _forget_statements(self, text: str) -> None:
         """SQL-level DEALLOCATE / DISCARD drop protocol-level statements too. Dropped at send

@@ -19,10 +19,11 @@ server answers:
   tracker cannot tell which SETs PostgreSQL kept: the tenant becomes
   `uncertain` and protected statements are refused until the next SET/RESET
   of pgseal.tenant (fail closed rather than guess a tenant).
+* SAVEPOINT s / ROLLBACK TO s / RELEASE s inside a block: ROLLBACK TO undoes every SET
+  (LOCAL or not) since the savepoint, as PostgreSQL does, and keeps the savepoint;
+  RELEASE keeps the values and drops the savepoint and those after it. A savepoint
+  statement the caller cannot read makes the value `uncertain` (see `unknown_savepoint`).
 * ReadyForQuery of the last segment in flight is the truth about being in a block.
-
-Not tracked: SAVEPOINT / ROLLBACK TO (a SET after a savepoint survives a
-ROLLBACK TO here). Documented in the README.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class _State:
     local: str | None
     in_block: bool
     block_start: str | None
+    # The block's savepoints, oldest first: (name, committed, local) when it was set.
+    savepoints: tuple[tuple[str, str | None, str | None], ...] = ()
 
 
 # What `snapshot` returns and `restore` takes; opaque to callers.
@@ -90,11 +93,13 @@ class TenantTracker:
         if not s.in_block:
             s.in_block = True
             s.block_start = s.committed
+            s.savepoints = ()
 
     def commit(self) -> None:
         s = self._s
         s.in_block = False
         s.local = None
+        s.savepoints = ()
 
     def rollback(self) -> None:
         s = self._s
@@ -102,6 +107,38 @@ class TenantTracker:
             s.committed = s.block_start
         s.in_block = False
         s.local = None
+        s.savepoints = ()
+
+    def savepoint(self, name: str) -> None:
+        """SAVEPOINT name (outside a block PostgreSQL refuses it: nothing changes)."""
+        s = self._s
+        if s.in_block:
+            s.savepoints = (*s.savepoints, (name, s.committed, s.local))
+
+    def rollback_to(self, name: str) -> None:
+        """ROLLBACK TO SAVEPOINT name: the values as they were when it was set; it stays,
+        the later ones go. An unknown name is an error in PostgreSQL (nothing changes)."""
+        s = self._s
+        for i in range(len(s.savepoints) - 1, -1, -1):
+            saved_name, committed, local = s.savepoints[i]
+            if saved_name == name:
+                s.committed, s.local = committed, local
+                s.savepoints = s.savepoints[: i + 1]
+                return
+
+    def release(self, name: str) -> None:
+        """RELEASE SAVEPOINT name: the values stay; it and every later one go."""
+        s = self._s
+        for i in range(len(s.savepoints) - 1, -1, -1):
+            if s.savepoints[i][0] == name:
+                s.savepoints = s.savepoints[:i]
+                return
+
+    def unknown_savepoint(self) -> None:
+        """A savepoint statement whose name could not be read: whether it undid a SET is
+        unknown, so protected statements are refused until the next SET (fail closed)."""
+        if self._s.in_block:
+            self.uncertain = True
 
     # -- as the server answers ---------------------------------------------------------
 
@@ -113,8 +150,7 @@ class TenantTracker:
             if self.current != self._segment_value():
                 self.uncertain = True
             return
-        seg = self._segment
-        self._s = _State(seg.committed, seg.local, seg.in_block, seg.block_start)
+        self._s = replace(self._segment)
 
     def _segment_value(self) -> str | None:
         seg = self._segment
@@ -132,8 +168,10 @@ class TenantTracker:
             if s.in_block:  # the block ended in a way we did not see (e.g. an error in COMMIT)
                 s.in_block = False
             s.local = None
+            s.savepoints = ()
         else:
             if not s.in_block:
                 s.in_block = True
                 s.block_start = s.committed
-        self._segment = _State(s.committed, s.local, s.in_block, s.block_start)
+                s.savepoints = ()
+        self._segment = replace(s)

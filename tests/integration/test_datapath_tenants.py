@@ -315,6 +315,57 @@ def test_set_local_ends_with_the_transaction(conn: psycopg.Connection[Any]) -> N
     assert _current_setting(conn) == b
 
 
+def test_savepoints_undo_and_keep_the_tenant_as_postgresql_does(
+    conn: psycopg.Connection[Any],
+) -> None:
+    """psycopg's nested transactions are SAVEPOINT / ROLLBACK TO / RELEASE: a tenant set
+    inside a rolled-back savepoint is undone, and the next values are sealed and read under
+    the tenant PostgreSQL and the application have, not the one undone."""
+    a, b = _tenant("sa"), _tenant("sb")
+    conn.execute(f"SET pgseal.tenant = '{b}'")
+    with conn.transaction():
+        conn.execute(f"SET pgseal.tenant = '{a}'")  # in the block, before the savepoint
+        with pytest.raises(psycopg.errors.UndefinedTable), conn.transaction():  # SAVEPOINT
+            conn.execute(f"SET pgseal.tenant = '{b}'")
+            conn.execute("SELECT * FROM no_such_table")
+        # ROLLBACK TO SAVEPOINT: back to a (not to b, the value before the block)
+        assert _current_setting(conn) == a
+        row = conn.execute(
+            "INSERT INTO notes (body) VALUES (%s) RETURNING id", ["written as a"]
+        ).fetchone()
+        assert row is not None
+
+        def read_note() -> list[Any]:
+            return conn.execute("SELECT body FROM notes WHERE id = %s", [row[0]]).fetchall()
+
+        with conn.transaction():  # SAVEPOINT ... RELEASE: the SET LOCAL stays
+            conn.execute(f"SET LOCAL pgseal.tenant = '{b}'")
+        assert _current_setting(conn) == b
+        assert _sqlstate(read_note) == DENIED
+    # The block committed: the SET LOCAL ended with it, the SET of a stays.
+    assert _current_setting(conn) == a
+    assert conn.execute("SELECT body FROM notes WHERE id = %s", [row[0]]).fetchall() == [
+        ("written as a",)
+    ]
+    conn.execute(f"SET pgseal.tenant = '{b}'")
+    assert _sqlstate(read_note) == DENIED
+    # Named savepoints in SQL, quoted and not, several deep.
+    conn.execute(f"SET pgseal.tenant = '{a}'")
+    conn.execute("BEGIN")
+    conn.execute('SAVEPOINT "Outer"')
+    conn.execute(f"SET pgseal.tenant = '{b}'")
+    conn.execute("SAVEPOINT inner_one")
+    conn.execute(f"SET pgseal.tenant = '{a}'")
+    conn.execute("ROLLBACK TO inner_one")
+    assert _current_setting(conn) == b
+    conn.execute('ROLLBACK WORK TO SAVEPOINT "Outer"')
+    assert _current_setting(conn) == a
+    assert conn.execute("SELECT body FROM notes WHERE id = %s", [row[0]]).fetchall() == [
+        ("written as a",)
+    ]
+    conn.execute("ROLLBACK")
+
+
 def test_set_local_in_pipeline_mode(conn: psycopg.Connection[Any]) -> None:
     a, b = _tenant("pla"), _tenant("plb")
     conn.execute(f"SET pgseal.tenant = '{b}'")

@@ -192,6 +192,52 @@ def test_a_bind_with_nothing_to_seal_goes_out_as_the_client_sent_it(policies) ->
     assert [n.event for n in dp.take_audit()] == ["data.decrypt"]
 
 
+def _run(dp: DataPath, sql: str, tag: str, status: str = "T") -> None:
+    client(dp, m.Query(sql))
+    server(dp, m.CommandComplete(tag).encode())
+    server(dp, m.ReadyForQuery(status).encode())
+
+
+@pytest.mark.parametrize(
+    ("undo", "expected"),
+    [
+        ("ROLLBACK TO SAVEPOINT s", "acme"),
+        ("rollback to s;", "acme"),
+        ("ROLLBACK TRANSACTION TO SAVEPOINT S", "acme"),  # unquoted: folded to lower case
+        ("ROLLBACK /* to where? */ TO -- here\n s", "acme"),
+        ("RELEASE SAVEPOINT s", "globex"),
+        ("RELEASE s", "globex"),
+    ],
+)
+def test_savepoints_move_the_session_tenant_as_postgresql_does(  # type: ignore[no-untyped-def]
+    policies, undo: str, expected: str
+) -> None:
+    dp, _ = make(policies, tenant="initech")
+    _run(dp, "BEGIN", "BEGIN")
+    _run(dp, "SET pgseal.tenant = 'acme'", "SET")
+    _run(dp, "SAVEPOINT s", "SAVEPOINT")
+    _run(dp, "SET pgseal.tenant = 'globex'", "SET")
+    _run(dp, undo, "ROLLBACK" if undo.lower().startswith("rollback") else "RELEASE")
+    assert dp.tenant.current == expected and not dp.tenant.uncertain
+    _run(dp, "COMMIT", "COMMIT", "I")
+    assert dp.tenant.current == expected
+
+
+def test_a_savepoint_statement_the_proxy_cannot_read_refuses_protected_statements(  # type: ignore[no-untyped-def]
+    policies,
+) -> None:
+    dp, _ = make(policies, tenant="acme")
+    _run(dp, "BEGIN", "BEGIN")
+    _run(dp, "SAVEPOINT s", "SAVEPOINT")
+    _run(dp, "SET pgseal.tenant = 'globex'", "SET")
+    _run(dp, 'ROLLBACK TO U&"\\0073"', "ROLLBACK")  # s, in Unicode escapes: not read here
+    assert dp.tenant.uncertain
+    out = client(dp, m.Query("INSERT INTO notes (body) VALUES ('x')"))
+    assert out == m.Query("pgseal_refused_statement").encode()
+    _run(dp, "SET pgseal.tenant = 'acme'", "SET")
+    assert not dp.tenant.uncertain
+
+
 def test_reading_another_tenants_cell_is_denied(policies) -> None:  # type: ignore[no-untyped-def]
     dp, ring = make(policies, tenant="acme")
     cell = ring.keys[2].seal("public.patients.name", b"\x01Bob", deterministic=False)

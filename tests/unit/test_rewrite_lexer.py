@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 
 from proxy.rewrite import SessionSetting
 from proxy.rewrite.lexer import (
+    SavepointStatementError,
     SessionStatementError,
     decode_string_literal,
     first_keyword,
     glued_parameter_ends,
+    parse_savepoint_statement,
     parse_session_statement,
     split_statements,
 )
@@ -208,3 +210,43 @@ def test_split_never_fails_and_spans_are_ordered(text: str) -> None:
         assert previous <= span.start < span.end <= len(text)
         previous = span.end
     glued_parameter_ends(text)
+
+
+# --- savepoint statements -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "text", "expected"),
+    [
+        ("SAVEPOINT", "SAVEPOINT s", ("savepoint", "s")),
+        ("SAVEPOINT", "savepoint My_Sp;", ("savepoint", "my_sp")),
+        ("SAVEPOINT", 'SAVEPOINT "My ""Sp"""', ("savepoint", 'My "Sp"')),
+        ("SAVEPOINT", "SAVEPOINT Ärzte", ("savepoint", "Ärzte")),  # ASCII folding only
+        ("RELEASE", "RELEASE SAVEPOINT s", ("release", "s")),
+        ("RELEASE", "RELEASE s", ("release", "s")),
+        ("RELEASE", "RELEASE savepoint", ("release", "savepoint")),  # a savepoint so named
+        ("ROLLBACK", "ROLLBACK TO s", ("rollback_to", "s")),
+        ("ROLLBACK", "rollback work to savepoint S", ("rollback_to", "s")),
+        ("ROLLBACK", "ROLLBACK /* c */ TRANSACTION TO -- c\n s ;", ("rollback_to", "s")),
+        ("ROLLBACK", "ROLLBACK", None),
+        ("ROLLBACK", "ROLLBACK WORK;", None),
+        ("ROLLBACK", "ROLLBACK AND NO CHAIN", None),
+    ],
+)
+def test_savepoint_statements(command: str, text: str, expected: object) -> None:
+    assert parse_savepoint_statement(command, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("command", "text"),
+    [
+        ("ROLLBACK", 'ROLLBACK TO U&"\\0073"'),
+        ("RELEASE", "RELEASE"),
+        ("SAVEPOINT", "SAVEPOINT a b"),
+        ("ROLLBACK", "ROLLBACK TO"),
+        ("ROLLBACK", "ROLLBACK PREPARED 'gid'"),  # not in a block: PostgreSQL refuses it there
+    ],
+)
+def test_savepoint_statements_not_read_are_errors(command: str, text: str) -> None:
+    with pytest.raises(SavepointStatementError):
+        parse_savepoint_statement(command, text)
