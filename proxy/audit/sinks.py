@@ -330,7 +330,11 @@ class PostgresSink:
         pool = await self._conn_pool()
         async with pool.acquire() as conn:
             await self._ensure_table(conn)
-            async with conn.transaction():
+            # READ COMMITTED whatever the database's default: each statement must see what
+            # a writer that held the lock before us committed (its chain head; the batch
+            # _settle_unsure looks for). Under REPEATABLE READ the snapshot would be taken
+            # before the lock is granted.
+            async with conn.transaction(isolation="read_committed"):
                 await conn.execute(
                     "SELECT pg_advisory_xact_lock(hashtext($1), 2)", f"pgseal-audit:{self.table}"
                 )

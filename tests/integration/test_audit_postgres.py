@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -17,6 +18,7 @@ import yaml
 
 from proxy.audit import AuditRecord, AuditTrail, verify_postgres
 from proxy.audit.sinks import PostgresSink
+from proxy.audit.trail import RETRY_FIRST
 from proxy.errors import KeyServiceUnavailable
 
 pytestmark = pytest.mark.integration
@@ -133,12 +135,12 @@ async def test_a_batch_whose_commit_went_unanswered_is_not_written_twice(
     # The sink's own retry: the batch committed, the answer was lost, the retry finds it.
     lost.left = 1
     await trail.record(AuditRecord("data.decrypt", tenant="acme", count=1), kept=True)
-    # Lost twice: the retry fails too, the trail keeps the record and sends it again with
-    # the next batch, which finds it written and writes only the new one.
+    # Lost twice: the retry finds it written but its answer is lost too; the trail keeps
+    # the record and sends it again with the next batch, which writes only the new one.
     lost.left = 2
     with pytest.raises(KeyServiceUnavailable):
         await trail.record(AuditRecord("data.decrypt", tenant="acme", count=2), kept=True)
-    await asyncio.sleep(0.6)  # the trail's first wait before it tries the sink again
+    await asyncio.sleep(RETRY_FIRST + 0.3)  # the trail's first wait before it tries again
     await trail.record(AuditRecord("data.decrypt", tenant="acme", count=3), kept=True)
     await trail.close()
     rows = await _rows(pg.superuser_dsn, audit_table)
@@ -177,6 +179,66 @@ async def test_a_batch_that_did_not_commit_is_written_by_the_retry(
     await trail.close()
     rows = await _rows(pg.superuser_dsn, audit_table)
     assert rows == [("audit.start", None), ("data.decrypt", 7), ("audit.stop", None)]
+    assert (await verify_postgres(pg.superuser_dsn, audit_table)).ok
+
+
+@pytest.mark.asyncio
+async def test_a_commit_still_running_when_its_answer_is_lost_is_seen_under_repeatable_read(
+    pg: Any, audit_table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database defaults to REPEATABLE READ and the lost COMMIT is still running when
+    the retry starts: the retry waits for the table's lock, then must see that COMMIT
+    (its transaction is READ COMMITTED), not a snapshot from before the lock."""
+    from asyncpg.transaction import Transaction
+
+    schema = audit_table.split(".")[0]
+    dsn = pg.superuser_dsn + (
+        "&" if "?" in pg.superuser_dsn else "?"
+    ) + "default_transaction_isolation=repeatable%20read"
+    probe = await asyncpg.connect(dsn)
+    try:
+        assert await probe.fetchval("SHOW transaction_isolation") == "repeatable read"
+    finally:
+        await probe.close()
+    trail = AuditTrail([PostgresSink(dsn, audit_table)])
+    await trail.start()
+    # Its COMMIT takes 2 s on the server (a deferred trigger), the lock held meanwhile.
+    pg.execute(
+        f"CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$BEGIN PERFORM pg_sleep(2); RETURN NULL; END$$; "
+        f"CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {audit_table} "
+        f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.slow()"
+    )
+    real_exit = Transaction.__aexit__
+    armed = [True]
+    committing: list[asyncio.Future[Any]] = []
+
+    async def answer_lost(tx: Any, extype: Any, ex: Any, tb: Any) -> Any:
+        if armed[0] and extype is None:
+            armed[0] = False
+            committing.append(asyncio.ensure_future(real_exit(tx, extype, ex, tb)))
+            await asyncio.sleep(0.2)  # COMMIT sent, running; its answer never comes
+            raise asyncpg.ConnectionDoesNotExistError("connection lost (test)")
+        return await real_exit(tx, extype, ex, tb)
+
+    monkeypatch.setattr(Transaction, "__aexit__", answer_lost)
+    # The sink's own retry may find its connection still busy with that COMMIT; the trail
+    # then keeps the record and sends it again with the next one.
+    with contextlib.suppress(KeyServiceUnavailable):
+        await trail.record(AuditRecord("data.decrypt", tenant="acme", count=1), kept=True)
+    for count in range(2, 8):  # while that COMMIT runs, and after
+        await asyncio.sleep(0.6)
+        with contextlib.suppress(KeyServiceUnavailable):
+            await trail.record(AuditRecord("data.decrypt", tenant="acme", count=count), kept=True)
+            break
+    await asyncio.gather(*committing, return_exceptions=True)
+    await trail.close()
+    rows = await _rows(pg.superuser_dsn, audit_table)
+    assert rows == [
+        ("audit.start", None),
+        *(("data.decrypt", n) for n in range(1, count + 1)),
+        ("audit.stop", None),
+    ]
     assert (await verify_postgres(pg.superuser_dsn, audit_table)).ok
 
 
