@@ -267,7 +267,13 @@ class Keystore:
                 self._pool = await asyncpg.create_pool(
                     self.dsn, min_size=0, max_size=4, timeout=self._timeout,
                     command_timeout=30,
-                    server_settings={"application_name": "pgseal-keystore"},
+                    server_settings={
+                        "application_name": "pgseal-keystore",
+                        # Every transaction takes an advisory lock, then reads the rows the
+                        # lock's last holder may have just committed: READ COMMITTED, whatever
+                        # the database's default (a REPEATABLE READ snapshot predates the lock).
+                        "default_transaction_isolation": "read committed",
+                    },
                     reset=_keep_session,
                 )
             return self._pool

@@ -35,6 +35,9 @@ SERVER_SETTINGS = {
     # Our transactions are short by construction; a server default must not cut them.
     "statement_timeout": "0",
     "idle_in_transaction_session_timeout": "0",
+    # Locks are taken, then rows read: each statement must see what the lock's last holder
+    # committed, whatever the database's default isolation.
+    "default_transaction_isolation": "read committed",
 }
 
 
