@@ -272,12 +272,12 @@ def decode_string_literal(raw: str) -> str | None:
 
 _SESSION_TOKEN = re.compile(
     r"""
-      (?P<space>\s+|--[^\n]*|/\*(?:[^*]|\*(?!/))*\*/)
+      (?P<space>[ \t\n\r\f\v]+|--[^\n]*|/\*(?:[^*]|\*(?!/))*\*/)
     | (?P<estr>[eE]'(?:[^'\\]|\\.|'')*')
     | (?P<str>'(?:[^']|'')*')
     | (?P<dollar>\$(?P<tag>(?:[^\W\d]\w*)?)\$.*?\$(?P=tag)\$)
     | (?P<qident>"(?:[^"]|"")+")
-    | (?P<word>[^\W\d][\w$]*)
+    | (?P<word>[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)
     | (?P<number>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)
     | (?P<punct>[=,.])
     """,
@@ -397,7 +397,16 @@ def parse_savepoint_statement(command: str, text: str) -> tuple[SavepointAction,
         i += 1
     if i + 1 != len(toks) or toks[i].kind not in ("word", "qident"):
         raise SavepointStatementError(text)
-    return action, toks[i].text
+    return action, truncate_identifier(toks[i].text)
+
+
+def truncate_identifier(name: str) -> str:
+    """PostgreSQL keeps the first 63 bytes of an identifier (NAMEDATALEN - 1), cut at a
+    character boundary: two longer names that share those are the same name."""
+    raw = name.encode("utf-8")
+    if len(raw) <= 63:
+        return name
+    return raw[:63].decode("utf-8", errors="ignore")
 
 
 def parse_session_statement(text: str) -> SessionSetting | None:

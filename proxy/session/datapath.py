@@ -80,6 +80,8 @@ OID_TO_TYPE = {info.oid: name for name, info in TYPE_INFO.items()}
 # Settings that change how values print and that PostgreSQL does not report in
 # ParameterStatus: the proxy tracks them itself (see DataPath.output_settings).
 _OUTPUT_SETTINGS = ("extra_float_digits", "bytea_output")
+# COMMIT / ROLLBACK AND CHAIN: a new block starts at once ("AND NO CHAIN" does not match).
+_AND_CHAIN_RE = re.compile(r"\bAND\s+CHAIN\b", re.IGNORECASE)
 _OUTPUT_SETTING_RE = re.compile(
     r"(?is)\s*(?:SET\s+(?:(SESSION|LOCAL)\s+)?(extra_float_digits|bytea_output)\s*(?:=|\sTO\s)\s*"
     r"(?:'([^']*)'|([-+\w]+))\s*|RESET\s+(extra_float_digits|bytea_output)\s*)"
@@ -401,6 +403,7 @@ class DataPath:
         self.copy_in: _CopyInJob | None = None
         self.copy_out: _CopyOutJob | None = None
         self.ignored_syncs = 0  # Syncs and Queries PostgreSQL will not answer (the session counts)
+        self._segment_open = False  # an Execute was sent since the last Sync
         # PostgreSQL discards every client message until Sync: an extended-protocol error
         # came back before the client sent the Sync that ends its batch (Flush pipelines).
         self.server_skipping = False
@@ -513,6 +516,9 @@ class DataPath:
             if e.portal == _REFUSED_STATEMENT:
                 return self._refuse_reserved()
             portal = self.portals.get(e.portal)
+            if not self._segment_open:  # the first Execute since a Sync
+                self._segment_start()
+                self._segment_open = True
             if portal is not None:
                 # SET pgseal.tenant, BEGIN, COMMIT... sent through the extended protocol
                 # (pipeline mode, drivers that never use the simple one) take effect here.
@@ -532,8 +538,11 @@ class DataPath:
             return frame.raw
         if t == 0x53:  # Sync
             self.pending.append(_Pending(_Kind.SYNC))
+            self._segment_open = False
             return frame.raw
         if t == 0x51:  # Query
+            self._segment_start()
+            self._segment_open = False
             return self._query(m.decode_query(frame.body), frame)
         if t == 0x46:  # FunctionCall: answered with V + Z
             self.pending.append(_Pending(_Kind.FUNCTION))
@@ -1170,6 +1179,12 @@ class DataPath:
             tracker.restore(state)
         self.search_path = saved[1]  # the role is one of the trackers
 
+    def _segment_start(self) -> None:
+        """A Query, or the first Execute since a Sync: outside a block PostgreSQL runs it
+        (up to the Sync) as one transaction; see TenantTracker.segment_start."""
+        for tracker in self._trackers():
+            tracker.segment_start()
+
     def _track_settings(self, plans: Sequence[StatementPlan], sql: str) -> None:
         """Apply what the statements change in the session (as sent; see tenant.py)."""
         for plan in plans:
@@ -1178,8 +1193,9 @@ class DataPath:
                 for tracker in self._trackers():
                     tracker.begin()
             elif command in ("COMMIT", "END"):
+                chain = _AND_CHAIN_RE.search(sql, plan.start, plan.end) is not None
                 for tracker in self._trackers():
-                    tracker.commit()
+                    tracker.commit(chain=chain)
             elif command in ("ROLLBACK", "ABORT", "SAVEPOINT", "RELEASE"):
                 self._track_block_end_or_savepoint(command, sql[plan.start : plan.end])
             elif command in ("SET", "RESET"):
@@ -1218,9 +1234,10 @@ class DataPath:
             for tracker in trackers:  # it may have undone a SET: fail closed
                 tracker.unknown_savepoint()
             return
+        chain = found is None and _AND_CHAIN_RE.search(text) is not None
         for tracker in trackers:
             if found is None:
-                tracker.rollback()
+                tracker.rollback(chain=chain)
             elif found[0] == "savepoint":
                 tracker.savepoint(found[1])
             elif found[0] == "release":

@@ -6,24 +6,32 @@ an earlier SET in the same pipeline. So the tracker applies settings
 optimistically as statements are sent and corrects itself from what the
 server answers:
 
-* SET v            -> the value from now on (undone if its transaction rolls back)
-* SET LOCAL v      -> only until the end of the transaction block (ignored outside one,
-                      as PostgreSQL does)
+A segment is a Query, or the messages up to a Sync. Outside an explicit block
+PostgreSQL runs a segment as one transaction, and the tracker follows it:
+
+* SET v            -> the value from now on (undone if its transaction rolls back); it
+                      also replaces a SET LOCAL for the rest of the block
+* SET LOCAL v      -> until the block ends, or outside one until the segment ends
 * RESET / SET TO DEFAULT / RESET ALL / DISCARD ALL -> the value at connection start
                       (from the startup `options`), which is PostgreSQL's reset value
-* BEGIN / COMMIT / ROLLBACK track the block; COMMIT answered "ROLLBACK" (an aborted
-  block) undoes like ROLLBACK
-* an ErrorResponse outside a block undoes everything since the last ReadyForQuery
-  (the implicit transaction of that Sync or Query was rolled back). When the
-  client had already pipelined further segments past the failed one, the
-  tracker cannot tell which SETs PostgreSQL kept: the tenant becomes
-  `uncertain` and protected statements are refused until the next SET/RESET
-  of pgseal.tenant (fail closed rather than guess a tenant).
-* SAVEPOINT s / ROLLBACK TO s / RELEASE s inside a block: ROLLBACK TO undoes every SET
-  (LOCAL or not) since the savepoint, as PostgreSQL does, and keeps the savepoint;
-  RELEASE keeps the values and drops the savepoint and those after it. A savepoint
-  statement the caller cannot read makes the value `uncertain` (see `unknown_savepoint`).
+* BEGIN makes the segment's transaction (the statements before it included) the block;
+  COMMIT / ROLLBACK [AND CHAIN] end it (and start the next); outside a block ROLLBACK
+  undoes the segment so far and COMMIT is where a later ROLLBACK in it goes back to
+* SAVEPOINT s / ROLLBACK TO s / RELEASE s: ROLLBACK TO undoes every SET (LOCAL or not)
+  since the savepoint and keeps it; RELEASE keeps the values and drops it and the later
+  ones. Names as PostgreSQL resolves them (folded, cut at 63 bytes).
+* a failed block (ReadyForQuery 'E') runs only ROLLBACK [TO]; its COMMIT is a ROLLBACK
+* an ErrorResponse: PostgreSQL skipped the rest of the segment. The outcome is exact in
+  one case (one segment in flight, outside a block, no transaction statement in it: all
+  of it is undone); otherwise, if anything sent since the last answer could have changed
+  the value, it becomes `uncertain` (and what a ROLLBACK (TO) goes back to as well, when
+  a transaction statement was among them)
 * ReadyForQuery of the last segment in flight is the truth about being in a block.
+
+`uncertain`: protected statements are refused until the next SET / RESET of
+pgseal.tenant, RESET ALL or DISCARD ALL (fail closed rather than guess a tenant);
+a SET LOCAL does not end it. tests/integration/test_tenant_tracking_differential.py
+compares the tracker with PostgreSQL over random sequences of all of the above.
 """
 
 from __future__ import annotations
@@ -37,8 +45,10 @@ class _State:
     local: str | None
     in_block: bool
     block_start: str | None
-    # The block's savepoints, oldest first: (name, committed, local) when it was set.
-    savepoints: tuple[tuple[str, str | None, str | None], ...] = ()
+    # The block's savepoints, oldest first: (name, committed, local, uncertain) when set.
+    savepoints: tuple[tuple[str, str | None, str | None, bool], ...] = ()
+    failed: bool = False  # the block has failed: only ROLLBACK (TO) is run
+    block_uncertain: bool = False  # the value was uncertain when the block began
 
 
 # What `snapshot` returns and `restore` takes; opaque to callers.
@@ -51,6 +61,13 @@ class TenantTracker:
         self._s = _State(startup_value, None, False, startup_value)
         self._segment = _State(startup_value, None, False, startup_value)
         self.uncertain = False
+        # Since the last ReadyForQuery of the last segment in flight (when _segment was
+        # taken): a transaction or savepoint statement was sent, and how many segments
+        # have been answered. Either makes "undo to _segment" after an error a guess.
+        self._control_sent = False
+        self._answered_since = 0
+        self._segment_uncertain = False
+        self._chain_sent = False
 
     @property
     def current(self) -> str | None:
@@ -70,65 +87,114 @@ class TenantTracker:
 
     # -- as statements are sent --------------------------------------------------
 
+    def segment_start(self) -> None:
+        """A Query, or the first Execute since a Sync. Outside a block PostgreSQL runs it
+        as one transaction: a ROLLBACK in it goes back to here, a BEGIN in it makes all of
+        it the block, and a SET LOCAL in it lasts until it ends (here, for the next one)."""
+        s = self._s
+        if not s.in_block:
+            s.local = None
+            s.block_start = s.committed
+            s.block_uncertain = self.uncertain
+            s.savepoints = ()
+
     def set(self, value: str | None, *, local: bool = False) -> None:
         """SET [LOCAL] pgseal.tenant = value; value None means RESET / TO DEFAULT."""
         s = self._s
-        self.uncertain = False
+        if s.failed:
+            return  # refused by PostgreSQL in a failed block
         target = self.startup_value if value is None else value
         if local:
-            if s.in_block:
-                s.local = target
+            # In a block, or in the transaction of this segment. It says nothing about the
+            # value after it ends: an uncertain one stays so (fail closed).
+            s.local = target
             return
+        self.uncertain = False
         s.committed = target
-        s.local = None if value is None and s.local is not None else s.local
+        s.local = None  # a plain SET also replaces a SET LOCAL for the rest of the block
 
     def reset_all(self) -> None:
-        self.uncertain = False
         s = self._s
+        if s.failed:
+            return  # refused by PostgreSQL in a failed block
+        # After a SET LOCAL in the same block, PostgreSQL's RESET ALL does not always win
+        # over the value from before the block: do not guess.
+        self.uncertain = s.local is not None
         s.committed = self.startup_value
         s.local = None
 
     def begin(self) -> None:
+        """BEGIN / START TRANSACTION: the transaction of this segment becomes the block,
+        the statements before it included (block_start: from segment_start or COMMIT)."""
+        self._control_sent = True
         s = self._s
         if not s.in_block:
             s.in_block = True
-            s.block_start = s.committed
             s.savepoints = ()
+            s.failed = False
 
-    def commit(self) -> None:
+    def commit(self, *, chain: bool = False) -> None:
+        """COMMIT / END [AND CHAIN]. A failed block's COMMIT is a ROLLBACK (PostgreSQL
+        answers it with ROLLBACK)."""
+        if self._s.failed:
+            self.rollback(chain=chain)
+            return
+        self._control_sent = True
         s = self._s
         s.in_block = False
         s.local = None
         s.savepoints = ()
+        # What a later ROLLBACK in the same segment goes back to.
+        s.block_start, s.block_uncertain = s.committed, self.uncertain
+        if chain:
+            self._chain_sent = True
+            self.begin()
 
-    def rollback(self) -> None:
+    def rollback(self, *, chain: bool = False) -> None:
+        """ROLLBACK / ABORT [AND CHAIN]."""
+        self._control_sent = True
         s = self._s
-        if s.in_block:
-            s.committed = s.block_start
+        # The block, or the transaction of this segment, is undone.
+        s.committed = s.block_start
+        self.uncertain = s.block_uncertain
         s.in_block = False
         s.local = None
         s.savepoints = ()
+        s.failed = False
+        if chain:
+            self._chain_sent = True
+            self.begin()
 
     def savepoint(self, name: str) -> None:
-        """SAVEPOINT name (outside a block PostgreSQL refuses it: nothing changes)."""
+        """SAVEPOINT name (refused by PostgreSQL outside a block or in a failed one)."""
+        self._control_sent = True
         s = self._s
-        if s.in_block:
-            s.savepoints = (*s.savepoints, (name, s.committed, s.local))
+        if s.in_block and not s.failed:
+            s.savepoints = (*s.savepoints, (name, s.committed, s.local, self.uncertain))
 
     def rollback_to(self, name: str) -> None:
         """ROLLBACK TO SAVEPOINT name: the values as they were when it was set; it stays,
-        the later ones go. An unknown name is an error in PostgreSQL (nothing changes)."""
+        the later ones go, and a failed block works again. A name not tracked here may
+        still be one PostgreSQL knows: the value is then uncertain (fail closed)."""
+        self._control_sent = True
         s = self._s
+        if not s.in_block:
+            return  # refused by PostgreSQL outside a block
         for i in range(len(s.savepoints) - 1, -1, -1):
-            saved_name, committed, local = s.savepoints[i]
+            saved_name, committed, local, uncertain = s.savepoints[i]
             if saved_name == name:
-                s.committed, s.local = committed, local
+                s.committed, s.local, self.uncertain = committed, local, uncertain
                 s.savepoints = s.savepoints[: i + 1]
+                s.failed = False
                 return
+        self._doubt_everything()
 
     def release(self, name: str) -> None:
         """RELEASE SAVEPOINT name: the values stay; it and every later one go."""
+        self._control_sent = True
         s = self._s
+        if s.failed:
+            return  # refused by PostgreSQL in a failed block
         for i in range(len(s.savepoints) - 1, -1, -1):
             if s.savepoints[i][0] == name:
                 s.savepoints = s.savepoints[:i]
@@ -137,24 +203,48 @@ class TenantTracker:
     def unknown_savepoint(self) -> None:
         """A savepoint statement whose name could not be read: whether it undid a SET is
         unknown, so protected statements are refused until the next SET (fail closed)."""
+        self._control_sent = True
         if self._s.in_block:
-            self.uncertain = True
+            self._doubt_everything()
 
     # -- as the server answers ---------------------------------------------------------
 
     def error(self, *, later_segments_sent: bool) -> None:
-        """An ErrorResponse: outside a block the implicit transaction is undone."""
-        if self._s.in_block:
+        """An ErrorResponse. PostgreSQL skips the rest of the failed segment and undoes
+        its implicit transaction, or leaves an explicit block failed. Which of the SETs
+        sent since the last answer it kept is known exactly in one case only: one segment,
+        not in a block, with no transaction statement in it (all of it is undone). In any
+        other case where something was sent that changed the value, it is uncertain."""
+        s, seg = self._s, self._segment
+        changed = (s.committed, s.local, s.in_block, s.savepoints) != (
+            seg.committed, seg.local, seg.in_block, seg.savepoints
+        )
+        if seg.in_block and not self._control_sent and self._answered_since == 0:
+            s.failed = True  # the block PostgreSQL is in has failed
+        exact = (
+            not seg.in_block
+            and not later_segments_sent
+            and not self._control_sent
+            and self._answered_since == 0
+        )
+        if changed and exact:
+            self._s = replace(seg)
+            self.uncertain = self._segment_uncertain
             return
-        if later_segments_sent:
-            if self.current != self._segment_value():
-                self.uncertain = True
-            return
-        self._s = replace(self._segment)
+        # A SET that cleared the doubt may have been skipped. A transaction or savepoint
+        # statement that may have been skipped (an AND CHAIN: which block the value
+        # belongs to) leaves what a ROLLBACK (TO) goes back to in doubt as well.
+        if self._control_sent or self._chain_sent:
+            self._doubt_everything()
+        elif changed or self._segment_uncertain:
+            self.uncertain = True
 
-    def _segment_value(self) -> str | None:
-        seg = self._segment
-        return seg.local if seg.local is not None else seg.committed
+    def _doubt_everything(self) -> None:
+        """The value is uncertain, and so is what a ROLLBACK (TO) would go back to."""
+        s = self._s
+        self.uncertain = True
+        s.block_uncertain = True
+        s.savepoints = tuple((name, c, lo, True) for name, c, lo, _ in s.savepoints)
 
     def ready(self, status: str, *, last: bool) -> None:
         """ReadyForQuery: 'I' idle, 'T' in a block, 'E' in a failed block.
@@ -162,6 +252,7 @@ class TenantTracker:
         Only the answer to the last segment in flight describes the state the
         tracker holds; earlier ones are ignored."""
         if not last:
+            self._answered_since += 1
             return
         s = self._s
         if status == "I":
@@ -169,9 +260,16 @@ class TenantTracker:
                 s.in_block = False
             s.local = None
             s.savepoints = ()
+            s.failed = False
         else:
             if not s.in_block:
                 s.in_block = True
                 s.block_start = s.committed
+                s.block_uncertain = self.uncertain
                 s.savepoints = ()
+            s.failed = status == "E"
         self._segment = replace(s)
+        self._control_sent = False
+        self._answered_since = 0
+        self._segment_uncertain = self.uncertain
+        self._chain_sent = False

@@ -250,3 +250,17 @@ def test_savepoint_statements(command: str, text: str, expected: object) -> None
 def test_savepoint_statements_not_read_are_errors(command: str, text: str) -> None:
     with pytest.raises(SavepointStatementError):
         parse_savepoint_statement(command, text)
+
+
+def test_savepoint_names_are_cut_at_63_bytes_as_postgresql_does() -> None:
+    long_x, long_y = "a" * 63 + "X", "a" * 63 + "Y"
+    assert parse_savepoint_statement("SAVEPOINT", f"SAVEPOINT {long_x}") == (
+        "savepoint",
+        "a" * 63,
+    )
+    assert parse_savepoint_statement("ROLLBACK", f"ROLLBACK TO {long_y}") == (
+        "rollback_to",
+        "a" * 63,
+    )
+    # at a character boundary: 31 two-byte characters and a half are 62 bytes
+    assert parse_savepoint_statement("SAVEPOINT", "SAVEPOINT " + "Ä" * 40)[1] == "Ä" * 31

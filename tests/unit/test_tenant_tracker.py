@@ -121,3 +121,88 @@ def test_snapshot_and_restore_carry_the_savepoints() -> None:
     t.set("b")
     t.rollback_to("s")
     assert t.current == "a"
+
+
+# --- the transaction of a segment (a Query, or the messages up to a Sync) ---------------
+
+
+def segment(start: str | None = "x") -> TenantTracker:
+    t = TenantTracker(start)
+    t.segment_start()
+    return t
+
+
+def test_rollback_outside_a_block_undoes_the_segment() -> None:
+    t = segment()
+    t.set("a")  # SET a; ROLLBACK in one Query: PostgreSQL undoes the SET
+    t.rollback()
+    assert t.current == "x"
+
+
+def test_begin_makes_the_segment_so_far_part_of_the_block() -> None:
+    t = segment()
+    t.set("a")
+    t.begin()  # SET a; BEGIN; SET b; ROLLBACK in one Query: back to before the SET a
+    t.set("b")
+    t.rollback()
+    assert t.current == "x"
+
+
+def test_commit_in_a_segment_is_what_a_later_rollback_goes_back_to() -> None:
+    t = segment()
+    t.set("a")
+    t.commit()
+    t.set("b")
+    t.rollback()
+    assert t.current == "a"
+
+
+def test_set_local_outside_a_block_lasts_for_the_segment() -> None:
+    t = segment()
+    t.set("a", local=True)
+    assert t.current == "a"  # the statements after it in the same Query run under a
+    t.segment_start()
+    assert t.current == "x"
+
+
+def test_a_plain_set_replaces_a_set_local_in_the_block() -> None:
+    t = in_block()
+    t.set("a", local=True)
+    t.set("b")
+    assert t.current == "b"
+    t.commit()
+    assert t.current == "b"
+
+
+def test_commit_of_a_failed_block_is_a_rollback() -> None:
+    t = in_block()
+    t.set("a")
+    t.ready("E", last=True)  # an error: PostgreSQL answers the COMMIT with ROLLBACK
+    t.set("b")  # refused in a failed block
+    t.commit()
+    assert t.current == "x" and not t.uncertain
+
+
+def test_an_error_after_statements_that_changed_the_value_makes_it_uncertain() -> None:
+    t = in_block()
+    t.ready("T", last=True)
+    t.set("a")  # SET a; SELECT 1/0 in one Query: whether the SET ran is not known here
+    t.error(later_segments_sent=False)
+    assert t.uncertain
+    t.rollback()  # what the block goes back to is known
+    assert t.current == "x" and not t.uncertain
+    # With a savepoint statement in that Query, so is not what ROLLBACK TO goes back to.
+    t = in_block()
+    t.ready("T", last=True)
+    t.savepoint("s")
+    t.set("a")
+    t.error(later_segments_sent=False)
+    t.rollback_to("s")
+    assert t.uncertain
+
+
+def test_a_rollback_to_a_savepoint_not_tracked_here_makes_the_value_uncertain() -> None:
+    t = in_block()
+    t.set("a")
+    t.rollback_to("elsewhere")  # PostgreSQL may know it (a name spelled another way)
+    assert t.uncertain
