@@ -128,8 +128,6 @@ def _refuse(construct: str, message: str, column: ColumnRef | None = None) -> No
     raise _Refused(Refusal(UNSUPPORTED, f"pgseal: {message}", construct, column))
 
 
-
-
 def _ident(node: exp.Expr | None) -> str | None:
     if node is None:
         return None

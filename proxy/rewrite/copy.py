@@ -111,8 +111,6 @@ def _tokens(sql: str, start: int, end: int) -> list[_Tok]:
     return toks
 
 
-
-
 @dataclass(slots=True)
 class _Statement:
     """What the grammar says, before the policy is consulted."""

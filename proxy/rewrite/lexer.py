@@ -310,10 +310,10 @@ def _session_tokens(text: str) -> list[_Tok] | None:
         value = m.group()
         if kind == "space":
             continue
-        if kind == "word":
-            toks.append(_Tok("word", fold_identifier(value)))
+        if kind == "word":  # an identifier as PostgreSQL reads it: folded, cut at 63 bytes
+            toks.append(_Tok("word", truncate_identifier(fold_identifier(value))))
         elif kind == "qident":
-            toks.append(_Tok("qident", value[1:-1].replace('""', '"')))
+            toks.append(_Tok("qident", truncate_identifier(value[1:-1].replace('""', '"'))))
         elif kind in ("str", "estr", "dollar"):
             decoded = decode_string_literal(value)
             if decoded is None:
@@ -397,7 +397,7 @@ def parse_savepoint_statement(command: str, text: str) -> tuple[SavepointAction,
         i += 1
     if i + 1 != len(toks) or toks[i].kind not in ("word", "qident"):
         raise SavepointStatementError(text)
-    return action, truncate_identifier(toks[i].text)
+    return action, toks[i].text
 
 
 def truncate_identifier(name: str) -> str:

@@ -64,7 +64,11 @@ from proxy.rewrite import (
     resolve_outputs,
 )
 from proxy.rewrite.copy import copy_targets, is_utf8_encoding
-from proxy.rewrite.lexer import SavepointStatementError, parse_savepoint_statement
+from proxy.rewrite.lexer import (
+    SavepointStatementError,
+    fold_identifier,
+    parse_savepoint_statement,
+)
 from proxy.rewrite.params import parameter_count
 from proxy.rewrite.plan import CopyPlan
 from proxy.session.copystream import CopyIn, CopyOut, CopyStop, Denial, MissingKeys, dialect_of
@@ -1261,7 +1265,7 @@ class DataPath:
         if upper[:1] == ["DEALLOCATE"] and len(words) >= 2:
             name = words[-1]
             quoted = '"' in text
-            self.statements.pop(name if quoted else name.lower(), None)
+            self.statements.pop(name if quoted else fold_identifier(name), None)
 
     def _track_output_setting(self, text: str) -> None:
         match = _OUTPUT_SETTING_RE.fullmatch(text)

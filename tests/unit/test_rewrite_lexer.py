@@ -264,3 +264,11 @@ def test_savepoint_names_are_cut_at_63_bytes_as_postgresql_does() -> None:
     )
     # at a character boundary: 31 two-byte characters and a half are 62 bytes
     assert parse_savepoint_statement("SAVEPOINT", "SAVEPOINT " + "Ä" * 40)[1] == "Ä" * 31
+
+
+def test_an_unquoted_tenant_value_is_read_as_postgresql_reads_an_identifier() -> None:
+    # folded (ASCII letters only) and cut at 63 bytes, as PostgreSQL stores it
+    setting = parse_session_statement("SET pgseal.tenant = ÄRZTE_" + "X" * 70)
+    assert setting is not None and setting.value == ("Ärzte_" + "x" * 70)[:62]
+    quoted = parse_session_statement("SET pgseal.tenant = 'ÄRZTE'")
+    assert quoted is not None and quoted.value == "ÄRZTE"  # a string: as written
