@@ -68,6 +68,9 @@ class TenantTracker:
         self._answered_since = 0
         self._segment_uncertain = False
         self._chain_sent = False
+        # A COMMIT / ROLLBACK / savepoint statement among them (a BEGIN alone is not one:
+        # what a ROLLBACK of its block goes back to is the segment's start either way).
+        self._ends_sent = False
 
     @property
     def current(self) -> str | None:
@@ -139,7 +142,7 @@ class TenantTracker:
         if self._s.failed:
             self.rollback(chain=chain)
             return
-        self._control_sent = True
+        self._control_sent = self._ends_sent = True
         s = self._s
         s.in_block = False
         s.local = None
@@ -152,7 +155,7 @@ class TenantTracker:
 
     def rollback(self, *, chain: bool = False) -> None:
         """ROLLBACK / ABORT [AND CHAIN]."""
-        self._control_sent = True
+        self._control_sent = self._ends_sent = True
         s = self._s
         # The block, or the transaction of this segment, is undone.
         s.committed = s.block_start
@@ -167,7 +170,7 @@ class TenantTracker:
 
     def savepoint(self, name: str) -> None:
         """SAVEPOINT name (refused by PostgreSQL outside a block or in a failed one)."""
-        self._control_sent = True
+        self._control_sent = self._ends_sent = True
         s = self._s
         if s.in_block and not s.failed:
             s.savepoints = (*s.savepoints, (name, s.committed, s.local, self.uncertain))
@@ -176,7 +179,7 @@ class TenantTracker:
         """ROLLBACK TO SAVEPOINT name: the values as they were when it was set; it stays,
         the later ones go, and a failed block works again. A name not tracked here may
         still be one PostgreSQL knows: the value is then uncertain (fail closed)."""
-        self._control_sent = True
+        self._control_sent = self._ends_sent = True
         s = self._s
         if not s.in_block:
             return  # refused by PostgreSQL outside a block
@@ -191,7 +194,7 @@ class TenantTracker:
 
     def release(self, name: str) -> None:
         """RELEASE SAVEPOINT name: the values stay; it and every later one go."""
-        self._control_sent = True
+        self._control_sent = self._ends_sent = True
         s = self._s
         if s.failed:
             return  # refused by PostgreSQL in a failed block
@@ -203,7 +206,7 @@ class TenantTracker:
     def unknown_savepoint(self) -> None:
         """A savepoint statement whose name could not be read: whether it undid a SET is
         unknown, so protected statements are refused until the next SET (fail closed)."""
-        self._control_sent = True
+        self._control_sent = self._ends_sent = True
         if self._s.in_block:
             self._doubt_everything()
 
@@ -234,7 +237,7 @@ class TenantTracker:
         # A SET that cleared the doubt may have been skipped. A transaction or savepoint
         # statement that may have been skipped (an AND CHAIN: which block the value
         # belongs to) leaves what a ROLLBACK (TO) goes back to in doubt as well.
-        if self._control_sent or self._chain_sent:
+        if self._ends_sent or self._chain_sent:
             self._doubt_everything()
         elif changed or self._segment_uncertain:
             self.uncertain = True
@@ -273,3 +276,4 @@ class TenantTracker:
         self._answered_since = 0
         self._segment_uncertain = self.uncertain
         self._chain_sent = False
+        self._ends_sent = False

@@ -206,3 +206,17 @@ def test_a_rollback_to_a_savepoint_not_tracked_here_makes_the_value_uncertain() 
     t.set("a")
     t.rollback_to("elsewhere")  # PostgreSQL may know it (a name spelled another way)
     assert t.uncertain
+
+
+def test_an_error_in_the_query_that_began_the_block_leaves_its_rollback_certain() -> None:
+    # "BEGIN; SET LOCAL pgseal.tenant = 'a'; <error>" then "ROLLBACK": psql-style scripts.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.begin()
+    t.set("a", local=True)
+    t.error(later_segments_sent=False)
+    t.ready("E", last=True)
+    t.segment_start()
+    t.rollback()
+    assert t.current == "x" and not t.uncertain
