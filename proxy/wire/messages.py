@@ -503,18 +503,11 @@ class Parse:
     param_types: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
-        name = self.name.encode()
-        if b"\0" in name:
-            raise ValueError("NUL byte in a protocol string")
-        sql = self.sql.encode()
-        if b"\0" in sql:
-            raise ValueError("NUL byte in a protocol string")
+        name, sql = _cstr(self.name), _cstr(self.sql)
         types = self.param_types
         n = len(types)
         tail = (_COUNTED_U32_ARRAYS[n] if n < _CACHED else _counted_u32_array(n)).pack(n, *types)
-        return b"".join(
-            (_pack_head(b"P", len(name) + len(sql) + len(tail) + 6), name, b"\0", sql, b"\0", tail)
-        )
+        return b"".join((_pack_head(b"P", len(name) + len(sql) + len(tail) + 4), name, sql, tail))
 
 
 _parse_name, _parse_sql, _parse_param_types = _slot_setters(Parse, "name sql param_types")
@@ -561,12 +554,7 @@ class Bind:
         return 0 if not f else f[0] if len(f) == 1 else f[index]
 
     def encode(self) -> bytes:
-        portal = self.portal.encode()
-        if b"\0" in portal:
-            raise ValueError("NUL byte in a protocol string")
-        statement = self.statement.encode()
-        if b"\0" in statement:
-            raise ValueError("NUL byte in a protocol string")
+        portal, statement = _cstr(self.portal), _cstr(self.statement)
         formats = self.param_formats
         params = self.params
         results = self.result_formats
@@ -576,16 +564,14 @@ class Bind:
         parts = [
             b"",  # type byte and length, once the length is known
             portal,
-            b"\0",
             statement,
-            b"\0",
             # format count, format codes, parameter count
             (_COUNTED_I16_ARRAYS[nf + 1] if nf + 1 < _CACHED else _counted_i16_array(nf + 1)).pack(
                 nf, *formats, n
             ),
         ]
         append = parts.append
-        length = len(portal) + len(statement) + 2 * nf + 2 * nr + 4 * n + 12
+        length = len(portal) + len(statement) + 2 * nf + 2 * nr + 4 * n + 10
         for p in params:
             if p is None:
                 append(_NULL_SIZE)
