@@ -52,7 +52,7 @@ class _State:
 
 
 # What `snapshot` returns and `restore` takes; opaque to callers.
-TrackerSnapshot = tuple[_State, _State, bool]
+TrackerSnapshot = tuple[_State, _State, bool, tuple[bool, bool, bool]]
 
 
 class TenantTracker:
@@ -82,11 +82,14 @@ class TenantTracker:
         return self._s.in_block
 
     def snapshot(self) -> TrackerSnapshot:
-        """The whole state, for `restore` when a statement is not sent after all."""
-        return (replace(self._s), replace(self._segment), self.uncertain)
+        """The whole state, for `restore` when a statement is not sent after all (what
+        was sent since the last answer included: a statement not sent is not in doubt)."""
+        sent = (self._control_sent, self._ends_sent, self._chain_sent)
+        return (replace(self._s), replace(self._segment), self.uncertain, sent)
 
     def restore(self, saved: TrackerSnapshot) -> None:
         self._s, self._segment, self.uncertain = replace(saved[0]), replace(saved[1]), saved[2]
+        self._control_sent, self._ends_sent, self._chain_sent = saved[3]
 
     # -- as statements are sent --------------------------------------------------
 

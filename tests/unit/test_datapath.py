@@ -223,6 +223,18 @@ def test_savepoints_move_the_session_tenant_as_postgresql_does(  # type: ignore[
     assert dp.tenant.current == expected
 
 
+def test_a_refused_query_with_a_commit_in_it_leaves_the_tenant_certain(policies) -> None:  # type: ignore[no-untyped-def]
+    """The COMMIT was never sent (the whole Query was refused): the error that answers the
+    refusal says nothing about the tenant."""
+    dp, _ = make(policies, tenant="acme")
+    sql = "COMMIT; INSERT INTO patients (tenant_id, ssn) VALUES ('globex', '1')"
+    out = client(dp, m.Query(sql))
+    assert out == m.Query("pgseal_refused_statement").encode()
+    server(dp, m.ErrorResponse.make("42601", "syntax error").encode())
+    server(dp, m.ReadyForQuery("I").encode())
+    assert dp.tenant.current == "acme" and not dp.tenant.uncertain
+
+
 def test_a_savepoint_statement_the_proxy_cannot_read_refuses_protected_statements(  # type: ignore[no-untyped-def]
     policies,
 ) -> None:
