@@ -29,16 +29,33 @@ from proxy.localpg import free_port
 from proxy.server.app import ProxyServer
 
 
-def proxy_dsn(
-    host: str, port: int, user: str, database: str, password: str | None, params: dict[str, str]
-) -> str:
-    """A libpq URL to a proxy under test (`params`: query parameters, e.g. sslmode)."""
-    auth = f"{user}:{password}@" if password else f"{user}@"
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    return f"postgresql://{auth}{host}:{port}/{database}" + (f"?{query}" if query else "")
+class _Proxy:
+    """What both ways of running a proxy under test give: where it listens, a URL to it."""
+
+    @property
+    def host(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    def dsn(
+        self,
+        user: str = "postgres",
+        database: str = "postgres",
+        password: str | None = None,
+        **params: str,
+    ) -> str:
+        """A libpq URL to the proxy (`params`: query parameters, e.g. sslmode)."""
+        auth = f"{user}:{password}@" if password else f"{user}@"
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"postgresql://{auth}{self.host}:{self.port}/{database}" + (
+            f"?{query}" if query else ""
+        )
 
 
-class ProxyThread:
+class ProxyThread(_Proxy):
     """`with ProxyThread(config) as proxy:` a ProxyServer on its own loop and thread."""
 
     def __init__(self, config: Config) -> None:
@@ -57,15 +74,6 @@ class ProxyThread:
     @property
     def host(self) -> str:
         return self.config.listen.host
-
-    def dsn(
-        self,
-        user: str = "postgres",
-        database: str = "postgres",
-        password: str | None = None,
-        **params: str,
-    ) -> str:
-        return proxy_dsn(self.host, self.port, user, database, password, params)
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -107,16 +115,24 @@ async def _call(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-class ProxyProcess:
+class ProxyProcess(_Proxy):
     """The real `pgseal serve` in a subprocess."""
 
     def __init__(
         self, args: list[str], env: dict[str, str] | None = None, port: int | None = None
     ) -> None:
-        self.port = port or free_port()
+        self._port = port or free_port()
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        return self._port
 
     def start(self, timeout: float = 20.0) -> ProxyProcess:
         self.proc = subprocess.Popen(
@@ -156,15 +172,6 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-    def dsn(
-        self,
-        user: str = "postgres",
-        database: str = "postgres",
-        password: str | None = None,
-        **params: str,
-    ) -> str:
-        return proxy_dsn("127.0.0.1", self.port, user, database, password, params)
 
 
 def proxy_config(pg: Any, **overrides: Any) -> Config:
