@@ -413,12 +413,18 @@ def parse_session_statement(text: str) -> SessionSetting | None:
     """The tracked setting a SET/RESET/DISCARD statement changes, or None.
 
     None for statements the proxy does not track (SET TIME ZONE, SET
-    statement_timeout, ...) and for text it cannot read (the server will
-    answer it; nothing the proxy relies on changes). Raises
-    SessionStatementError for a pgseal.* setting it will not pass on: an
-    unknown pgseal.* name, several tenant values.
+    statement_timeout, ...). Raises SessionStatementError for a pgseal.*
+    setting it will not pass on (an unknown pgseal.* name, several tenant
+    values) and for text it cannot read (fail closed: it may set the tenant).
     """
-    toks = _session_tokens(text)
+    toks = _session_tokens(text.strip().removesuffix(";"))
+    if toks is None:
+        # PostgreSQL reads what this tokenizer does not (a U& string or identifier...): a
+        # SET it cannot read may be one of pgseal.tenant, the role or search_path, and must
+        # not go by untracked (the proxy would keep sealing under the old tenant).
+        raise SessionStatementError(
+            "a SET / RESET / DISCARD the proxy cannot read; write it without Unicode escapes"
+        )
     if not toks:
         return None
     head = toks[0]

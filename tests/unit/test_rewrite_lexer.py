@@ -272,3 +272,18 @@ def test_an_unquoted_tenant_value_is_read_as_postgresql_reads_an_identifier() ->
     assert setting is not None and setting.value == ("Ärzte_" + "x" * 70)[:62]
     quoted = parse_session_statement("SET pgseal.tenant = 'ÄRZTE'")
     assert quoted is not None and quoted.value == "ÄRZTE"  # a string: as written
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["SET pgseal.tenant = U&'\\0062'", 'SET U&"\\0070gseal.tenant" = \'b\'', "RESET U&\"x\""],
+)
+def test_a_set_the_proxy_cannot_read_is_refused_not_passed_untracked(text: str) -> None:
+    # PostgreSQL reads these (the first sets the tenant to 'b'); the proxy must not miss it.
+    with pytest.raises(SessionStatementError):
+        parse_session_statement(text)
+
+
+def test_a_trailing_semicolon_does_not_make_a_set_unreadable() -> None:
+    setting = parse_session_statement("SET pgseal.tenant = 'a' ;")
+    assert setting is not None and setting.value == "a"
