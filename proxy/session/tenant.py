@@ -36,7 +36,7 @@ compares the tracker with PostgreSQL over random sequences of all of the above.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -49,6 +49,19 @@ class _State:
     savepoints: tuple[tuple[str, str | None, str | None, bool], ...] = ()
     failed: bool = False  # the block has failed: only ROLLBACK (TO) is run
     block_uncertain: bool = False  # the value was uncertain when the block began
+
+    def copy(self) -> _State:
+        # dataclasses.replace() introspects the fields on every call; this runs for
+        # every tracker at every ReadyForQuery.
+        return _State(
+            self.committed,
+            self.local,
+            self.in_block,
+            self.block_start,
+            self.savepoints,
+            self.failed,
+            self.block_uncertain,
+        )
 
 
 # What `snapshot` returns and `restore` takes; opaque to callers.
@@ -85,10 +98,10 @@ class TenantTracker:
         """The whole state, for `restore` when a statement is not sent after all (what
         was sent since the last answer included: a statement not sent is not in doubt)."""
         sent = (self._control_sent, self._ends_sent, self._chain_sent)
-        return (replace(self._s), replace(self._segment), self.uncertain, sent)
+        return (self._s.copy(), self._segment.copy(), self.uncertain, sent)
 
     def restore(self, saved: TrackerSnapshot) -> None:
-        self._s, self._segment, self.uncertain = replace(saved[0]), replace(saved[1]), saved[2]
+        self._s, self._segment, self.uncertain = saved[0].copy(), saved[1].copy(), saved[2]
         self._control_sent, self._ends_sent, self._chain_sent = saved[3]
 
     # -- as statements are sent --------------------------------------------------
@@ -234,7 +247,7 @@ class TenantTracker:
             and self._answered_since == 0
         )
         if changed and exact:
-            self._s = replace(seg)
+            self._s = seg.copy()
             self.uncertain = self._segment_uncertain
             return
         # A SET that cleared the doubt may have been skipped. A transaction or savepoint
@@ -274,7 +287,7 @@ class TenantTracker:
                 s.block_uncertain = self.uncertain
                 s.savepoints = ()
             s.failed = status == "E"
-        self._segment = replace(s)
+        self._segment = s.copy()
         self._control_sent = False
         self._answered_since = 0
         self._segment_uncertain = self.uncertain

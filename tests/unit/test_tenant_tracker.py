@@ -220,3 +220,25 @@ def test_an_error_in_the_query_that_began_the_block_leaves_its_rollback_certain(
     t.segment_start()
     t.rollback()
     assert t.current == "x" and not t.uncertain
+
+
+def test_state_copy_carries_every_field() -> None:
+    """_State.copy() is written out by hand (replace() is slow): a field added to the
+    dataclass and forgotten there would silently reset on every ReadyForQuery."""
+    from dataclasses import fields
+
+    from proxy.session.tenant import _State
+
+    values = {
+        "committed": "a",
+        "local": "b",
+        "in_block": True,
+        "block_start": "c",
+        "savepoints": (("s", "a", None, True),),
+        "failed": True,
+        "block_uncertain": True,
+    }
+    assert {f.name for f in fields(_State)} == set(values)
+    original = _State(**values)  # type: ignore[arg-type]
+    copied = original.copy()
+    assert copied == original and copied is not original
