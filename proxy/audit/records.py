@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Any
@@ -51,7 +51,7 @@ FIELDS = (
 _FIELD_SET = frozenset(FIELDS)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class AuditRecord:
     """What happened, as the caller knows it; the sink adds ts, seq, prev and hash.
 
@@ -76,13 +76,57 @@ class AuditRecord:
     outcome: str = "ok"
     error: str | None = None
 
-    def __post_init__(self) -> None:
-        if self.event not in EVENTS:
-            raise ValueError(f"unknown audit event {self.event!r}")
-        if self.outcome not in OUTCOMES:
-            raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {self.outcome!r}")
-        if not isinstance(self.columns, tuple) or not all(isinstance(c, str) for c in self.columns):
+    def __init__(
+        self,
+        event: str,
+        tenant: str | None = None,
+        key_id: int | None = None,
+        key_version: int | None = None,
+        kek: str | None = None,
+        table: str | None = None,
+        columns: tuple[str, ...] = (),
+        count: int | None = None,
+        db_user: str | None = None,
+        database: str | None = None,
+        application_name: str | None = None,
+        client_addr: str | None = None,
+        session: str | None = None,
+        statement: str | None = None,
+        outcome: str = "ok",
+        error: str | None = None,
+    ) -> None:
+        # What dataclass would generate, the checks first, at half its cost (the data path
+        # builds a record per key use, on the event loop): a frozen dataclass's __init__ goes
+        # through object.__setattr__ by name for every field, this calls each slot's setter
+        # (_SET_*, below the class). tests/unit/test_audit_chain.py checks it against the
+        # generated __init__ and __post_init__ it replaces (fields, defaults, errors).
+        if event not in EVENTS:
+            raise ValueError(f"unknown audit event {event!r}")
+        if outcome not in OUTCOMES:
+            raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {outcome!r}")
+        if columns.__class__ is tuple:
+            try:
+                "".join(columns)  # a TypeError unless every item is a str (or a subclass)
+            except TypeError:
+                raise TypeError("AuditRecord.columns: a tuple of column names") from None
+        elif not isinstance(columns, tuple) or not all(isinstance(c, str) for c in columns):
             raise TypeError("AuditRecord.columns: a tuple of column names")
+        _SET_EVENT(self, event)
+        _SET_TENANT(self, tenant)
+        _SET_KEY_ID(self, key_id)
+        _SET_KEY_VERSION(self, key_version)
+        _SET_KEK(self, kek)
+        _SET_TABLE(self, table)
+        _SET_COLUMNS(self, columns)
+        _SET_COUNT(self, count)
+        _SET_DB_USER(self, db_user)
+        _SET_DATABASE(self, database)
+        _SET_APPLICATION_NAME(self, application_name)
+        _SET_CLIENT_ADDR(self, client_addr)
+        _SET_SESSION(self, session)
+        _SET_STATEMENT(self, statement)
+        _SET_OUTCOME(self, outcome)
+        _SET_ERROR(self, error)
 
     def fields(self) -> dict[str, Any]:
         """The caller-supplied fields as JSON values."""
@@ -94,6 +138,34 @@ class AuditRecord:
             "client_addr": self.client_addr, "session": self.session,
             "statement": self.statement, "outcome": self.outcome, "error": self.error,
         }
+
+
+_Setter = Callable[[Any, Any], None]
+
+
+def _setter(cls: type, name: str) -> _Setter:
+    """The slot's own setter (its member descriptor's __set__): what a frozen dataclass's
+    __init__ reaches through object.__setattr__, without the lookup by name."""
+    setter: _Setter = getattr(cls, name).__set__
+    return setter
+
+
+_SET_EVENT = _setter(AuditRecord, "event")
+_SET_TENANT = _setter(AuditRecord, "tenant")
+_SET_KEY_ID = _setter(AuditRecord, "key_id")
+_SET_KEY_VERSION = _setter(AuditRecord, "key_version")
+_SET_KEK = _setter(AuditRecord, "kek")
+_SET_TABLE = _setter(AuditRecord, "table")
+_SET_COLUMNS = _setter(AuditRecord, "columns")
+_SET_COUNT = _setter(AuditRecord, "count")
+_SET_DB_USER = _setter(AuditRecord, "db_user")
+_SET_DATABASE = _setter(AuditRecord, "database")
+_SET_APPLICATION_NAME = _setter(AuditRecord, "application_name")
+_SET_CLIENT_ADDR = _setter(AuditRecord, "client_addr")
+_SET_SESSION = _setter(AuditRecord, "session")
+_SET_STATEMENT = _setter(AuditRecord, "statement")
+_SET_OUTCOME = _setter(AuditRecord, "outcome")
+_SET_ERROR = _setter(AuditRecord, "error")
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +201,11 @@ class SealedLine:
     line: str
 
 
+_SET_SEQ = _setter(SealedLine, "seq")
+_SET_HASH = _setter(SealedLine, "hash")
+_SET_LINE = _setter(SealedLine, "line")
+
+
 def _value(value: object) -> str:
     """One field value exactly as _ENCODER writes it inside a record, whatever its type."""
     if value is None:
@@ -141,64 +218,139 @@ def _value(value: object) -> str:
     return _encode(value)  # anything else (bool, float, a str subclass, ...): the encoder itself
 
 
+# Strings chain() escaped before, and how (exact str only): a trail repeats a few strings in
+# nearly every record (statement fingerprints, tables, tenants, users, databases, sessions),
+# and escaping a statement costs more than a dict lookup. Bounded: emptied when full, and
+# long strings are not kept. (The writer thread may chain too: each dict operation is atomic,
+# and a lost race only escapes a string again.)
+_ESCAPED: dict[str, str] = {}
+_ESCAPED_MAX = 2048
+_ESCAPED_TEXT_MAX = 1024
+
+
+def _escape(text: str) -> str:
+    """encode_basestring(text), kept in _ESCAPED: chain()'s way when its lookup misses."""
+    escaped = encode_basestring(text)
+    if len(text) <= _ESCAPED_TEXT_MAX:
+        if len(_ESCAPED) >= _ESCAPED_MAX:
+            _ESCAPED.clear()
+        _ESCAPED[text] = escaped
+    return escaped
+
+
 def chain(
     records: Iterable[tuple[AuditRecord, str]], head: ChainHead
 ) -> tuple[list[SealedLine], ChainHead]:
-    """Seal (record, ts) pairs after `head`, in order.
+    """Seal (record, ts) pairs after `head`, in order."""
+    sealed: list[SealedLine] = []
+    return sealed, _chain(records, head, sealed, False)
+
+
+def chain_text(
+    records: Iterable[tuple[AuditRecord, str]], head: ChainHead
+) -> tuple[str, ChainHead]:
+    """chain()'s lines as one text, each ended by a newline (what a file sink appends)."""
+    lines: list[str] = []
+    end = _chain(records, head, lines, True)
+    if lines:
+        lines.append("")
+    return "\n".join(lines), end
+
+
+_NO_TS = object()
+
+
+def _chain(
+    records: Iterable[tuple[AuditRecord, str]], head: ChainHead, out: list[Any], lines: bool
+) -> ChainHead:
+    """Seal the records into `out` (SealedLines, or with `lines` their lines alone); return
+    the new head.
 
     Each line is byte for byte canonical(body) and its hash is record_hash(body), but both are
     written directly instead of building a dict and serializing it twice (this runs for every
-    record, on the writer thread, competing for the GIL with the event loop). The keys are
-    written in sorted order, as sort_keys would put them, and "hash" sorts between "event"
-    and "kek": the hashed serialization (every field but hash) is `front + "," + back`, the
-    stored line `front + ',"hash":"<hex>",' + back`. Both halves are built separately, so
-    nothing is searched for in the text and no value can be mistaken for a key. Each value is
-    written as _ENCODER writes it (the inline tests are _value's fast paths for the declared
-    types; anything else goes through _value). tests/unit/test_audit_chain.py checks this
-    against the dict-and-json.dumps oracle. A new field must be added here as well, in sorted
-    place (test_intact_trail_verifies checks that a line holds exactly FIELDS).
+    record, on the event loop). The keys are written in sorted order, as sort_keys would put
+    them, and "hash" sorts between "event" and "kek": the hashed serialization (every field but
+    hash) is `front + "," + back`, the stored line `front + ',"hash":"<hex>",' + back`. Both
+    halves are built separately, so nothing is searched for in the text and no value can be
+    mistaken for a key. Each value is written as _ENCODER writes it: the inline tests are
+    _value's fast paths for the declared types (an exact str escaped through _ESCAPED, None as
+    null, an exact int by int.__repr__), anything else goes through _value; the records of one
+    batch share one ts, escaped once. tests/unit/test_audit_chain.py checks this against the
+    dict-and-json.dumps oracle, and against lines pinned from before. A new field must be
+    added here as well, in sorted place (test_intact_trail_verifies checks that a line holds
+    exactly FIELDS).
     """
-    sealed: list[SealedLine] = []
     seq, digest, event = head.seq, head.hash, head.event
-    q, v, n = encode_basestring, _value, int.__repr__
+    q, v, n, sha256 = encode_basestring, _value, int.__repr__, hashlib.sha256
+    g, e = _ESCAPED.get, _escape
+    put = out.append
+    new, set_seq, set_hash, set_line = object.__new__, _SET_SEQ, _SET_HASH, _SET_LINE
+    last_ts: object = _NO_TS
+    ts_text = ""
+    sealed = False
     for record, ts in records:
+        sealed = True
         seq += 1
         prev = digest
-        app, addr, cols = record.application_name, record.client_addr, record.columns
-        count, database, db_user = record.count, record.database, record.db_user
-        error, event, kek = record.error, record.event, record.kek
-        key_id, key_version, outcome = record.key_id, record.key_version, record.outcome
-        session, statement = record.session, record.statement
-        table, tenant = record.table, record.tenant
+        # Each value escaped, in sorted key order (the order the encoder meets them in).
+        x = record.application_name
+        app = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        x = record.client_addr
+        addr = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        # columns: a tuple of str (__init__); the encoder escapes a subclass the same
+        cols = ",".join(map(q, record.columns))
+        i = record.count
+        count = n(i) if i.__class__ is int else "null" if i is None else v(i)
+        x = record.database
+        database = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        x = record.db_user
+        db_user = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        x = record.error
+        error = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        event = record.event
+        event_text = (g(event) or e(event)) if event.__class__ is str else v(event)
+        x = record.kek
+        kek = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        i = record.key_id
+        key_id = n(i) if i.__class__ is int else "null" if i is None else v(i)
+        i = record.key_version
+        key_version = n(i) if i.__class__ is int else "null" if i is None else v(i)
+        x = record.outcome
+        outcome = (g(x) or e(x)) if x.__class__ is str else v(x)
+        prev_text = q(prev) if prev.__class__ is str else v(prev)
+        seq_text = n(seq) if seq.__class__ is int else v(seq)
+        x = record.session
+        session = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        x = record.statement
+        statement = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        x = record.table
+        table = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        x = record.tenant
+        tenant = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        if ts is not last_ts:
+            last_ts, ts_text = ts, q(ts) if ts.__class__ is str else v(ts)
         front = (
-            f'{{"application_name":{q(app) if app.__class__ is str else v(app)}'
-            f',"client_addr":{q(addr) if addr.__class__ is str else v(addr)}'
-            # columns: a tuple of str (__post_init__); the encoder escapes a subclass the same
-            f',"columns":[{",".join(map(q, cols))}]'
-            f',"count":{n(count) if count.__class__ is int else v(count)}'
-            f',"database":{q(database) if database.__class__ is str else v(database)}'
-            f',"db_user":{q(db_user) if db_user.__class__ is str else v(db_user)}'
-            f',"error":{q(error) if error.__class__ is str else v(error)}'
-            f',"event":{q(event) if event.__class__ is str else v(event)}'
+            f'{{"application_name":{app},"client_addr":{addr},"columns":[{cols}]'
+            f',"count":{count},"database":{database},"db_user":{db_user},"error":{error}'
+            f',"event":{event_text}'
         )
         back = (
-            f'"kek":{q(kek) if kek.__class__ is str else v(kek)}'
-            f',"key_id":{n(key_id) if key_id.__class__ is int else v(key_id)}'
-            f',"key_version":{v(key_version)}'
-            f',"outcome":{q(outcome) if outcome.__class__ is str else v(outcome)}'
-            f',"prev":{q(prev) if prev.__class__ is str else v(prev)}'
-            f',"seq":{n(seq) if seq.__class__ is int else v(seq)}'
-            f',"session":{q(session) if session.__class__ is str else v(session)}'
-            f',"statement":{q(statement) if statement.__class__ is str else v(statement)}'
-            f',"table":{q(table) if table.__class__ is str else v(table)}'
-            f',"tenant":{q(tenant) if tenant.__class__ is str else v(tenant)}'
-            f',"ts":{q(ts) if ts.__class__ is str else v(ts)}}}'
+            f'"kek":{kek},"key_id":{key_id},"key_version":{key_version},"outcome":{outcome}'
+            f',"prev":{prev_text},"seq":{seq_text},"session":{session}'
+            f',"statement":{statement},"table":{table},"tenant":{tenant},"ts":{ts_text}}}'
         )
-        digest = hashlib.sha256(f"{front},{back}".encode()).hexdigest()
-        sealed.append(SealedLine(seq, digest, f'{front},"hash":"{digest}",{back}'))
+        digest = sha256(f"{front},{back}".encode()).hexdigest()
+        if lines:
+            put(f'{front},"hash":"{digest}",{back}')
+        else:  # SealedLine(seq, digest, line), without the frozen __init__'s setattr by name
+            item = new(SealedLine)
+            set_seq(item, seq)
+            set_hash(item, digest)
+            set_line(item, f'{front},"hash":"{digest}",{back}')
+            put(item)
     if not sealed:
-        return sealed, head
-    return sealed, ChainHead(seq, digest, event)
+        return head
+    return ChainHead(seq, digest, event)
 
 
 def head_of(line: str) -> ChainHead | None:

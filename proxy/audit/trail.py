@@ -178,7 +178,10 @@ class AuditTrail:
         while self._queue:
             taken, self._queue = self._queue, []
             batch = [(rec, ts) for recs, ts, _, _ in taken for rec in recs]
-            kept = [(rec, ts) for recs, ts, _, keep in taken if keep for rec in recs]
+            # The data path's batches are kept whole: one list for both (neither is changed).
+            kept = batch if all(keep for _, _, _, keep in taken) else [
+                (rec, ts) for recs, ts, _, keep in taken if keep for rec in recs
+            ]
             results = await asyncio.gather(
                 *(self._write_sink(i, batch, kept) for i in range(len(self.sinks))),
                 return_exceptions=True,

@@ -122,8 +122,9 @@ class ConnectionFacts:
 
 def audit_records(notes: tuple[AuditNote, ...], facts: ConnectionFacts) -> list[AuditRecord]:
     # Positional, in AuditRecord's field order (keyword matching of its 16 parameters was
-    # a fifth of the cost; this runs on the event loop). Validation is __post_init__'s, as
-    # before. tests/unit/test_audit_chain.py checks the order against keyword construction.
+    # a fifth of the cost; this runs on the event loop). Validation is AuditRecord.__init__'s,
+    # as for every record. tests/unit/test_audit_chain.py checks the order against keyword
+    # construction.
     user, database, app = facts.db_user, facts.database, facts.application_name
     addr, session = facts.client_addr, facts.session
     return [

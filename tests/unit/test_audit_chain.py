@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -20,6 +24,7 @@ from proxy.audit.records import (
     SealedLine,
     canonical,
     chain,
+    chain_text,
     head_of,
     record_hash,
     verify_lines,
@@ -322,3 +327,206 @@ def test_audit_records_fill_the_fields_the_note_names() -> None:
         audit_records((AuditNote("data.steal", None, None, None, (), 0, "x"),), facts)
     with pytest.raises(ValueError, match="outcome"):
         audit_records((AuditNote("data.deny", None, None, None, (), 0, "x", "maybe"),), facts)
+
+
+# --- pinned output: the lines and hashes the code wrote before its speed-ups ------------------
+
+
+def golden_batches() -> tuple[list[tuple[AuditRecord, str]], list[tuple[AuditRecord, str]]]:
+    """Records of every kind, with what JSON must escape: a data-path batch, then a second."""
+    facts = ConnectionFacts("app_user", "shop", 'psql "ünï"\t', None, "4242.7")
+    notes = (
+        AuditNote("data.encrypt", "acme", 7, "public.patients", ("ssn", "name"), 2,
+                  "INSERT INTO patients (ssn, name) VALUES ($?, $?)"),
+        AuditNote("data.decrypt", "日本", 2**40, "public.t", (), 0, 'SELECT "a\\b" FROM t', "ok"),
+        AuditNote("data.deny", None, None, "public.t", ("x\u2028",), 1, "SELECT x FROM t",
+                  "denied", "role 'r' may not decrypt\n😀"),
+    )
+    first = [(AuditRecord("audit.start", session="123-abcd"), "2026-01-02T03:04:05.000006Z")]
+    first += [
+        (r, f"2026-01-02T03:04:05.{i:06d}Z") for i, r in enumerate(audit_records(notes, facts), 7)
+    ]
+    second = [
+        (AuditRecord("key.unwrap", tenant="acme", key_id=7, key_version=3, kek="pgseal-master#2",
+                     outcome="error", error="HSM \x00 gone"), "2026-01-02T03:04:06.000000Z"),
+        (AuditRecord("audit.stop", session="123-abcd"), "2026-01-02T03:04:07.123456Z"),
+    ]
+    return first, second
+
+
+# (seq, hash, SHA-256 of the line) as written by chain() before it was made faster.
+PINNED = [
+    (1, "ce9c22f537fc27b3efcbb8e59361bc11e76221949426e97fe423ce480a175092",
+     "3e6f08975e275544a9279a88f64461cab676b9ae0741371cdb61c16eee16cd5f"),
+    (2, "70958bbd8155b1930419adf5893fd8616f777169903d5c6400edd0616b644d57",
+     "271909fcdcec593aa30f3137ec40b6498b6f3ed74f5531f6b13e68f6dc93e229"),
+    (3, "c253ff73487ed7a31ea0c9646a4790eef554a74008c5b976a51fd4db6c2861e3",
+     "1ccf11951d37e9bc37a67e388cb69474faac21703babd4648e7674052cdcff02"),
+    (4, "bfd1136564ef740e598434a275a3059f06599a63ada69fbacca39fcb981ca8ef",
+     "bb7fc66e9c5fec1ec6d617a49d13cff9054910273f556cd8d43117babf7c0434"),
+    (5, "78efdcaad50d396a549867cf33a57ea7ef274fc9b1bb6c0dbec0e2dbc41585d5",
+     "9b469b90d3b6518a871b282259f928e39caeffe4344c15599d4f1c5f02116946"),
+    (6, "86d583e299e6951515291b63e2a22898d2addfc7653e8df4ca325667b4488bae",
+     "2d044a4b17cc7a840dbec621226f56a910a113a9e9ff0266601491c1172dd537"),
+]
+PINNED_LINE_4 = (
+    '{"application_name":"psql \\"ünï\\"\\t","client_addr":null,"columns":["x\u2028"],'
+    '"count":1,"database":"shop","db_user":"app_user",'
+    '"error":"role \'r\' may not decrypt\\n😀","event":"data.deny",'
+    '"hash":"bfd1136564ef740e598434a275a3059f06599a63ada69fbacca39fcb981ca8ef",'
+    '"kek":null,"key_id":null,"key_version":null,"outcome":"denied",'
+    '"prev":"c253ff73487ed7a31ea0c9646a4790eef554a74008c5b976a51fd4db6c2861e3",'
+    '"seq":4,"session":"4242.7","statement":"SELECT x FROM t","table":"public.t",'
+    '"tenant":null,"ts":"2026-01-02T03:04:05.000009Z"}'
+)
+
+
+def test_chain_output_is_pinned() -> None:
+    first, second = golden_batches()
+    sealed, head = chain(first, ChainHead())
+    more, end = chain(second, head)
+    assert [
+        (s.seq, s.hash, hashlib.sha256(s.line.encode()).hexdigest()) for s in sealed + more
+    ] == PINNED
+    assert sealed[3].line == PINNED_LINE_4
+    assert end == ChainHead(6, PINNED[-1][1], "audit.stop")
+    # The same records chained in one batch, or one at a time, give the same lines.
+    one_by_one: list[SealedLine] = []
+    at = ChainHead()
+    for item in first + second:
+        step, at = chain([item], at)
+        one_by_one += step
+    assert one_by_one == sealed + more and at == end
+    assert (sealed + more, end) == oracle_chain(first + second, ChainHead())
+
+
+def test_pinned_chain_verifies_and_tampering_is_caught() -> None:
+    first, second = golden_batches()
+    sealed, head = chain(first, ChainHead())
+    more, _ = chain(second, head)
+    lines = [s.line for s in sealed + more]
+    report = check(lines)
+    assert report.ok, report.problems
+    assert report.head == ChainHead(6, PINNED[-1][1], "audit.stop")
+    edited = [*lines]
+    edited[1] = edited[1].replace('"count":2', '"count":3')
+    assert any("line 2" in p and "edited" in p for p in check(edited).problems)
+    assert not check(lines[:2] + lines[3:]).ok  # removed
+    assert not check([*lines[:2], lines[3], lines[2], *lines[4:]]).ok  # reordered
+    assert not check(lines[:-1]).ok  # truncated
+
+
+# --- the faster AuditRecord.__init__, chain_text and the escape memo --------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedRecord:
+    """AuditRecord as it was: the dataclass-generated __init__ and a __post_init__ check."""
+
+    event: str
+    tenant: str | None = None
+    key_id: int | None = None
+    key_version: int | None = None
+    kek: str | None = None
+    table: str | None = None
+    columns: tuple[str, ...] = ()
+    count: int | None = None
+    db_user: str | None = None
+    database: str | None = None
+    application_name: str | None = None
+    client_addr: str | None = None
+    session: str | None = None
+    statement: str | None = None
+    outcome: str = "ok"
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.event not in EVENTS:
+            raise ValueError(f"unknown audit event {self.event!r}")
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {self.outcome!r}")
+        if not isinstance(self.columns, tuple) or not all(isinstance(c, str) for c in self.columns):
+            raise TypeError("AuditRecord.columns: a tuple of column names")
+
+
+def test_record_init_has_the_generated_signature() -> None:
+    parameters = inspect.signature(AuditRecord).parameters
+    assert parameters == inspect.signature(GeneratedRecord).parameters
+    assert [f.name for f in dataclasses.fields(AuditRecord)] == list(parameters)
+    record = AuditRecord("key.create", "acme", 1, 2, "k", "t", ("a",), 3, "u", "d", "app",
+                         "addr", "s", "stmt", "error", "boom")
+    assert [getattr(record, f.name) for f in dataclasses.fields(AuditRecord)] == [
+        "key.create", "acme", 1, 2, "k", "t", ("a",), 3, "u", "d", "app", "addr", "s", "stmt",
+        "error", "boom",
+    ]
+    assert dataclasses.replace(record, tenant="other").tenant == "other"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.tenant = "other"  # type: ignore[misc]
+
+
+class Columns(tuple):  # type: ignore[type-arg]
+    """A tuple subclass (the check falls back to isinstance for it)."""
+
+
+any_columns = (
+    st.lists(texts | texts.map(Name), max_size=3).map(tuple)
+    | st.lists(texts, max_size=3).map(Columns)
+    | st.lists(texts, max_size=2).map(list)
+    | st.lists(st.one_of(texts, st.integers(), st.none(), st.binary(max_size=2)), max_size=3)
+    .map(tuple)
+    | st.none()
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_record_init_checks_and_stores_as_the_generated_one(data: st.DataObject) -> None:
+    event = data.draw(st.sampled_from(sorted(EVENTS)) | texts, label="event")
+    outcome = data.draw(st.sampled_from(sorted(OUTCOMES)) | texts, label="outcome")
+    columns = data.draw(any_columns, label="columns")
+    values = {
+        name: data.draw(odd, label=name)
+        for name in ("tenant", "key_id", "kek", "count", "session", "statement", "error")
+    }
+    try:
+        expected = GeneratedRecord(event, columns=columns, outcome=outcome, **values)
+    except (ValueError, TypeError) as error:
+        with pytest.raises(type(error), match=re.escape(str(error))):
+            AuditRecord(event, columns=columns, outcome=outcome, **values)
+        return
+    record = AuditRecord(event, columns=columns, outcome=outcome, **values)
+    assert dataclasses.astuple(record) == dataclasses.astuple(expected)
+    assert all(
+        getattr(record, f.name) is getattr(expected, f.name) for f in dataclasses.fields(record)
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(records, texts), max_size=4), heads)
+def test_chain_text_is_chain_joined(batch: list[tuple[AuditRecord, str]], head: ChainHead) -> None:
+    sealed, end = chain(batch, head)
+    assert chain_text(batch, head) == ("".join(s.line + "\n" for s in sealed), end)
+
+
+def test_escape_memo_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy.audit import records as records_module
+
+    first, second = golden_batches()
+    batch = first + second
+    expected = oracle_chain(batch, ChainHead())
+    records_module._ESCAPED.clear()
+    assert chain(batch, ChainHead()) == expected  # every string escaped, then remembered
+    assert chain(batch, ChainHead()) == expected  # every string from the memo
+    # A full memo is emptied, and long strings are not kept.
+    monkeypatch.setattr(records_module, "_ESCAPED_MAX", 3)
+    monkeypatch.setattr(records_module, "_ESCAPED_TEXT_MAX", 8)
+    records_module._ESCAPED.clear()
+    for _ in range(3):
+        assert chain(batch, ChainHead()) == expected
+        assert len(records_module._ESCAPED) <= 3
+        assert all(len(text) <= 8 for text in records_module._ESCAPED)
+    # A str subclass equal to a remembered str is written as json writes it (its own text).
+    records_module._ESCAPED.clear()
+    odd = [(AuditRecord("data.encrypt", tenant=Name("acme"), table="acme"), "t")] * 2
+    assert chain(odd, ChainHead()) == oracle_chain(odd, ChainHead())
+    assert all(type(text) is str for text in records_module._ESCAPED)

@@ -340,3 +340,61 @@ async def test_a_sink_with_a_backlog_is_tried_again_after_a_growing_wait(
     await trail.retry()
     assert attempts == 3 and trail.backlog == 0
     assert sink.written == ["data.encrypt"] * 10
+
+
+@pytest.mark.asyncio
+async def test_trail_file_is_pinned(tmp_path: Path) -> None:
+    """The bytes a trail writes (timestamps from the clock included) are what the code
+    wrote before its speed-ups: data-path records (kept) and a key-service record."""
+    import datetime as dt
+    import hashlib
+
+    from tests.unit.test_audit_chain import golden_batches
+
+    path = tmp_path / "a.jsonl"
+    ticks = iter(range(1000))
+    start = dt.datetime(2026, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=-7)))
+
+    def clock() -> dt.datetime:
+        return start + dt.timedelta(microseconds=next(ticks) * 250001)
+
+    trail = AuditTrail([JsonlSink(path)], clock=clock)
+    trail.writer_id = "w-1"
+    await trail.start()
+    first, second = golden_batches()
+    await trail.record(*(rec for rec, _ in first[1:]), kept=True)
+    await trail.record(second[0][0])
+    await trail.close()
+    data = path.read_bytes()
+    assert (hashlib.sha256(data).hexdigest(), len(data)) == (
+        "3d04e32fb3ecfcb153226cc93ff1917d920e2ef1fc319e89c6539e59b3017504", 2936
+    )
+    assert data.decode().splitlines()[1].endswith('"ts":"2026-05-06T14:08:09.250001Z"}')
+    assert verify_jsonl(path).ok
+
+
+@pytest.mark.asyncio
+async def test_a_batch_keeps_only_its_kept_records(no_retry_wait: None) -> None:
+    """One batch of kept and other records: a failed sink keeps the kept ones, in order; a
+    batch of kept records only is kept whole (the same list serves both)."""
+    down, up = FailingSink(), CountingSink()
+    trail = AuditTrail([down, up], on_failure="warn")
+    await asyncio.gather(
+        trail.record(AuditRecord("data.encrypt", key_id=1), AuditRecord("data.decrypt", key_id=2),
+                     kept=True),
+        trail.record(AuditRecord("key.unwrap", key_id=3)),
+        trail.record(AuditRecord("data.deny", key_id=4), kept=True),
+    )
+    assert trail.batches == 1 and trail.backlog == 3
+    await asyncio.gather(*(
+        trail.record(AuditRecord("data.encrypt", key_id=i), kept=True) for i in (5, 6)
+    ))
+    assert trail.batches == 2 and trail.backlog == 5
+    down.fail = False
+    await trail.retry()
+    assert down.kept_ids == [
+        ("data.encrypt", 1), ("data.decrypt", 2), ("data.deny", 4), ("data.encrypt", 5),
+        ("data.encrypt", 6),
+    ]
+    assert [key_id for _, key_id in up.written] == [1, 2, 3, 4, 5, 6]
+    assert trail.backlog == 0
