@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, AESSIV
@@ -331,3 +333,202 @@ def test_wipe() -> None:
     empty = bytearray()
     wipe(empty)
     assert empty == bytearray()
+
+
+# -- pinned vectors: the hot path may change, the bytes may not --------------------------
+
+# Imported here, not at the top, so that this section is purely appended to the file.
+
+# Recorded from the implementation as it was before the hot path was reworked (per-column
+# entries holding the primitives' bound methods, the header parsed with struct); each
+# randomized cell was sealed with the nonce it carries in bytes 6..17. A seal must give
+# these exact bytes, and an open must accept them, on a fresh key (the miss that derives
+# the column's cipher) as on a warm one (the cached entry).
+KAT_KEYS: dict[str, tuple[int, str, bytes]] = {
+    "acme": (0x01020304, "acme", bytes(range(32))),
+    "t1": (7, "t1", bytes(range(100, 132))),
+    "blank": (0, "", bytes(range(100, 132))),
+    "unicode": (0xFFFFFFFF, "tenant-\u00e9\u4e2d", bytes(range(32))),
+}
+KAT_CELLS: list[tuple[str, str, bytes, bool, str]] = [
+    # (key, column, value, deterministic, cell)
+    ("acme", "public.patients.ssn", b"123-45-6789", True,
+     "010201020304e69d44cec1f5e0fd0933697f30367015f6ec6a42b7446f99db7a7b"),
+    ("acme", "public.patients.ssn", b"", True,
+     "010201020304a17bdaa9d2dbda2f498d36c9df1d577e"),
+    ("acme", "public.patients.email", b"alice@example.com\x00xx", True,
+     "010201020304dca21b89753ef949723e1a5ac47ba60376889e97a0c3b3e961a22afbf10bc489e0fb"
+     "6fe0"),
+    ("acme", "public.patients.ssn", bytes(range(40)), True,
+     "010201020304d34d6c563d680269c9f07e315b5285ab8d012593eca8a09fbfe8b651f7a85c16e9a9"
+     "e739808b7ae6ec188f75fb3740f12a4d17de9e6607a7"),
+    ("t1", "public.bench_secure.email", b"user000042@example.com", True,
+     "0102000000075c5006d9ab2103c45e9f38ac06f07e72e1d0e4ebdfa3c23ae2e6b7613dc5beffe3ef"
+     "152e9998"),
+    ("t1", "public.bench_secure.balance", b"\x00\x01\x00\x00\x00\x00\x00\x02\x04\xd2", True,
+     "010200000007ab0b2b1b08e841852efb7523635dc34826a32411f0f78e2b204c"),
+    ("blank", "s.t.c", b"v", True,
+     "010200000000fa0dc4f09a2c6c35e3481f1e343461b7d3"),
+    ("unicode", "sch\u00e9ma.t\u00e4ble.\u00e7ol", b"h\xc3\xa9llo w\xc3\xb6rld", True,
+     "0102ffffffff4ee963cddc0847ef2f46e6089e77c9230419880c25a9f545d5d921f2f4"),
+    ("acme", "public.patients.ssn", b"123-45-6789", False,
+     "010101020304000000000000000000000001b5a42a8fdae5b9deeb4c41e9bbc837aa43ddb6570be4"
+     "ceaeced9cb"),
+    ("acme", "public.patients.ssn", b"", False,
+     "010101020304000000000000000000000002cbdc88d662825cd9655be9d80c1f6f32"),
+    ("acme", "public.patients.email", b"alice@example.com\x00xx", False,
+     "01010102030400000000000000000000000362fbb64a3e981546176c8a8b270d2c98a8cecf75e5f4"
+     "e7d843eb8cbc32377cea8c9b70de"),
+    ("acme", "public.patients.ssn", bytes(range(40)), False,
+     "01010102030400000000000000000000000440ed6c5f6d5628d76b9b2d57ad1736fff8cd99014101"
+     "e3380fe891ffc207d3eae6ccbbfed6b838327a6381d02d2b0e2a3a31cec5a7928574"),
+    ("t1", "public.bench_secure.email", b"user000042@example.com", False,
+     "01010000000700000000000000000000000556540b5a9e4c0aebbdff92580a903a7ccc24bb9d95b5"
+     "05aa163ff7a43bcc93f026480c8e10d2"),
+    ("t1", "public.bench_secure.balance", b"\x00\x01\x00\x00\x00\x00\x00\x02\x04\xd2", False,
+     "0101000000070000000000000000000000060c477b36d9349871108c893a1da578deec1de8b7cfe6"
+     "84dbd288"),
+    ("blank", "s.t.c", b"v", False,
+     "010100000000000000000000000000000007b4640ee093cd56fdd5ee100d8efc2f683b"),
+    ("unicode", "sch\u00e9ma.t\u00e4ble.\u00e7ol", b"h\xc3\xa9llo w\xc3\xb6rld", False,
+     "0101ffffffff000000000000000000000008699264ca7add93c9f381405925174334643164e6e569"
+     "a28f5182dc24d6"),
+]
+KAT_IDS = [
+    f"{'siv' if det else 'gcm'}-{name}-{column}-{len(value)}"
+    for name, column, value, det, _ in KAT_CELLS
+]
+
+
+def kat_key(name: str, random_nonce: Callable[[int], bytes] = os.urandom) -> CellKey:
+    key_id, tenant, dek = KAT_KEYS[name]
+    return CellKey(key_id, tenant, dek, random_nonce=random_nonce)
+
+
+def constant_nonce(nonce: bytes) -> Callable[[int], bytes]:
+    """A nonce source that always returns `nonce`, whatever it is asked for."""
+
+    def source(n: int) -> bytes:
+        return nonce
+
+    return source
+
+
+def assert_opaque(attempt: Callable[..., object], *args: object) -> None:
+    """attempt(*args) raises the one error, with nothing behind it: no message, cause
+    or visible context."""
+    with pytest.raises(CellError) as info:
+        attempt(*args)
+    err = info.value
+    assert type(err) is CellError
+    assert str(err) == "cell cannot be opened" and err.args == ("cell cannot be opened",)
+    assert err.__cause__ is None
+    assert err.__context__ is None or err.__suppress_context__
+
+
+@pytest.mark.parametrize(("name", "column", "value", "det", "cell_hex"), KAT_CELLS, ids=KAT_IDS)
+def test_pinned_vectors_seal_to_the_same_bytes(
+    name: str, column: str, value: bytes, det: bool, cell_hex: str
+) -> None:
+    cell = bytes.fromhex(cell_hex)
+    asked: list[int] = []
+
+    def recorded_nonce(n: int) -> bytes:
+        asked.append(n)
+        return cell[6:18]
+
+    k = kat_key(name, recorded_nonce)
+    for _ in range(3):  # the miss that builds the column's cipher, then cached hits
+        assert k.seal(column, value, deterministic=det) == cell
+    assert asked == ([] if det else [12, 12, 12])  # SIV draws no nonce, GCM one per cell
+
+
+@pytest.mark.parametrize(("name", "column", "value", "det", "cell_hex"), KAT_CELLS, ids=KAT_IDS)
+def test_pinned_vectors_open(
+    name: str, column: str, value: bytes, det: bool, cell_hex: str
+) -> None:
+    cell = bytes.fromhex(cell_hex)
+    key_id = KAT_KEYS[name][0]
+    for form in (bytes, bytearray, memoryview):
+        assert kat_key(name).open(column, form(cell)) == value  # cold: derives first
+    warm = kat_key(name)
+    assert warm.open(column, warm.seal(column, value, deterministic=det)) == value
+    for form in (bytes, bytearray, memoryview):
+        assert warm.open(column, form(cell)) == value
+        assert cell_key_id(form(cell)) == key_id
+        assert read_cell_header(form(cell)) == CellHeader(1, 2 if det else 1, key_id)
+
+
+@pytest.mark.parametrize(("name", "column", "value", "det", "cell_hex"), KAT_CELLS, ids=KAT_IDS)
+def test_pinned_vectors_fail_opaquely_when_tampered_or_moved(
+    name: str, column: str, value: bytes, det: bool, cell_hex: str
+) -> None:
+    cell = bytes.fromhex(cell_hex)
+    key_id, tenant, dek = KAT_KEYS[name]
+    other_key_id = key_id ^ 1
+    warm = kat_key(name)
+    warm.seal(column, value, deterministic=det)  # the cached entries must refuse too
+    for k in (warm, kat_key(name)):
+        for i in range(len(cell) * 8):
+            mutated = bytearray(cell)
+            mutated[i // 8] ^= 1 << (i % 8)
+            assert_opaque(k.open, column, bytes(mutated))
+        for n in range(len(cell)):
+            assert_opaque(k.open, column, cell[:n])
+        for form in (bytes, bytearray, memoryview):
+            assert_opaque(k.open, column, form(cell + b"\x00"))
+            assert_opaque(k.open, column + "x", form(cell))
+            assert_opaque(k.open, column[:-1], form(cell))
+        # The other suite's label on this cell.
+        assert_opaque(k.open, column, cell[:1] + bytes([3 - cell[1]]) + cell[2:])
+    relabelled = cell[:2] + other_key_id.to_bytes(4, "big") + cell[6:]
+    moved = [
+        (CellKey(key_id, tenant + "x", dek), cell),  # another tenant, same DEK and key id
+        (CellKey(key_id, "x" + tenant, dek), cell),
+        (CellKey(other_key_id, tenant, dek), cell),  # names a key it was not sealed with
+        (CellKey(other_key_id, tenant, dek), relabelled),  # ... even relabelled to match
+        (CellKey(key_id, tenant, bytes(b ^ 0x5A for b in dek)), cell),  # another DEK
+    ]
+    for k, c in moved:
+        assert_opaque(k.open, column, c)
+        k.seal(column, value, deterministic=det)
+        assert_opaque(k.open, column, c)
+
+
+def test_pinned_vectors_survive_the_cache_bound() -> None:
+    # Filling a key's per-column cache past its bound drops it; rebuilt entries give
+    # the same bytes.
+    from proxy.crypto import cells
+
+    for name, column, value, det, cell_hex in (KAT_CELLS[0], KAT_CELLS[8]):
+        cell = bytes.fromhex(cell_hex)
+        k = kat_key(name, constant_nonce(cell[6:18]))
+        assert k.seal(column, value, deterministic=det) == cell
+        for i in range(cells._MAX_CACHED_COLUMNS + 1):
+            k.seal(f"s.t.c{i}", b"", deterministic=det)
+        assert k.seal(column, value, deterministic=det) == cell
+        assert k.open(column, cell) == value
+
+
+def test_open_fails_opaquely_before_reading_a_header() -> None:
+    k = key()
+    # Too short for a suite byte; unknown suites; unknown versions of a known suite.
+    for cell in (b"", b"\x01", b"\x01\x03" + bytes(40), b"\x01\x00" + bytes(40),
+                 b"\x02\x01" + bytes(40), b"\x00\x02" + bytes(40)):
+        for form in (bytes, bytearray, memoryview):
+            assert_opaque(k.open, COLUMN, form(cell))
+            assert_opaque(cell_key_id, form(cell))
+            assert_opaque(read_cell_header, form(cell))
+
+
+def test_nonce_source_default_is_os_urandom_and_injected_ones_are_checked() -> None:
+    assert inspect.signature(CellKey).parameters["random_nonce"].default is os.urandom
+    for bad in (b"", bytes(11), bytes(13), bytes(16)):
+        k = CellKey(1, "t", DEK, random_nonce=constant_nonce(bad))
+        with pytest.raises(ValueError, match=r"^random_nonce returned the wrong number of bytes$"):
+            k.seal(COLUMN, b"x", deterministic=False)
+        assert k.open(COLUMN, k.seal(COLUMN, b"x", deterministic=True)) == b"x"  # no nonce
+    # The default source: a fresh 96-bit nonce per cell.
+    k = key()
+    nonces = {k.seal(COLUMN, b"same", deterministic=False)[6:18] for _ in range(200)}
+    assert len(nonces) == 200
