@@ -414,6 +414,19 @@ NUMERIC_WEIGHT_MAX: Final = 0x7FFF
 NUMERIC_WEIGHT_MIN: Final = -0x8000
 _NUMERIC_HEAD: Final = struct.Struct(">HhHH")
 
+# Numerics of up to _SHORT_GROUPS base-10000 digits (128 decimal digits) are the
+# usual case: their Structs are built once here rather than from a format string on
+# every call (struct's own format cache costs a string build and a lookup per call).
+# Longer ones use struct's module functions, as before.
+_SHORT_GROUPS: Final = 32
+_NUMERIC_STRUCTS: Final = tuple(struct.Struct(f">HhHH{n}H") for n in range(_SHORT_GROUPS + 1))
+_UNSIGNED_GROUPS: Final = tuple(struct.Struct(f">{n}H") for n in range(_SHORT_GROUPS + 1))
+_SIGNED_GROUPS: Final = tuple(struct.Struct(f">{n}h") for n in range(_SHORT_GROUPS + 1))
+# Up to this many decimal digits (plus at most 3 of alignment) a value fits
+# _SHORT_GROUPS groups, and int() of it is far below Python's digit limit.
+_SHORT_DIGITS: Final = 4 * _SHORT_GROUPS - 3
+_ALIGN: Final = (1, 10, 100, 1000)
+
 _NUMERIC_RE: Final = re.compile(
     r"[ \t\n\r\v\f]*([+-]?)(?:([0-9]+)(?:\.([0-9]*))?|\.([0-9]+))(?:[eE]([+-]?[0-9]+))?"
     r"[ \t\n\r\v\f]*"
@@ -450,27 +463,53 @@ def _numeric_special(sign: int) -> bytes:
 def _numeric_pack(negative: bool, digits: str, dexp: int, dscale: int) -> bytes:
     """Build PostgreSQL's normalized binary numeric for int(digits) * 10**dexp.
 
+    `digits` holds ASCII decimal digits only (possibly none).
+
     Normalized as make_result() leaves it: no leading or trailing zero base-10000
     digits, zero is positive with weight 0; dscale kept as given.
     """
     if dscale > NUMERIC_DSCALE_MAX:
         raise _numeric_overflow()
-    stripped = digits.lstrip("0")
-    if not stripped:
-        return _NUMERIC_HEAD.pack(0, 0, NUMERIC_POS, dscale)
-    significant = stripped.rstrip("0")
-    dexp += len(stripped) - len(significant)
-    # Align the last digit to a base-10000 boundary, then pad on the left.
-    shift = dexp % 4
-    significant += "0" * shift
-    dexp -= shift
-    significant = "0" * (-len(significant) % 4) + significant
-    ndigits = len(significant) // 4
+    if len(digits) <= _SHORT_DIGITS:
+        # The usual, short case. Read the digits as one integer, align its last
+        # digit to a base-10000 boundary (multiply by 10**(dexp % 4)) and divide
+        # it into base-10000 digits, dropping the zero ones at the end: one int()
+        # and a few divmods are cheaper than stripping, padding and slicing.
+        value = int(digits) if digits else 0
+        if not value:
+            return _NUMERIC_HEAD.pack(0, 0, NUMERIC_POS, dscale)
+        shift = dexp % 4
+        value *= _ALIGN[shift]
+        dexp -= shift
+        value, group = divmod(value, 10000)
+        while not group:
+            value, group = divmod(value, 10000)
+            dexp += 4
+        groups = [group]
+        while value > 0:  # not `while value`: it would never end for a negative one
+            value, group = divmod(value, 10000)
+            groups.append(group)
+        groups.reverse()
+    else:
+        # Up to 131072 digits (past int()'s digit limit): strip, pad and slice.
+        stripped = digits.lstrip("0")
+        if not stripped:
+            return _NUMERIC_HEAD.pack(0, 0, NUMERIC_POS, dscale)
+        significant = stripped.rstrip("0")
+        dexp += len(stripped) - len(significant)
+        # Align the last digit to a base-10000 boundary, then pad on the left.
+        shift = dexp % 4
+        significant += "0" * shift
+        dexp -= shift
+        significant = "0" * (-len(significant) % 4) + significant
+        groups = [int(significant[i : i + 4]) for i in range(0, len(significant), 4)]
+    ndigits = len(groups)
     weight = dexp // 4 + ndigits - 1
     if weight > NUMERIC_WEIGHT_MAX or weight < NUMERIC_WEIGHT_MIN:
         raise _numeric_overflow()
-    groups = [int(significant[i : i + 4]) for i in range(0, len(significant), 4)]
     sign = NUMERIC_NEG if negative else NUMERIC_POS
+    if ndigits <= _SHORT_GROUPS:
+        return _NUMERIC_STRUCTS[ndigits].pack(ndigits, weight, sign, dscale, *groups)
     return _NUMERIC_HEAD.pack(ndigits, weight, sign, dscale) + struct.pack(
         f">{ndigits}H", *groups
     )
@@ -491,17 +530,19 @@ def numeric_from_text(text: str) -> bytes:
     sign, whole, frac, only_frac, exponent = m.groups()
     if only_frac is not None:
         whole, frac = "", only_frac
-    frac = frac or ""
-    exp = 0
-    if exponent is not None:
-        body = exponent.lstrip("+-").lstrip("0")
-        if len(body) > 10:
-            raise _numeric_overflow()
-        exp = int(exponent)
-        if abs(exp) >= _NUMERIC_EXPONENT_LIMIT:
-            raise _numeric_overflow()
-    dscale = max(0, len(frac) - exp)
-    return _numeric_pack(sign == "-", whole + frac, exp - len(frac), dscale)
+    elif frac is None:
+        frac = ""
+    scale = len(frac)
+    if exponent is None:
+        # The usual spelling: the digits after the point are the display scale.
+        return _numeric_pack(sign == "-", whole + frac, -scale, scale)
+    body = exponent.lstrip("+-").lstrip("0")
+    if len(body) > 10:
+        raise _numeric_overflow()
+    exp = int(exponent)
+    if abs(exp) >= _NUMERIC_EXPONENT_LIMIT:
+        raise _numeric_overflow()
+    return _numeric_pack(sign == "-", whole + frac, exp - scale, max(0, scale - exp))
 
 
 def numeric_from_binary(data: bytes) -> bytes:
@@ -515,12 +556,16 @@ def numeric_from_binary(data: bytes) -> bytes:
         raise _bad_numeric_field("sign")
     if dscale > NUMERIC_DSCALE_MAX:
         raise _bad_numeric_field("scale")
-    groups = struct.unpack_from(f">{ndigits}h", data, _NUMERIC_HEAD.size)
-    if any(not 0 <= g < 10000 for g in groups):
+    if ndigits <= _SHORT_GROUPS:
+        groups = _SIGNED_GROUPS[ndigits].unpack_from(data, _NUMERIC_HEAD.size)
+    else:
+        groups = struct.unpack_from(f">{ndigits}h", data, _NUMERIC_HEAD.size)
+    if groups and (min(groups) < 0 or max(groups) >= 10000):
         raise _bad_numeric_field("digit")
     if sign not in (NUMERIC_POS, NUMERIC_NEG):
         return _numeric_special(sign)
-    digits = "".join(f"{g:04d}" for g in groups)
+    # One %-format for all groups: each is 0..9999, printed as exactly 4 digits.
+    digits = ("%04d" * ndigits) % groups
     dexp = 4 * (weight - ndigits + 1)
     if dexp < -dscale:
         # trunc_var(): digits beyond the display scale are dropped (toward zero).
@@ -546,22 +591,27 @@ def numeric_text(data: bytes) -> str:
     ndigits, weight, sign, dscale = _NUMERIC_HEAD.unpack_from(data)
     if sign in _NUMERIC_SPECIAL_TEXT:
         return _NUMERIC_SPECIAL_TEXT[sign]
-    groups = struct.unpack_from(f">{ndigits}H", data, _NUMERIC_HEAD.size)
+    if ndigits <= _SHORT_GROUPS:
+        groups = _UNSIGNED_GROUPS[ndigits].unpack_from(data, _NUMERIC_HEAD.size)
+    else:
+        groups = struct.unpack_from(f">{ndigits}H", data, _NUMERIC_HEAD.size)
     # Base-10000 digits at positions weight, weight-1, ...; integer part is
-    # positions >= 0, padded with zero groups up to position 0.
-    all_digits = "".join(f"{g:04d}" for g in groups)
+    # positions >= 0, padded with zero groups up to position 0. One %-format
+    # prints every group as (at least) 4 digits, like f"{g:04d}" each.
+    digits = ("%04d" * ndigits) % groups
     int_groups = weight + 1
     if int_groups <= 0:
-        int_part = "0"
-        frac_digits = "0000" * (-int_groups) + all_digits
+        text = "0"
+        frac_digits = "0000" * -int_groups + digits
     else:
-        padded = all_digits + "0000" * max(0, int_groups - ndigits)
-        int_part = padded[: 4 * int_groups].lstrip("0") or "0"
-        frac_digits = padded[4 * int_groups :]
-    text = int_part
+        if int_groups > ndigits:
+            digits += "0000" * (int_groups - ndigits)
+        split = 4 * int_groups
+        text = digits[:split].lstrip("0") or "0"
+        frac_digits = digits[split:]
     if dscale > 0:
-        text += "." + frac_digits[:dscale].ljust(dscale, "0")
-    return ("-" + text) if sign == NUMERIC_NEG else text
+        text = f"{text}.{frac_digits[:dscale].ljust(dscale, '0')}"
+    return "-" + text if sign == NUMERIC_NEG else text
 
 
 def numeric_normalize_text(token: str) -> str:

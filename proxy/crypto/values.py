@@ -183,19 +183,40 @@ _I32: Final = struct.Struct(">i")
 _I64: Final = struct.Struct(">q")
 
 
+def _bad_utf8() -> ValueFormatError:
+    return ValueFormatError(
+        'invalid byte sequence for encoding "UTF8"', CHARACTER_NOT_IN_REPERTOIRE
+    )
+
+
+def _nul_in_text() -> ValueFormatError:
+    return ValueFormatError(
+        'invalid byte sequence for encoding "UTF8": 0x00', CHARACTER_NOT_IN_REPERTOIRE
+    )
+
+
 def _decode(data: bytes) -> str:
     """Text as PostgreSQL receives it from a UTF8 client: valid UTF-8, no NUL."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ValueFormatError(
-            'invalid byte sequence for encoding "UTF8"', CHARACTER_NOT_IN_REPERTOIRE
-        ) from None
+        raise _bad_utf8() from None
     if "\x00" in text:
-        raise ValueFormatError(
-            'invalid byte sequence for encoding "UTF8": 0x00', CHARACTER_NOT_IN_REPERTOIRE
-        )
+        raise _nul_in_text()
     return text
+
+
+def _check_text(data: bytes) -> None:
+    """_decode's checks (same errors, same order) for a caller that needs no str.
+
+    ASCII, the usual case, is valid UTF-8 as it is: only a NUL byte is left to
+    look for (`0 in data` is a memchr; `b"\x00" in data` is several times slower).
+    UTF-8 encodes U+0000 only as the byte 0, so both checks find the same NULs.
+    """
+    if not data.isascii():
+        _decode(data)
+    elif 0 in data:
+        raise _nul_in_text()
 
 
 def _corrupt(type_name: str) -> ValueFormatError:
@@ -226,25 +247,28 @@ BinaryOut = Callable[[bytes], bytes]
 class _Codec:
     tag: int
     size: int
-    text_in: TextIn
+    # None: the payload is the text input's bytes as sent, once _check_text passes
+    # (text, varchar), so to_canonical neither decodes nor re-encodes them.
+    text_in: TextIn | None
     binary_in: BinaryIn
     text_out: TextOut
     binary_out: BinaryOut
+    # bytes((tag,)), built once: it starts every canonical form.
+    prefix: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prefix", bytes((self.tag,)))
 
 
 def _same(payload: bytes) -> bytes:
     return payload
 
 
-# text, varchar: the UTF-8 bytes themselves.
-
-
-def _text_text_in(text: str, _s: _Settings) -> bytes:
-    return text.encode("utf-8")
+# text, varchar: the UTF-8 bytes themselves (text input: see _Codec.text_in).
 
 
 def _text_binary_in(data: bytes) -> bytes:
-    _decode(data)
+    _check_text(data)
     return data
 
 
@@ -564,8 +588,8 @@ def _bytea_text_out(payload: bytes, s: _Settings) -> bytes:
 
 
 _CODECS: Final[dict[str, _Codec]] = {
-    "text": _Codec(0x01, -1, _text_text_in, _text_binary_in, _text_text_out, _same),
-    "varchar": _Codec(0x01, -1, _text_text_in, _text_binary_in, _text_text_out, _same),
+    "text": _Codec(0x01, -1, None, _text_binary_in, _text_text_out, _same),
+    "varchar": _Codec(0x01, -1, None, _text_binary_in, _text_text_out, _same),
     "int2": _int_codec("int2", 2),
     "int4": _int_codec("int4", 4),
     "int8": _int_codec("int8", 8),
@@ -620,18 +644,21 @@ _CODECS: Final[dict[str, _Codec]] = {
 assert set(_CODECS) == set(TYPE_INFO)
 
 
-def _codec(type_name: str) -> _Codec:
-    codec = _CODECS.get(type_name)
-    if codec is None:
-        raise ValueFormatError("type is not supported for encrypted columns", FEATURE_NOT_SUPPORTED)
-    return codec
+# to_canonical and from_canonical run once per protected value: they look the codec
+# up and check the session inline rather than through helper calls, and raise
+# these errors in this order: unknown type, client_encoding, then the value itself.
 
 
-def _check_encoding(settings: _Settings) -> None:
-    if not settings.utf8:
-        raise ValueFormatError(
-            "encrypted columns need client_encoding UTF8", FEATURE_NOT_SUPPORTED
-        )
+def _unsupported_type() -> ValueFormatError:
+    return ValueFormatError("type is not supported for encrypted columns", FEATURE_NOT_SUPPORTED)
+
+
+def _need_utf8() -> ValueFormatError:
+    return ValueFormatError("encrypted columns need client_encoding UTF8", FEATURE_NOT_SUPPORTED)
+
+
+def _unsupported_format() -> ValueFormatError:
+    return ValueFormatError("unsupported format code", INVALID_BINARY_REPRESENTATION)
 
 
 def to_canonical(type_name: str, data: bytes, fmt_code: int, session: SessionFormat) -> bytes:
@@ -641,16 +668,21 @@ def to_canonical(type_name: str, data: bytes, fmt_code: int, session: SessionFor
     (binary). Raises ValueFormatError where PostgreSQL would reject the value
     (or where the proxy refuses rather than guess; see the module docstring).
     """
-    codec = _codec(type_name)
+    codec = _CODECS.get(type_name)
+    if codec is None:
+        raise _unsupported_type()
     settings = session.settings
-    _check_encoding(settings)
+    if not settings.utf8:
+        raise _need_utf8()
     if fmt_code == FORMAT_TEXT:
-        payload = codec.text_in(_decode(data), settings)
-    elif fmt_code == FORMAT_BINARY:
-        payload = codec.binary_in(bytes(data))
-    else:
-        raise ValueFormatError("unsupported format code", INVALID_BINARY_REPRESENTATION)
-    return bytes((codec.tag,)) + payload
+        text_in = codec.text_in
+        if text_in is None:
+            _check_text(data)
+            return codec.prefix + data
+        return codec.prefix + text_in(_decode(data), settings)
+    if fmt_code == FORMAT_BINARY:
+        return codec.prefix + codec.binary_in(bytes(data))
+    raise _unsupported_format()
 
 
 def from_canonical(
@@ -662,12 +694,19 @@ def from_canonical(
     cannot reproduce exactly, or if `canonical` was not produced by
     `to_canonical` for a compatible type.
     """
-    codec = _codec(type_name)
+    codec = _CODECS.get(type_name)
+    if codec is None:
+        raise _unsupported_type()
     settings = session.settings
-    _check_encoding(settings)
+    if not settings.utf8:
+        raise _need_utf8()
     if not canonical or canonical[0] != codec.tag:
         raise _corrupt(type_name)
-    payload = bytes(canonical[1:])
+    payload = canonical[1:]
+    if type(payload) is not bytes:
+        # A bytearray or memoryview: codecs get bytes. (bytes() of bytes would
+        # only return the same object, at the cost of a call.)
+        payload = bytes(payload)
     if codec.size >= 0 and len(payload) != codec.size:
         raise _corrupt(type_name)
     try:
@@ -677,4 +716,4 @@ def from_canonical(
             return codec.binary_out(payload)
     except (struct.error, IndexError, UnicodeDecodeError):
         raise _corrupt(type_name) from None
-    raise ValueFormatError("unsupported format code", INVALID_BINARY_REPRESENTATION)
+    raise _unsupported_format()
