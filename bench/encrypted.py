@@ -690,6 +690,27 @@ def profile_proxy(
         stop_process(load, timeout=2)
 
 
+def extra_cost(
+    encrypted_file: str, plain_file: str, rows: dict[str, dict[str, Any]]
+) -> list[tuple[str, float, float]]:
+    """(function, encrypted µs/tx, plain-pgseal µs/tx) per function, inclusive, the largest
+    difference first: each profile's sample shares scaled by that target's proxy CPU per
+    transaction (both profiles sample only while the GIL is held, so idle time is out)."""
+    from bench.passthrough import summarize_pyspy
+
+    def us_per_tx(path: str, target: str) -> dict[str, float]:
+        row = rows.get(target, {})
+        cpu = row.get("user_us_per_tx", 0.0) + row.get("sys_us_per_tx", 0.0)
+        shares = summarize_pyspy(Path(path), top=None)["inclusive"]
+        return {name: pct * cpu / 100 for name, pct in shares}
+
+    enc = us_per_tx(encrypted_file, "encrypted")
+    plain = us_per_tx(plain_file, "plain-pgseal")
+    names = set(enc) | set(plain)
+    table = [(n, enc.get(n, 0.0), plain.get(n, 0.0)) for n in names]
+    return sorted(table, key=lambda r: -(r[1] - r[2]))
+
+
 # --- entry point --------------------------------------------------------------------------------
 
 
@@ -794,6 +815,7 @@ def main(plan: EncPlan) -> int:
             "(SELECT count(*) FROM bench_plain)",
         )
         prof = None
+        extra: list[tuple[str, float, float]] = []
         if plan.profile_seconds > 0:
             print(
                 f"bench: py-spy on the proxy for {plan.profile_seconds:.0f}s under the "
@@ -801,9 +823,18 @@ def main(plan: EncPlan) -> int:
                 flush=True,
             )
             RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-            stem = RESULTS_DIR / f"encrypted-profile-{time.strftime('%Y%m%d-%H%M%S')}"
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            stem = RESULTS_DIR / f"encrypted-profile-{stamp}"
             prof = profile_proxy(proxy, scripts["bench_secure"], pid, plan, stem)
             payload["profile_python"] = prof
+            print(f"bench: and {plan.profile_seconds:.0f}s under the plain-pgseal load ...")
+            plain_stem = RESULTS_DIR / f"encrypted-profile-plain-{stamp}"
+            plain_prof = profile_proxy(proxy, scripts["bench_plain"], pid, plan, plain_stem)
+            payload["profile_python_plain"] = plain_prof
+            if prof and plain_prof:
+                by_target = {row["target"]: row for row in summary["rows"]}
+                extra = extra_cost(prof["file"], plain_prof["file"], by_target)
+                payload["profile_extra_us_per_tx"] = extra
     payload["finished"] = time.time()
     path = write_results("encrypted", payload)
     print()
@@ -816,5 +847,14 @@ def main(plan: EncPlan) -> int:
         print("  incl %   function")
         for name, pct in prof["inclusive"][:25]:
             print(f"  {pct:>6.1f}   {name}")
+    if extra:
+        print(
+            "\nwhere the encrypted transaction's extra proxy CPU goes: inclusive µs per "
+            "transaction\n(py-spy share x the target's median cpu u+s µs/tx), encrypted vs "
+            "plain-pgseal, largest difference first"
+        )
+        print(f"  {'encrypted':>9} {'plain':>7} {'extra':>7}   function")
+        for name, enc_us, plain_us in extra[:30]:
+            print(f"  {enc_us:>9.1f} {plain_us:>7.1f} {enc_us - plain_us:>+7.1f}   {name}")
     print(f"\nresults: {path}")
     return 0

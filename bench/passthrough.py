@@ -467,9 +467,10 @@ def _pyspy() -> str | None:
     return str(candidate) if candidate.exists() else shutil.which("py-spy")
 
 
-def summarize_pyspy(path: Path, top: int = 25) -> dict[str, Any]:
+def summarize_pyspy(path: Path, top: int | None = 25) -> dict[str, Any]:
     """Self and inclusive sample shares per function from py-spy's raw (collapsed) output.
-    A frame reads `name (file:line)`; line numbers are dropped so a function is one entry."""
+    A frame reads `name (file:line)`; line numbers are dropped so a function is one entry.
+    `top`: how many of each (None: all)."""
     self_time: dict[str, int] = {}
     inclusive: dict[str, int] = {}
     total = 0
@@ -488,7 +489,7 @@ def summarize_pyspy(path: Path, top: int = 25) -> dict[str, Any]:
 
     def share(d: dict[str, int]) -> list[tuple[str, float]]:
         return [
-            (k, round(100 * v / total, 1))
+            (k, round(100 * v / total, 2))
             for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]
         ]
 
