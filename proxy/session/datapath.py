@@ -778,7 +778,7 @@ class DataPath:
         self.portals[bind.portal] = portal
         self.pending.append(_Pending(_Kind.BIND))
         out = (
-            m.Bind(bind.portal, bind.statement, formats, params, bind.result_formats).encode()
+            m.encode_bind(bind.portal, bind.statement, formats, params, bind.result_formats)
             if seals
             else frame.raw
         )
@@ -1741,7 +1741,7 @@ class DataPath:
                 slot[1][0] += 1
         for index, value_out in opened:
             row[index] = value_out
-        return m.DataRow(tuple(row)).encode()
+        return m.encode_data_row(row)
 
     def _row_tenant_denial(
         self, opener: _Opener, row: Sequence[bytes | None], key: CellKey

@@ -554,37 +554,45 @@ class Bind:
         return 0 if not f else f[0] if len(f) == 1 else f[index]
 
     def encode(self) -> bytes:
-        portal, statement = _cstr(self.portal), _cstr(self.statement)
-        formats = self.param_formats
-        params = self.params
-        results = self.result_formats
-        nf = len(formats)
-        nr = len(results)
-        n = len(params)
-        parts = [
-            b"",  # type byte and length, once the length is known
-            portal,
-            statement,
-            # format count, format codes, parameter count
-            (_COUNTED_I16_ARRAYS[nf + 1] if nf + 1 < _CACHED else _counted_i16_array(nf + 1)).pack(
-                nf, *formats, n
-            ),
-        ]
-        append = parts.append
-        length = len(portal) + len(statement) + 2 * nf + 2 * nr + 4 * n + 10
-        for p in params:
-            if p is None:
-                append(_NULL_SIZE)
-            else:
-                size = len(p)
-                length += size
-                append(_pack_i32(size))
-                append(p)
-        append(
-            (_COUNTED_I16_ARRAYS[nr] if nr < _CACHED else _counted_i16_array(nr)).pack(nr, *results)
+        return encode_bind(
+            self.portal, self.statement, self.param_formats, self.params, self.result_formats
         )
-        parts[0] = _pack_head(b"B", length)
-        return b"".join(parts)
+
+
+def encode_bind(
+    portal_name: str,
+    statement_name: str,
+    formats: tuple[int, ...],
+    params: tuple[bytes | None, ...],
+    results: tuple[int, ...],
+) -> bytes:
+    """Bind.encode without building a Bind: the data path re-encodes every Bind it seals."""
+    portal, statement = _cstr(portal_name), _cstr(statement_name)
+    nf = len(formats)
+    nr = len(results)
+    n = len(params)
+    parts = [
+        b"",  # type byte and length, once the length is known
+        portal,
+        statement,
+        # format count, format codes, parameter count
+        (_COUNTED_I16_ARRAYS[nf + 1] if nf + 1 < _CACHED else _counted_i16_array(nf + 1)).pack(
+            nf, *formats, n
+        ),
+    ]
+    append = parts.append
+    length = len(portal) + len(statement) + 2 * nf + 2 * nr + 4 * n + 10
+    for p in params:
+        if p is None:
+            append(_NULL_SIZE)
+        else:
+            size = len(p)
+            length += size
+            append(_pack_i32(size))
+            append(p)
+    append((_COUNTED_I16_ARRAYS[nr] if nr < _CACHED else _counted_i16_array(nr)).pack(nr, *results))
+    parts[0] = _pack_head(b"B", length)
+    return b"".join(parts)
 
 
 (
@@ -835,22 +843,26 @@ class DataRow:
     values: tuple[bytes | None, ...] = field(default=())
 
     def encode(self) -> bytes:
-        values = self.values
-        if len(values) > 32767:
-            _pack_i16(len(values))  # the struct.error it always raised, first
-        parts = [b""]  # type byte, length and column count, once the length is known
-        append = parts.append
-        length = 6 + 4 * len(values)
-        for v in values:
-            if v is None:
-                append(_NULL_SIZE)
-            else:
-                size = len(v)
-                length += size
-                append(_pack_i32(size))
-                append(v)
-        parts[0] = _pack_head_16(b"D", length, len(values))
-        return b"".join(parts)
+        return encode_data_row(self.values)
+
+
+def encode_data_row(values: Sequence[bytes | None]) -> bytes:
+    """DataRow.encode without building a DataRow: the data path re-encodes every row it opens."""
+    if len(values) > 32767:
+        _pack_i16(len(values))  # the struct.error it always raised, first
+    parts = [b""]  # type byte, length and column count, once the length is known
+    append = parts.append
+    length = 6 + 4 * len(values)
+    for v in values:
+        if v is None:
+            append(_NULL_SIZE)
+        else:
+            size = len(v)
+            length += size
+            append(_pack_i32(size))
+            append(v)
+    parts[0] = _pack_head_16(b"D", length, len(values))
+    return b"".join(parts)
 
 
 (_data_row_values,) = _slot_setters(DataRow, "values")
