@@ -559,6 +559,21 @@ class Bind:
         )
 
 
+def _put_values(parts: list[bytes], values: Sequence[bytes | None]) -> int:
+    """Append length-prefixed values (-1 for NULL) to `parts`; return their encoded size."""
+    append = parts.append
+    length = 4 * len(values)
+    for v in values:
+        if v is None:
+            append(_NULL_SIZE)
+        else:
+            size = len(v)
+            length += size
+            append(_pack_i32(size))
+            append(v)
+    return length
+
+
 def encode_bind(
     portal_name: str,
     statement_name: str,
@@ -580,17 +595,9 @@ def encode_bind(
             nf, *formats, n
         ),
     ]
-    append = parts.append
-    length = len(portal) + len(statement) + 2 * nf + 2 * nr + 4 * n + 10
-    for p in params:
-        if p is None:
-            append(_NULL_SIZE)
-        else:
-            size = len(p)
-            length += size
-            append(_pack_i32(size))
-            append(p)
-    append((_COUNTED_I16_ARRAYS[nr] if nr < _CACHED else _counted_i16_array(nr)).pack(nr, *results))
+    length = len(portal) + len(statement) + 2 * nf + 2 * nr + 10 + _put_values(parts, params)
+    results_array = _COUNTED_I16_ARRAYS[nr] if nr < _CACHED else _counted_i16_array(nr)
+    parts.append(results_array.pack(nr, *results))
     parts[0] = _pack_head(b"B", length)
     return b"".join(parts)
 
@@ -851,16 +858,7 @@ def encode_data_row(values: Sequence[bytes | None]) -> bytes:
     if len(values) > 32767:
         _pack_i16(len(values))  # the struct.error it always raised, first
     parts = [b""]  # type byte, length and column count, once the length is known
-    append = parts.append
-    length = 6 + 4 * len(values)
-    for v in values:
-        if v is None:
-            append(_NULL_SIZE)
-        else:
-            size = len(v)
-            length += size
-            append(_pack_i32(size))
-            append(v)
+    length = 6 + _put_values(parts, values)
     parts[0] = _pack_head_16(b"D", length, len(values))
     return b"".join(parts)
 
