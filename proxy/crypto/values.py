@@ -644,17 +644,18 @@ _CODECS: Final[dict[str, _Codec]] = {
 assert set(_CODECS) == set(TYPE_INFO)
 
 
-# to_canonical and from_canonical run once per protected value: they look the codec
-# up and check the session inline rather than through helper calls, and raise
-# these errors in this order: unknown type, client_encoding, then the value itself.
-
-
-def _unsupported_type() -> ValueFormatError:
-    return ValueFormatError("type is not supported for encrypted columns", FEATURE_NOT_SUPPORTED)
-
-
-def _need_utf8() -> ValueFormatError:
-    return ValueFormatError("encrypted columns need client_encoding UTF8", FEATURE_NOT_SUPPORTED)
+def _codec_for(type_name: str, session: SessionFormat) -> tuple[_Codec, _Settings]:
+    """The type's codec and the session's settings, or the error for either, in this
+    order: unknown type, then client_encoding (the value's own errors come after)."""
+    codec = _CODECS.get(type_name)
+    if codec is None:
+        raise ValueFormatError("type is not supported for encrypted columns", FEATURE_NOT_SUPPORTED)
+    settings = session.settings
+    if not settings.utf8:
+        raise ValueFormatError(
+            "encrypted columns need client_encoding UTF8", FEATURE_NOT_SUPPORTED
+        )
+    return codec, settings
 
 
 def _unsupported_format() -> ValueFormatError:
@@ -668,12 +669,7 @@ def to_canonical(type_name: str, data: bytes, fmt_code: int, session: SessionFor
     (binary). Raises ValueFormatError where PostgreSQL would reject the value
     (or where the proxy refuses rather than guess; see the module docstring).
     """
-    codec = _CODECS.get(type_name)
-    if codec is None:
-        raise _unsupported_type()
-    settings = session.settings
-    if not settings.utf8:
-        raise _need_utf8()
+    codec, settings = _codec_for(type_name, session)
     if fmt_code == FORMAT_TEXT:
         text_in = codec.text_in
         if text_in is None:
@@ -694,12 +690,7 @@ def from_canonical(
     cannot reproduce exactly, or if `canonical` was not produced by
     `to_canonical` for a compatible type.
     """
-    codec = _CODECS.get(type_name)
-    if codec is None:
-        raise _unsupported_type()
-    settings = session.settings
-    if not settings.utf8:
-        raise _need_utf8()
+    codec, settings = _codec_for(type_name, session)
     if not canonical or canonical[0] != codec.tag:
         raise _corrupt(type_name)
     payload = canonical[1:]
