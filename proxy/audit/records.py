@@ -287,9 +287,7 @@ def _chain(
     new, set_seq, set_hash, set_line = object.__new__, _SET_SEQ, _SET_HASH, _SET_LINE
     last_ts: object = _NO_TS
     ts_text = ""
-    sealed = False
     for record, ts in records:
-        sealed = True
         seq += 1
         prev = digest
         # Each value escaped, in sorted key order (the order the encoder meets them in).
@@ -348,7 +346,7 @@ def _chain(
             set_hash(item, digest)
             set_line(item, f'{front},"hash":"{digest}",{back}')
             put(item)
-    if not sealed:
+    if seq == head.seq:  # no record
         return head
     return ChainHead(seq, digest, event)
 
