@@ -90,10 +90,6 @@ class TenantTracker:
         s = self._s
         return s.local if s.local is not None else s.committed
 
-    @property
-    def in_block(self) -> bool:
-        return self._s.in_block
-
     def snapshot(self) -> TrackerSnapshot:
         """The whole state, for `restore` when a statement is not sent after all (what
         was sent since the last answer included: a statement not sent is not in doubt)."""
