@@ -272,10 +272,7 @@ class ProxySession:
             if self.phase is not Phase.CONNECTING and "client" not in self._stalled:
                 self._client_messages()
         except ProtocolViolation as exc:
-            self.close(
-                f"client protocol violation: {exc.message}",
-                fatal("08P01", f"pgseal: {exc.message}"),
-            )
+            self._protocol_violation(exc)
 
     def _startup_packets(self) -> None:
         while self.phase is Phase.STARTUP:
@@ -307,49 +304,60 @@ class ProxySession:
                     self._startup_buf.clear()
 
     def _client_messages(self) -> None:
-        buf = self._client
-        out = self.to_server
-        datapath = self.datapath
-        while self.phase is not Phase.CLOSED:
-            item = buf.next()
-            if item is None:
-                break
-            if type(item) is bytes:
-                out.append(item)
-                continue
-            assert isinstance(item, Frame)
-            t = item.type
-            if (
-                self.datapath_factory is not None
-                and not self._catalog_sent
-                and t not in (0x70, 0x58)
-            ):
-                buf.push_back(item)  # wait for the data path (see _CLIENT_HELD_ALL)
-                break
-            if datapath is not None and t != 0x58:
-                if t == _SYNC or t == _QUERY:
-                    self.awaiting_ready += 1
-                    self.unsynced = False
-                elif t == _EXECUTE:
-                    self.unsynced = True
-                if self._through_datapath("client", item) is None:
+        # Also reached from keys_ready/keys_failed and the server's side: a malformed
+        # message read there must end the session as cleanly as one read in client_data.
+        try:
+            buf = self._client
+            out = self.to_server
+            datapath = self.datapath
+            while self.phase is not Phase.CLOSED:
+                item = buf.next()
+                if item is None:
                     break
-            elif t == 0x58:  # Terminate
-                # Pipelined behind a running query (asyncpg's terminate() does this), it
-                # would sit unread upstream until the query ends: cancel the query.
-                self.cancel_running()
-                out.append(item.raw)
-                self.close("client sent Terminate")
-            elif t == 0x70:  # password / SASL response
-                out.append(self._auth_response(item))
-            else:  # pragma: no cover - held types are listed above
-                out.append(item.raw)
-        n = buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
-        executes = buf.take_seen(_EXECUTE)
-        if n or executes:
-            self.awaiting_ready += n
-            self.unsynced = buf.last_watched_type == _EXECUTE
-        self._collect_audit()
+                if type(item) is bytes:
+                    out.append(item)
+                    continue
+                assert isinstance(item, Frame)
+                t = item.type
+                if (
+                    self.datapath_factory is not None
+                    and not self._catalog_sent
+                    and t not in (0x70, 0x58)
+                ):
+                    buf.push_back(item)  # wait for the data path (see _CLIENT_HELD_ALL)
+                    break
+                if datapath is not None and t != 0x58:
+                    if t == _SYNC or t == _QUERY:
+                        self.awaiting_ready += 1
+                        self.unsynced = False
+                    elif t == _EXECUTE:
+                        self.unsynced = True
+                    if self._through_datapath("client", item) is None:
+                        break
+                elif t == 0x58:  # Terminate
+                    # Pipelined behind a running query (asyncpg's terminate() does this), it
+                    # would sit unread upstream until the query ends: cancel the query.
+                    self.cancel_running()
+                    out.append(item.raw)
+                    self.close("client sent Terminate")
+                elif t == 0x70:  # password / SASL response
+                    out.append(self._auth_response(item))
+                else:  # pragma: no cover - held types are listed above
+                    out.append(item.raw)
+            n = buf.take_seen(_SYNC) + buf.take_seen(_QUERY)
+            executes = buf.take_seen(_EXECUTE)
+            if n or executes:
+                self.awaiting_ready += n
+                self.unsynced = buf.last_watched_type == _EXECUTE
+            self._collect_audit()
+        except ProtocolViolation as exc:
+            self._protocol_violation(exc)
+
+    def _protocol_violation(self, exc: ProtocolViolation) -> None:
+        """Malformed bytes from either side (exc.who): tell the client, end the session."""
+        self.close(
+            f"{exc.who} protocol violation: {exc.message}", fatal("08P01", f"pgseal: {exc.message}")
+        )
 
     def _through_datapath(self, side: str, frame: Frame) -> bytes | None:
         """Process one frame through the data path: what was forwarded, None while it waits
@@ -530,10 +538,7 @@ class ProxySession:
                 else:  # pragma: no cover
                     out.append(item.raw)
         except ProtocolViolation as exc:
-            self.close(
-                f"server protocol violation: {exc.message}",
-                fatal("08P01", f"pgseal: {exc.message}"),
-            )
+            self._protocol_violation(exc)
             return
         ready = buf.take_seen(_READY)
         if ready:

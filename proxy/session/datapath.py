@@ -74,7 +74,7 @@ from proxy.rewrite.plan import CopyPlan
 from proxy.session.copystream import CopyIn, CopyOut, CopyStop, Denial, MissingKeys, dialect_of
 from proxy.session.tenant import TenantTracker, TrackerSnapshot
 from proxy.wire import messages as m
-from proxy.wire.framing import Frame
+from proxy.wire.framing import Frame, ProtocolViolation
 
 BYTEA_OID = 17
 BYTEA_ARRAY_OID = 1001
@@ -430,6 +430,11 @@ class DataPath:
         }
         self.search_path: tuple[str, ...] = ("public",)
         self.statements: dict[str, _Statement] = {}
+        # Names whose last Parse from the client did not take effect upstream (refused, or
+        # skipped or failed after an error) while PostgreSQL keeps an older statement under
+        # them: a Bind to one was written for the statement the client last prepared, not
+        # for the one PostgreSQL would run, so it is refused until a Parse or Close.
+        self.unconfirmed: set[str] = set()
         self.portals: dict[str, _Portal] = {}
         self.pending: deque[_Pending] = deque()
         self.audit: list[AuditNote] = []
@@ -519,6 +524,8 @@ class DataPath:
                 # and no answer is owed for it).
                 if t == 0x51:
                     self.ignored_syncs += 1
+                elif t == 0x50:
+                    self._parse_skipped(frame.body)
                 return b""
             self.server_skipping = False
         if t == 0x50:  # Parse
@@ -537,6 +544,7 @@ class DataPath:
                     statement is not None
                     and statement.plan.kind != "protected"
                     and statement.search_path == self.search_path
+                    and names[1] not in self.unconfirmed
                 ):
                     # Nothing to seal: forward it without decoding the parameters.
                     self.portals[names[0]] = _Portal(statement, (), None, ())
@@ -704,9 +712,24 @@ class DataPath:
         )
         if statement is not None:
             self.statements[name] = statement
+            self.unconfirmed.discard(name)
         elif not name:
             self.statements.pop(name, None)
+            self.unconfirmed.discard(name)
+        elif name in self.statements:
+            self.unconfirmed.add(name)  # PostgreSQL keeps the old one (42P05 or refused)
         self.pending.append(entry)
+
+    def _parse_skipped(self, body: bytes) -> None:
+        """A Parse dropped unread after an error: the statement PostgreSQL holds under its
+        name (if any) is not the one the client meant (see `unconfirmed`)."""
+        end = body.find(b"\0")
+        try:
+            name = body[:end].decode() if end >= 0 else None
+        except UnicodeDecodeError:
+            name = None  # no recorded statement has such a name
+        if name is not None and name in self.statements:
+            self.unconfirmed.add(name)
 
     def _closing(self, name: str) -> bool:
         """A Close of the recorded statement `name` is on its way (a re-Parse may follow)."""
@@ -725,8 +748,10 @@ class DataPath:
             name = entry.parsed
             if entry.previous is None or (entry is failed and not name):
                 self.statements.pop(name, None)  # a failed unnamed Parse dropped the old one
+                self.unconfirmed.discard(name)
             else:
                 self.statements[name] = entry.previous
+                self.unconfirmed.add(name)
 
     def _refuse_parse(self, parse: m.Parse, sqlstate: str, message: str) -> bytes:
         # A named statement keeps its record (PostgreSQL keeps it when a Parse fails); the
@@ -747,6 +772,13 @@ class DataPath:
         if _REFUSED_STATEMENT in (bind.portal, bind.statement):
             self.portals.pop(bind.portal, None)
             return self._refuse_reserved()
+        if bind.statement in self.unconfirmed:
+            return self._refuse_bind(
+                bind,
+                "26000",
+                f'pgseal: prepared statement "{bind.statement}" was not replaced by the last '
+                "Parse of that name (refused, or skipped after an error); prepare it again",
+            )
         statement = self.statements.get(bind.statement)
         if statement is None:
             # Never forward a Bind the proxy cannot vouch for: what the server holds under
@@ -772,6 +804,16 @@ class DataPath:
             self.pending.append(_Pending(_Kind.BIND))
             return frame.raw
         plan = statement.plan
+        if len(bind.params) != statement.n_client:
+            # PostgreSQL refuses it too, but only once the values have reached it: a value
+            # past the statement's parameters would go up as the client sent it. (A client
+            # that meant a newer statement, whose Parse was refused or skipped, sends one.)
+            message = (
+                f"bind message supplies {len(bind.params)} parameters, but prepared "
+                f'statement "{bind.statement}" requires {statement.n_client}'
+            )
+            self._audit_deny(statement.sql, message)
+            return self._refuse_bind(bind, "08P01", message)
         # No value to seal (a protected statement only for its result): the client's Bind
         # goes out as it came.
         seals = bool(statement.slots or statement.synthetic)
@@ -1361,6 +1403,8 @@ class DataPath:
                 )
                 if entry.closed is not None and records.get(name) is entry.closed:
                     records.pop(name, None)  # not a newer record made after the Close
+                    if kind == "S":
+                        self.unconfirmed.discard(name)
                 for p in self.pending:  # the closed record is gone upstream: never restore it
                     if p.previous is not None and p.previous is entry.closed:
                         p.previous = None
@@ -1397,10 +1441,9 @@ class DataPath:
 
     def _pop(self, kind: _Kind) -> _Pending:
         entry = self.pending.popleft()
-        if entry.kind is not kind:  # pragma: no cover - a server out of step with us
-            raise Refused(
-                "08P01",
-                f"pgseal: protocol out of step: expected {kind.value}, got {entry.kind.value}",
+        if entry.kind is not kind:  # the server answered something not asked (or not yet)
+            raise ProtocolViolation(
+                "server", f"protocol out of step: expected {kind.value}, got {entry.kind.value}"
             )
         return entry
 
@@ -2370,12 +2413,22 @@ def _array_elements(
                 if size < 0:
                     out.append((None, 1))
                 else:
+                    if pos + size > len(raw):
+                        raise struct.error  # an element past the end: never a shorter one
                     out.append((raw[pos : pos + size], 1))
                     pos += size
+            if pos != len(raw):
+                raise struct.error  # PostgreSQL refuses bytes after the last element too
             return out
         except struct.error:
             raise Refused("22P03", "pgseal: malformed binary array parameter") from None
-    return [(e, 0) for e in _parse_text_array(raw.decode("utf-8", "strict"))]
+    try:
+        text = raw.decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        raise Refused(
+            "22021", 'pgseal: invalid byte sequence for encoding "UTF8" in an array parameter'
+        ) from None
+    return [(e, 0) for e in _parse_text_array(text)]
 
 
 def _parse_text_array(text: str) -> list[bytes | None]:

@@ -135,10 +135,16 @@ def test_skipped_unnamed_parse_restores_the_old_record(policies) -> None:  # typ
     sync(dp)
     server(dp, server_error("34000"))
     server(dp, RFQ)
-    assert dp.statements[""] is old
+    assert dp.statements[""] is old  # PostgreSQL still holds it
+    # ... but the client's next Bind was written for the statement it prepared last, not
+    # for this one: refused until it prepares again (tests/unit/test_datapath_fuzz.py).
+    refused_in_order(dp, bind_ssn(dp, ""), "26000")
+    sync(dp)
+    server(dp, RFQ)
+    prepared(dp, "")
     out = bind_ssn(dp, "")
     assert SSN not in out
-    assert b"pgseal.refused" not in out  # sealed under the restored protected plan
+    assert b"pgseal.refused" not in out  # prepared again: sealed as usual
 
 
 def test_failed_unnamed_parse_drops_the_record(policies) -> None:  # type: ignore[no-untyped-def]
