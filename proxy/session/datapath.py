@@ -1340,13 +1340,16 @@ class DataPath:
             upper[-1] == "ALL"
         ):
             self.statements = {k: v for k, v in self.statements.items() if k == ""}
+            self.unconfirmed &= {""}  # a dropped name is unknown now: refused as such
             if upper[0] == "DISCARD":
                 self.portals.clear()
             return
         if upper[:1] == ["DEALLOCATE"] and len(words) >= 2:
             name = words[-1]
             quoted = '"' in text
-            self.statements.pop(name if quoted else fold_identifier(name), None)
+            name = name if quoted else fold_identifier(name)
+            self.statements.pop(name, None)
+            self.unconfirmed.discard(name)
 
     def _track_output_setting(self, text: str) -> None:
         match = _OUTPUT_SETTING_RE.fullmatch(text)

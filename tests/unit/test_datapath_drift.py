@@ -263,3 +263,21 @@ def test_discard_all_forgets_every_statement(policies) -> None:  # type: ignore[
     prepared(dp, "s2")
     client(dp, m.Query("DISCARD ALL"))
     assert "s1" not in dp.statements and "s2" not in dp.statements
+
+
+def test_deallocate_forgets_an_unconfirmed_name(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies)
+    prepared(dp, "s1")
+    prepared(dp, "s2")
+    for name in ("s1", "s2"):
+        client(dp, m.Parse(name, INS))  # exists: refused (42P05); PostgreSQL keeps the old one
+        sync(dp)
+        server(dp, server_error("XX000"))
+        server(dp, RFQ)
+    assert dp.unconfirmed == {"s1", "s2"}
+    client(dp, m.Query("DEALLOCATE s1"))
+    assert dp.unconfirmed == {"s2"} and "s1" not in dp.statements
+    client(dp, m.Query("DEALLOCATE ALL"))
+    assert not dp.unconfirmed and not dp.statements
+    out = bind_ssn(dp, "s2")  # unknown now: still refused
+    assert SSN not in out and b"pgseal.refused" in out
