@@ -1300,7 +1300,10 @@ class DataPath:
                     else:
                         self.search_path = ("public",)
                 elif setting.name in ("all", "discard_all"):
-                    for tracker in self._trackers():
+                    # role is GUC_NO_RESET_ALL: RESET ALL keeps it; DISCARD ALL resets the
+                    # session authorization, and the role with it.
+                    trackers = self._trackers()
+                    for tracker in trackers if setting.name == "discard_all" else trackers[:-1]:
                         tracker.reset_all()
                     self.search_path = ("public",)
                 elif setting.name in ("role", "session_authorization"):
