@@ -385,6 +385,9 @@ class _Pending:
     # The session tenant each result runs under (Execute: one; Query: one per statement),
     # as it was when sent: later SETs in the same pipeline must not decide its reads.
     tenants: tuple[str | None, ...] = ()
+    # Likewise the role each result runs under, and whether it was uncertain (_role_may):
+    # a SET ROLE or COMMIT sent behind the statement must not decide its rows.
+    roles: tuple[tuple[str, bool], ...] = ()
     # audit counts of opened cells: (tenant, key_id, table) -> [columns, count]
     opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] | None = None
     failed: bool = False  # an error was sent for this result: swallow the rest
@@ -575,7 +578,12 @@ class DataPath:
                 # (pipeline mode, drivers that never use the simple one) take effect here.
                 self._track_settings((portal.statement.plan,), portal.statement.sql)
             self.pending.append(
-                _Pending(_Kind.EXECUTE, portal=portal, tenants=(self.tenant.current,))
+                _Pending(
+                    _Kind.EXECUTE,
+                    portal=portal,
+                    tenants=(self.tenant.current,),
+                    roles=(self._role_now(),),
+                )
             )
             if portal is not None and portal.statement.plan.copy is not None:
                 return self._execute_copy(portal.statement, self.pending[-1], frame)
@@ -1175,9 +1183,10 @@ class DataPath:
         # ...`): undo them if the Query is not sent now (refused, or waiting for keys).
         saved = ([t.snapshot() for t in self._trackers()], self.search_path, self.role)
         tenants: list[str | None] = []
+        roles: list[tuple[str, bool]] = []
         try:
             self._check_key_service()
-            sql = self._sealed_sql(query.sql, plans, tenants)
+            sql = self._sealed_sql(query.sql, plans, tenants, roles)
         except Refused as exc:
             self._restore(saved)
             return self._refuse_query(query.sql, exc.sqlstate, str(exc))
@@ -1185,7 +1194,13 @@ class DataPath:
             self._restore(saved)
             raise
         self.pending.append(
-            _Pending(_Kind.QUERY, plans=tuple(plans), sql=query.sql, tenants=tuple(tenants))
+            _Pending(
+                _Kind.QUERY,
+                plans=tuple(plans),
+                sql=query.sql,
+                tenants=tuple(tenants),
+                roles=tuple(roles),
+            )
         )
         for plan, tenant in zip(plans, tenants, strict=True):
             self._arm_copy(plan, tenant, self.pending[-1], query.sql)
@@ -1197,10 +1212,15 @@ class DataPath:
         return m.Query(_REFUSED_SQL).encode()
 
     def _sealed_sql(
-        self, sql: str, plans: Sequence[StatementPlan], tenants: list[str | None]
+        self,
+        sql: str,
+        plans: Sequence[StatementPlan],
+        tenants: list[str | None],
+        roles: list[tuple[str, bool]],
     ) -> str:
         """The Query text with its literals sealed; applies each statement's settings
-        before the next statement and appends the tenant each one runs under to `tenants`."""
+        before the next statement and appends the tenant and role each one runs under to
+        `tenants` and `roles`."""
         edits: list[TextEdit] = []
         need: set[str] = set()
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
@@ -1208,6 +1228,7 @@ class DataPath:
         for plan in plans:
             self._track_settings((plan,), sql)
             tenants.append(self.tenant.current)
+            roles.append(self._role_now())
             edits.extend(plan.edits)
             edits.extend(self._copy_edits(plan, plans))
             for literal in plan.literals:
@@ -1244,7 +1265,13 @@ class DataPath:
         """The current role as the proxy tracks it (SET ROLE applied as sent)."""
         return self.role_setting.current or self.info.user
 
-    def _role_may(self, allowed: Callable[[str], bool]) -> bool:
+    def _role_now(self) -> tuple[str, bool]:
+        """The tracked role and whether it is uncertain, for a result to be judged by."""
+        return self.role, self.role_setting.uncertain
+
+    def _role_may(
+        self, allowed: Callable[[str], bool], role: tuple[str, bool] | None = None
+    ) -> bool:
         """Whether the session holds a privilege (cross-tenant read, decrypt).
 
         Fail closed: the proxy applies SET ROLE as sent, before the server has
@@ -1255,9 +1282,10 @@ class DataPath:
         """
         if not allowed(self.info.user):
             return False
-        if self.role_setting.uncertain:
+        name, uncertain = role if role is not None else self._role_now()
+        if uncertain:
             return allowed("") and allowed(" pgseal-unknown-role ")
-        return allowed(self.role)
+        return allowed(name)
 
     def _restore(self, saved: tuple[list[TrackerSnapshot], tuple[str, ...], str]) -> None:
         for tracker, state in zip(self._trackers(), saved[0], strict=True):
@@ -1698,13 +1726,12 @@ class DataPath:
             if openers is None:  # pragma: no cover - the injected Describe answered first
                 openers = ()
             session_tenant = head.tenants[0] if head.tenants else self.tenant.current
+            role = head.roles[0] if head.roles else None
         elif head.kind is _Kind.QUERY:
             openers = head.openers
-            session_tenant = (
-                head.tenants[head.result_index]
-                if head.result_index < len(head.tenants)
-                else self.tenant.current
-            )
+            at = head.result_index
+            session_tenant = head.tenants[at] if at < len(head.tenants) else self.tenant.current
+            role = head.roles[at] if at < len(head.roles) else None
         else:
             return frame.raw
         if not openers:
@@ -1757,7 +1784,7 @@ class DataPath:
                 # Crypto-shredded: never openable again; on_denied says NULL or an error.
                 # The tenant and role rules come first: a reader who could not see this
                 # cell anyway learns nothing about its tenant's keys.
-                rule = self._read_denial(target, shredded, session_tenant)
+                rule = self._read_denial(target, shredded, session_tenant, role)
                 gone = rule or (
                     f"pgseal: a cell of {target.column} cannot be opened: "
                     f"data key {key_id} of tenant {shredded!r} was destroyed "
@@ -1769,7 +1796,7 @@ class DataPath:
                 allowed = (target.column.table_key, key.tenant)
                 reason = None
                 if allowed not in readable:
-                    reason = self._read_denial(target, key.tenant, session_tenant)
+                    reason = self._read_denial(target, key.tenant, session_tenant, role)
                     if reason is None:
                         readable.add(allowed)
                 if reason is None:
@@ -1868,19 +1895,28 @@ class DataPath:
     def _cross_tenant(self, role: str) -> bool:
         return role in self.policies.cross_tenant_roles
 
-    def _read_denial(self, target: OutputTarget, tenant: str, session: str | None) -> str | None:
+    def _read_denial(
+        self,
+        target: OutputTarget,
+        tenant: str,
+        session: str | None,
+        role: tuple[str, bool] | None = None,
+    ) -> str | None:
+        """Why a cell of `tenant` may not be opened for a result run under session tenant
+        `session` and `role` (the result's, see _Pending.roles; None: the current one)."""
+        role = role if role is not None else self._role_now()
         table = self._policy(target.column.table_key)
-        if not self._role_may(table.may_decrypt):
-            return f"pgseal: role {self.role} may not read {target.column} in plaintext"
+        if not self._role_may(table.may_decrypt, role):
+            return f"pgseal: role {role[0]} may not read {target.column} in plaintext"
         if table.isolation == "trusted":
             return None
         if self.tenant.uncertain:
             return "pgseal: the session tenant is uncertain; SET pgseal.tenant again"
         if session is None:
-            if self._role_may(self._cross_tenant):
+            if self._role_may(self._cross_tenant, role):
                 return None
             return f"pgseal: reading {target.column} needs a session tenant (SET pgseal.tenant)"
-        if tenant != session and not self._role_may(self._cross_tenant):
+        if tenant != session and not self._role_may(self._cross_tenant, role):
             return f"pgseal: {target.column} of another tenant is not readable in this session"
         return None
 
@@ -2165,10 +2201,12 @@ class DataPath:
             at = head.result_index
             plan = head.plans[at] if at < len(head.plans) else None
             tenant = head.tenants[at] if at < len(head.tenants) else self.tenant.current
+            role = head.roles[at] if at < len(head.roles) else None
             sql = head.sql
         elif head.kind is _Kind.EXECUTE and head.portal is not None:
             plan = head.portal.statement.plan
             tenant = head.tenants[0] if head.tenants else self.tenant.current
+            role = head.roles[0] if head.roles else None
             sql = head.portal.statement.sql
         else:
             return frame.raw
@@ -2195,7 +2233,7 @@ class DataPath:
                 self.keys,
                 self.session_format,
                 self.policies,
-                lambda target, cell_tenant: self._read_denial(target, cell_tenant, tenant),
+                lambda target, cell_tenant: self._read_denial(target, cell_tenant, tenant, role),
                 _text_cell,
             )
         except Refused as exc:

@@ -1133,11 +1133,10 @@ def role_scripts(draw: st.DrawFn) -> tuple[str, list[bytes], dict[int, str]]:
                 m.Parse("", sql).encode() + m.Bind("", "", (), (), fmt).encode() + describe
                 + m.Execute("", 0).encode() + m.SYNC
             )
-        # A read's result, or a failed SET's error, comes back before anything behind it
-        # is sent, and a failed SET is sent with nothing ahead of it: see the xfails
-        # test_a_role_change_sent_behind_a_read_does_not_widen_it and
+        # A failed SET's error comes back before anything behind it is sent, and a failed
+        # SET is sent with nothing ahead of it: see the xfail
         # test_a_failed_set_role_sent_ahead_of_a_read_does_not_widen_it
-        if op == "read" or fails or draw(st.booleans()):
+        if fails or draw(st.booleans()):
             chunks.append(b"".join(pending))
             pending = []
     chunks.append(b"".join(pending))
@@ -1209,9 +1208,6 @@ def test_reset_all_does_not_reset_the_role(policies) -> None:  # type: ignore[no
     assert b"ROW0-acme-email." not in run.downstream
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: rows are opened with the role of the last statement sent"
-)
 def test_a_role_change_sent_behind_a_read_does_not_widen_it(policies) -> None:  # type: ignore[no-untyped-def]
     """BEGIN; SET LOCAL ROLE app; SELECT contacts; COMMIT sent at once: the SELECT runs
     as app (outside decrypt_roles), but its row arrives after the COMMIT was sent, and
