@@ -1493,6 +1493,7 @@ class DataPath:
             head.refusal = None
             if head.kind is _Kind.QUERY:
                 head.openers = ()
+                self._distrust_later_roles((head,))
             return out
         # Extended protocol: the server skips to Sync, so do we; until the client sends one
         # if it has not yet.
@@ -1500,8 +1501,19 @@ class DataPath:
         while self.pending and self.pending[0].kind is not _Kind.SYNC:
             dropped.append(self.pending.popleft())
         self._unwind(dropped, head)
+        self._distrust_later_roles(dropped)
         self.server_skipping = not self.pending
         return out
+
+    def _distrust_later_roles(self, failed: Sequence[_Pending]) -> None:
+        """A role change in a segment that failed may not have happened (or was rolled
+        back), but the results sent behind it took the role as if it had (_Pending.roles):
+        judge them as under an uncertain role (see _role_may)."""
+        if not any(_changes_role(entry) for entry in failed):
+            return
+        for entry in self.pending:
+            if entry.roles:
+                entry.roles = tuple((name, True) for name, _ in entry.roles)
 
     def _ready(self, frame: Frame, head: _Pending) -> bytes:
         if head.kind not in _ENDS_WITH_READY:
@@ -2390,6 +2402,22 @@ def _table_name(table: TableKey) -> str:
 
 def _error(sqlstate: str, message: str) -> bytes:
     return m.ErrorResponse.make(sqlstate, message).encode()
+
+
+def _changes_role(entry: _Pending) -> bool:
+    """Whether a Query or Execute entry sets the role (SET ROLE, SET SESSION AUTHORIZATION,
+    their RESETs, DISCARD ALL; not RESET ALL: see _track_settings)."""
+    if entry.kind is _Kind.QUERY:
+        plans: Sequence[StatementPlan] = entry.plans
+    elif entry.kind is _Kind.EXECUTE and entry.portal is not None:
+        plans = (entry.portal.statement.plan,)
+    else:
+        return False
+    return any(
+        setting.name in ("role", "session_authorization", "discard_all")
+        for plan in plans
+        for setting in plan.session_settings
+    )
 
 
 def _cell_bytes(value: bytes, fmt: int) -> bytes:
