@@ -38,9 +38,9 @@ import enum
 import re
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from proxy.crypto.cells import CellError, CellKey, cell_key_id
 from proxy.crypto.values import (
@@ -70,7 +70,7 @@ from proxy.rewrite.lexer import (
     parse_savepoint_statement,
 )
 from proxy.rewrite.params import parameter_count
-from proxy.rewrite.plan import CopyPlan
+from proxy.rewrite.plan import CopyPlan, SessionSetting
 from proxy.session.copystream import CopyIn, CopyOut, CopyStop, Denial, MissingKeys, dialect_of
 from proxy.session.tenant import TenantTracker, TrackerSnapshot
 from proxy.wire import messages as m
@@ -364,6 +364,15 @@ class _Kind(enum.Enum):
 _ENDS_WITH_READY = (_Kind.SYNC, _Kind.QUERY, _Kind.FUNCTION, _Kind.CATALOG)
 
 
+class _Reader(NamedTuple):
+    """The role a result runs under, and whether it or the session tenant was uncertain
+    when its statement was sent (or became so: _distrust_later_readers)."""
+
+    role: str
+    role_uncertain: bool
+    tenant_uncertain: bool
+
+
 @dataclass(slots=True)
 class _Pending:
     kind: _Kind
@@ -385,9 +394,9 @@ class _Pending:
     # The session tenant each result runs under (Execute: one; Query: one per statement),
     # as it was when sent: later SETs in the same pipeline must not decide its reads.
     tenants: tuple[str | None, ...] = ()
-    # Likewise the role each result runs under, and whether it was uncertain (_role_may):
-    # a SET ROLE or COMMIT sent behind the statement must not decide its rows.
-    roles: tuple[tuple[str, bool], ...] = ()
+    # Likewise who reads each result (_Reader): a SET ROLE, SET pgseal.tenant or COMMIT
+    # sent behind the statement must not decide its rows.
+    readers: tuple[_Reader, ...] = ()
     # audit counts of opened cells: (tenant, key_id, table) -> [columns, count]
     opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] | None = None
     failed: bool = False  # an error was sent for this result: swallow the rest
@@ -582,7 +591,7 @@ class DataPath:
                     _Kind.EXECUTE,
                     portal=portal,
                     tenants=(self.tenant.current,),
-                    roles=(self._role_now(),),
+                    readers=(self._reader_now(),),
                 )
             )
             if portal is not None and portal.statement.plan.copy is not None:
@@ -1183,10 +1192,10 @@ class DataPath:
         # ...`): undo them if the Query is not sent now (refused, or waiting for keys).
         saved = ([t.snapshot() for t in self._trackers()], self.search_path, self.role)
         tenants: list[str | None] = []
-        roles: list[tuple[str, bool]] = []
+        readers: list[_Reader] = []
         try:
             self._check_key_service()
-            sql = self._sealed_sql(query.sql, plans, tenants, roles)
+            sql = self._sealed_sql(query.sql, plans, tenants, readers)
         except Refused as exc:
             self._restore(saved)
             return self._refuse_query(query.sql, exc.sqlstate, str(exc))
@@ -1199,7 +1208,7 @@ class DataPath:
                 plans=tuple(plans),
                 sql=query.sql,
                 tenants=tuple(tenants),
-                roles=tuple(roles),
+                readers=tuple(readers),
             )
         )
         for plan, tenant in zip(plans, tenants, strict=True):
@@ -1216,11 +1225,11 @@ class DataPath:
         sql: str,
         plans: Sequence[StatementPlan],
         tenants: list[str | None],
-        roles: list[tuple[str, bool]],
+        readers: list[_Reader],
     ) -> str:
         """The Query text with its literals sealed; applies each statement's settings
-        before the next statement and appends the tenant and role each one runs under to
-        `tenants` and `roles`."""
+        before the next statement and appends the tenant each one runs under to `tenants`,
+        and who reads it to `readers`."""
         edits: list[TextEdit] = []
         need: set[str] = set()
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
@@ -1228,7 +1237,7 @@ class DataPath:
         for plan in plans:
             self._track_settings((plan,), sql)
             tenants.append(self.tenant.current)
-            roles.append(self._role_now())
+            readers.append(self._reader_now())
             edits.extend(plan.edits)
             edits.extend(self._copy_edits(plan, plans))
             for literal in plan.literals:
@@ -1265,13 +1274,11 @@ class DataPath:
         """The current role as the proxy tracks it (SET ROLE applied as sent)."""
         return self.role_setting.current or self.info.user
 
-    def _role_now(self) -> tuple[str, bool]:
-        """The tracked role and whether it is uncertain, for a result to be judged by."""
-        return self.role, self.role_setting.uncertain
+    def _reader_now(self) -> _Reader:
+        """Who reads a result sent now (see _Pending.readers)."""
+        return _Reader(self.role, self.role_setting.uncertain, self.tenant.uncertain)
 
-    def _role_may(
-        self, allowed: Callable[[str], bool], role: tuple[str, bool] | None = None
-    ) -> bool:
+    def _role_may(self, allowed: Callable[[str], bool], reader: _Reader | None = None) -> bool:
         """Whether the session holds a privilege (cross-tenant read, decrypt).
 
         Fail closed: the proxy applies SET ROLE as sent, before the server has
@@ -1282,10 +1289,11 @@ class DataPath:
         """
         if not allowed(self.info.user):
             return False
-        name, uncertain = role if role is not None else self._role_now()
-        if uncertain:
+        if reader is None:
+            reader = self._reader_now()
+        if reader.role_uncertain or self.role_setting.uncertain:
             return allowed("") and allowed(" pgseal-unknown-role ")
-        return allowed(name)
+        return allowed(reader.role)
 
     def _restore(self, saved: tuple[list[TrackerSnapshot], tuple[str, ...], str]) -> None:
         for tracker, state in zip(self._trackers(), saved[0], strict=True):
@@ -1330,8 +1338,12 @@ class DataPath:
                 elif setting.name in ("all", "discard_all"):
                     # role is GUC_NO_RESET_ALL: RESET ALL keeps it; DISCARD ALL resets the
                     # session authorization, and the role with it.
-                    trackers = self._trackers()
-                    for tracker in trackers if setting.name == "discard_all" else trackers[:-1]:
+                    reset = (
+                        self._trackers()
+                        if setting.name == "discard_all"
+                        else (self.tenant, *self.output_settings.values())
+                    )
+                    for tracker in reset:
                         tracker.reset_all()
                     self.search_path = ("public",)
                 elif setting.name in ("role", "session_authorization"):
@@ -1493,7 +1505,7 @@ class DataPath:
             head.refusal = None
             if head.kind is _Kind.QUERY:
                 head.openers = ()
-                self._distrust_later_roles((head,))
+                self._distrust_later_readers((head,))
             return out
         # Extended protocol: the server skips to Sync, so do we; until the client sends one
         # if it has not yet.
@@ -1501,19 +1513,24 @@ class DataPath:
         while self.pending and self.pending[0].kind is not _Kind.SYNC:
             dropped.append(self.pending.popleft())
         self._unwind(dropped, head)
-        self._distrust_later_roles(dropped)
+        self._distrust_later_readers(dropped)
         self.server_skipping = not self.pending
         return out
 
-    def _distrust_later_roles(self, failed: Sequence[_Pending]) -> None:
-        """A role change in a segment that failed may not have happened (or was rolled
-        back), but the results sent behind it took the role as if it had (_Pending.roles):
-        judge them as under an uncertain role (see _role_may)."""
-        if not any(_changes_role(entry) for entry in failed):
+    def _distrust_later_readers(self, failed: Sequence[_Pending]) -> None:
+        """A role or tenant change in a segment that failed may not have happened (or was
+        rolled back), but the results sent behind it took it as if it had: they are judged
+        as under an uncertain role or tenant (see _role_may, _read_denial)."""
+        changed = {s.name for entry in failed for s in _session_settings(entry)}
+        role = not changed.isdisjoint(("role", "session_authorization", "discard_all"))
+        tenant = not changed.isdisjoint(("pgseal.tenant", "all", "discard_all"))
+        if not (role or tenant):
             return
         for entry in self.pending:
-            if entry.roles:
-                entry.roles = tuple((name, True) for name, _ in entry.roles)
+            entry.readers = tuple(
+                _Reader(r.role, r.role_uncertain or role, r.tenant_uncertain or tenant)
+                for r in entry.readers
+            )
 
     def _ready(self, frame: Frame, head: _Pending) -> bytes:
         if head.kind not in _ENDS_WITH_READY:
@@ -1737,13 +1754,10 @@ class DataPath:
             openers = portal.openers if portal is not None else ()
             if openers is None:  # pragma: no cover - the injected Describe answered first
                 openers = ()
-            session_tenant = head.tenants[0] if head.tenants else self.tenant.current
-            role = head.roles[0] if head.roles else None
+            session_tenant, reader = self._read_by(head, 0)
         elif head.kind is _Kind.QUERY:
             openers = head.openers
-            at = head.result_index
-            session_tenant = head.tenants[at] if at < len(head.tenants) else self.tenant.current
-            role = head.roles[at] if at < len(head.roles) else None
+            session_tenant, reader = self._read_by(head, head.result_index)
         else:
             return frame.raw
         if not openers:
@@ -1796,7 +1810,7 @@ class DataPath:
                 # Crypto-shredded: never openable again; on_denied says NULL or an error.
                 # The tenant and role rules come first: a reader who could not see this
                 # cell anyway learns nothing about its tenant's keys.
-                rule = self._read_denial(target, shredded, session_tenant, role)
+                rule = self._read_denial(target, shredded, session_tenant, reader)
                 gone = rule or (
                     f"pgseal: a cell of {target.column} cannot be opened: "
                     f"data key {key_id} of tenant {shredded!r} was destroyed "
@@ -1808,7 +1822,7 @@ class DataPath:
                 allowed = (target.column.table_key, key.tenant)
                 reason = None
                 if allowed not in readable:
-                    reason = self._read_denial(target, key.tenant, session_tenant, role)
+                    reason = self._read_denial(target, key.tenant, session_tenant, reader)
                     if reason is None:
                         readable.add(allowed)
                 if reason is None:
@@ -1907,28 +1921,30 @@ class DataPath:
     def _cross_tenant(self, role: str) -> bool:
         return role in self.policies.cross_tenant_roles
 
+    def _read_by(self, head: _Pending, at: int) -> tuple[str | None, _Reader]:
+        """The session tenant and reader of a result (Execute: 0; Query: its index), as
+        when its statement was sent."""
+        tenant = head.tenants[at] if at < len(head.tenants) else self.tenant.current
+        reader = head.readers[at] if at < len(head.readers) else self._reader_now()
+        return tenant, reader
+
     def _read_denial(
-        self,
-        target: OutputTarget,
-        tenant: str,
-        session: str | None,
-        role: tuple[str, bool] | None = None,
+        self, target: OutputTarget, tenant: str, session: str | None, reader: _Reader
     ) -> str | None:
-        """Why a cell of `tenant` may not be opened for a result run under session tenant
-        `session` and `role` (the result's, see _Pending.roles; None: the current one)."""
-        role = role if role is not None else self._role_now()
+        """Why a cell of `tenant` may not be opened for a result read by `reader` under
+        session tenant `session` (both the result's: _read_by)."""
         table = self._policy(target.column.table_key)
-        if not self._role_may(table.may_decrypt, role):
-            return f"pgseal: role {role[0]} may not read {target.column} in plaintext"
+        if not self._role_may(table.may_decrypt, reader):
+            return f"pgseal: role {reader.role} may not read {target.column} in plaintext"
         if table.isolation == "trusted":
             return None
-        if self.tenant.uncertain:
+        if reader.tenant_uncertain or self.tenant.uncertain:
             return "pgseal: the session tenant is uncertain; SET pgseal.tenant again"
         if session is None:
-            if self._role_may(self._cross_tenant, role):
+            if self._role_may(self._cross_tenant, reader):
                 return None
             return f"pgseal: reading {target.column} needs a session tenant (SET pgseal.tenant)"
-        if tenant != session and not self._role_may(self._cross_tenant, role):
+        if tenant != session and not self._role_may(self._cross_tenant, reader):
             return f"pgseal: {target.column} of another tenant is not readable in this session"
         return None
 
@@ -2212,13 +2228,11 @@ class DataPath:
         if head.kind is _Kind.QUERY:
             at = head.result_index
             plan = head.plans[at] if at < len(head.plans) else None
-            tenant = head.tenants[at] if at < len(head.tenants) else self.tenant.current
-            role = head.roles[at] if at < len(head.roles) else None
+            tenant, reader = self._read_by(head, at)
             sql = head.sql
         elif head.kind is _Kind.EXECUTE and head.portal is not None:
             plan = head.portal.statement.plan
-            tenant = head.tenants[0] if head.tenants else self.tenant.current
-            role = head.roles[0] if head.roles else None
+            tenant, reader = self._read_by(head, 0)
             sql = head.portal.statement.sql
         else:
             return frame.raw
@@ -2245,7 +2259,7 @@ class DataPath:
                 self.keys,
                 self.session_format,
                 self.policies,
-                lambda target, cell_tenant: self._read_denial(target, cell_tenant, tenant, role),
+                lambda target, cell_tenant: self._read_denial(target, cell_tenant, tenant, reader),
                 _text_cell,
             )
         except Refused as exc:
@@ -2404,20 +2418,16 @@ def _error(sqlstate: str, message: str) -> bytes:
     return m.ErrorResponse.make(sqlstate, message).encode()
 
 
-def _changes_role(entry: _Pending) -> bool:
-    """Whether a Query or Execute entry sets the role (SET ROLE, SET SESSION AUTHORIZATION,
-    their RESETs, DISCARD ALL; not RESET ALL: see _track_settings)."""
+def _session_settings(entry: _Pending) -> Iterator[SessionSetting]:
+    """What a Query's statements or an Execute's statement set in the session."""
     if entry.kind is _Kind.QUERY:
         plans: Sequence[StatementPlan] = entry.plans
     elif entry.kind is _Kind.EXECUTE and entry.portal is not None:
         plans = (entry.portal.statement.plan,)
     else:
-        return False
-    return any(
-        setting.name in ("role", "session_authorization", "discard_all")
-        for plan in plans
-        for setting in plan.session_settings
-    )
+        return
+    for plan in plans:
+        yield from plan.session_settings
 
 
 def _cell_bytes(value: bytes, fmt: int) -> bytes:

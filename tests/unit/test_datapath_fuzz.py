@@ -1252,6 +1252,31 @@ def test_a_failed_set_role_behind_an_answered_one_leaves_the_role_certain(polici
     assert b"-acme-email." not in run.downstream
 
 
+def test_a_tenant_change_that_failed_does_not_decide_the_rows_sent_behind_it(policies) -> None:  # type: ignore[no-untyped-def]
+    """Found reading the role fix again: the session tenant is taken per result when its
+    statement is sent, so a SET pgseal.tenant that PostgreSQL skipped (its Query failed
+    before it) decided the rows of a read sent behind it: acme's session read globex's
+    row once a SET sent after the error had made the tracked tenant certain again. Such
+    rows are now judged as under an uncertain tenant."""
+    server = FakeServer(keys=_keystore_keys(), row_tenants=("globex",), fail_marker=FAIL)
+    run = Run(connected(policies, _ring(), "acme"))
+    run.server = server
+    run.session.client_data(
+        m.Query(f"SELECT 1 {FAIL}; SET pgseal.tenant = 'globex'").encode()
+        + m.Query("SELECT * FROM patients WHERE id = 1").encode()
+    )
+    answer = server.answer(run.drain())
+    first = answer.index(READY_I) + len(READY_I)  # the failed Query's answer ends here
+    run.session.server_data(answer[:first])
+    run.drain()
+    run.session.client_data(m.Query("SET pgseal.tenant = 'acme'").encode())  # certain again
+    sent = run.drain()
+    run.session.server_data(answer[first:] + server.answer(sent))
+    run.drain()
+    run.assert_no_internal_error()
+    assert b"-globex-" not in run.downstream
+
+
 # --- 2. malformed client input fails cleanly ------------------------------------------------
 
 
