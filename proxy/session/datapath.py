@@ -520,7 +520,7 @@ class DataPath:
             f"WHERE (n.nspname, c.relname) IN ({pairs}); "
             "SELECT current_setting('extra_float_digits'), current_setting('bytea_output')"
         )
-        self.pending.append(_Pending(_Kind.CATALOG, swallow=True))
+        self._expect_ready(_Pending(_Kind.CATALOG, swallow=True))
         return m.Query(sql).encode()
 
     # -- client -> server ------------------------------------------------------------------
@@ -605,7 +605,7 @@ class DataPath:
             self.pending.append(_Pending(_Kind.CLOSE, close_target=(c.kind, c.name), closed=closed))
             return frame.raw
         if t == 0x53:  # Sync
-            self.pending.append(_Pending(_Kind.SYNC))
+            self._expect_ready(_Pending(_Kind.SYNC))
             self._segment_open = False
             return frame.raw
         if t == 0x51:  # Query
@@ -613,7 +613,7 @@ class DataPath:
             self._segment_open = False
             return self._query(m.decode_query(frame.body), frame)
         if t == 0x46:  # FunctionCall: answered with V + Z
-            self.pending.append(_Pending(_Kind.FUNCTION))
+            self._expect_ready(_Pending(_Kind.FUNCTION))
             return frame.raw
         return frame.raw  # Flush, Terminate, CopyData/Done/Fail: nothing to track
 
@@ -1186,7 +1186,7 @@ class DataPath:
             return self._refuse_query(query.sql, refused.refusal.sqlstate, refused.refusal.message)
         if all(p.kind == "passthrough" for p in plans):
             self._track_settings(plans, query.sql)
-            self.pending.append(_Pending(_Kind.QUERY, plans=tuple(plans), sql=query.sql))
+            self._expect_ready(_Pending(_Kind.QUERY, plans=tuple(plans), sql=query.sql))
             return frame.raw
         # Settings apply statement by statement (`SET pgseal.tenant = 'a'; INSERT ...; SET
         # ...`): undo them if the Query is not sent now (refused, or waiting for keys).
@@ -1202,7 +1202,7 @@ class DataPath:
         except NeedKeys:
             self._restore(saved)
             raise
-        self.pending.append(
+        self._expect_ready(
             _Pending(
                 _Kind.QUERY,
                 plans=tuple(plans),
@@ -1217,7 +1217,7 @@ class DataPath:
 
     def _refuse_query(self, sql: str, sqlstate: str, message: str) -> bytes:
         self._audit_deny(sql, message)
-        self.pending.append(_Pending(_Kind.QUERY, refusal=_error(sqlstate, message), sql=sql))
+        self._expect_ready(_Pending(_Kind.QUERY, refusal=_error(sqlstate, message), sql=sql))
         return m.Query(_REFUSED_SQL).encode()
 
     def _sealed_sql(
@@ -1556,8 +1556,18 @@ class DataPath:
             self.portals.clear()  # portals do not outlive their transaction
         return frame.raw
 
+    def _expect_ready(self, entry: _Pending) -> None:
+        """Queue an entry PostgreSQL answers with a ReadyForQuery (every such entry comes
+        through here: the trackers pair each ReadyForQuery with what was sent before it)."""
+        self.pending.append(entry)
+        for tracker in self._trackers():
+            tracker.segment_end()
+
     def _segments_in_flight(self) -> int:
-        return sum(1 for p in self.pending if p.kind in _ENDS_WITH_READY)
+        """Segments sent and not yet answered; an Execute sent since the last Sync counts
+        (the segment it opened is in flight, its Sync yet to come)."""
+        open_segment = 1 if self._segment_open else 0
+        return open_segment + sum(1 for p in self.pending if p.kind in _ENDS_WITH_READY)
 
     def _catalog_row(self, frame: Frame) -> None:
         row = m.decode_data_row(frame.body).values

@@ -36,6 +36,7 @@ compares the tracker with PostgreSQL over random sequences of all of the above.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 
@@ -84,6 +85,11 @@ class TenantTracker:
         # A COMMIT / ROLLBACK / savepoint statement among them (a BEGIN alone is not one:
         # what a ROLLBACK of its block goes back to is the segment's start either way).
         self._ends_sent = False
+        # The state as each segment in flight will have left it, oldest first (see
+        # segment_end), and that of the last one answered since _segment was taken: an
+        # error after answered segments is judged against what they left, not _segment.
+        self._segment_ends: deque[_State] = deque()
+        self._answered: _State | None = None
 
     @property
     def current(self) -> str | None:
@@ -112,6 +118,11 @@ class TenantTracker:
             s.block_start = s.committed
             s.block_uncertain = self.uncertain
             s.savepoints = ()
+
+    def segment_end(self) -> None:
+        """A Query, Sync or FunctionCall was sent: PostgreSQL answers it with a
+        ReadyForQuery, and the state the tracker holds now is what it leaves if it works."""
+        self._segment_ends.append(self._s.copy())
 
     def set(self, value: str | None, *, local: bool = False) -> None:
         """SET [LOCAL] pgseal.tenant = value; value None means RESET / TO DEFAULT."""
@@ -231,8 +242,12 @@ class TenantTracker:
         not in a block, with no transaction statement in it (all of it is undone). In any
         other case where something was sent that changed the value, it is uncertain."""
         s, seg = self._s, self._segment
-        changed = (s.committed, s.local, s.in_block, s.savepoints) != (
-            seg.committed, seg.local, seg.in_block, seg.savepoints
+        # What the segments answered since _segment left, when there are any: that they
+        # worked is known, so only the failed one and those behind it are in doubt. Not
+        # knowing it (a ReadyForQuery with no segment_end) counts as a change.
+        base = seg if self._answered_since == 0 else self._answered
+        changed = base is None or (s.committed, s.local, s.in_block, s.savepoints) != (
+            base.committed, base.local, base.in_block, base.savepoints
         )
         if seg.in_block and not self._control_sent and self._answered_since == 0:
             s.failed = True  # the block PostgreSQL is in has failed
@@ -248,8 +263,10 @@ class TenantTracker:
             return
         # A SET that cleared the doubt may have been skipped. A transaction or savepoint
         # statement that may have been skipped (an AND CHAIN: which block the value
-        # belongs to) leaves what a ROLLBACK (TO) goes back to in doubt as well.
-        if self._ends_sent or self._chain_sent:
+        # belongs to) leaves what a ROLLBACK (TO) goes back to in doubt as well; so does
+        # a change in the failed segment when segments behind it were sent: they took
+        # what a ROLLBACK goes back to from the value as if it had worked.
+        if self._ends_sent or self._chain_sent or (changed and later_segments_sent):
             self._doubt_everything()
         elif changed or self._segment_uncertain:
             self.uncertain = True
@@ -266,9 +283,13 @@ class TenantTracker:
 
         Only the answer to the last segment in flight describes the state the
         tracker holds; earlier ones are ignored."""
+        ends = self._segment_ends
         if not last:
             self._answered_since += 1
+            self._answered = ends.popleft() if ends else None
             return
+        ends.clear()
+        self._answered = None
         s = self._s
         if status == "I":
             if s.in_block:  # the block ended in a way we did not see (e.g. an error in COMMIT)

@@ -1119,9 +1119,6 @@ def role_scripts(draw: st.DrawFn) -> tuple[str, list[bytes], dict[int, str]]:
             word = "READ"
         if fails:
             sql += " " + FAIL
-            if pending:  # a failed SET is sent alone (see below)
-                chunks.append(b"".join(pending))
-                pending = []
         if model.apply(word, value, fails) and op == "read":
             roles[i] = model.role(login)
         if op in ("tx", "misc") or not draw(st.booleans()):
@@ -1133,10 +1130,7 @@ def role_scripts(draw: st.DrawFn) -> tuple[str, list[bytes], dict[int, str]]:
                 m.Parse("", sql).encode() + m.Bind("", "", (), (), fmt).encode() + describe
                 + m.Execute("", 0).encode() + m.SYNC
             )
-        # A failed SET is sent with nothing ahead of it, and its error comes back before
-        # anything behind it is sent: see the xfail
-        # test_a_failed_set_role_behind_an_answered_one_leaves_the_role_certain
-        if fails or draw(st.booleans()):
+        if draw(st.booleans()):
             chunks.append(b"".join(pending))
             pending = []
     chunks.append(b"".join(pending))
@@ -1235,16 +1229,12 @@ def test_a_failed_set_role_sent_ahead_of_a_read_does_not_widen_it(policies) -> N
     assert b"ROW0-acme-email." not in run.downstream
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a failed SET ROLE pipelined behind a SET ROLE that worked leaves the "
-    "tracked role certain and wrong",
-)
-def test_a_failed_set_role_behind_an_answered_one_leaves_the_role_certain(policies) -> None:  # type: ignore[no-untyped-def]
+def test_a_failed_set_role_behind_an_answered_one_does_not_undo_it(policies) -> None:  # type: ignore[no-untyped-def]
     """Login auditor: SET ROLE app (works) and SET ROLE auditor (fails) in one write; then,
-    in a later one, a read of contacts. PostgreSQL runs it as app, outside decrypt_roles;
-    the proxy's role tracker ends up certain of auditor (TenantTracker.error with an
-    answered segment behind the failed one), and the row is opened."""
+    in a later one, a read of contacts. PostgreSQL runs it as app, outside decrypt_roles.
+    The role tracker judged the failed SET against its state from before SET ROLE app (the
+    same, auditor), ended certain of auditor, and the row was opened; it now judges it
+    against what the answered segment left."""
     write = m.Query("SET ROLE app").encode() + m.Query(f"SET ROLE auditor {FAIL}").encode()
     read = m.Query("SELECT * FROM contacts WHERE id = 1").encode()
     run = play_roles(policies, "auditor", [write, read], ("acme",))
@@ -1275,6 +1265,49 @@ def test_a_tenant_change_that_failed_does_not_decide_the_rows_sent_behind_it(pol
     run.drain()
     run.assert_no_internal_error()
     assert b"-globex-" not in run.downstream
+
+
+def _send(run: Run, server: FakeServer, client_bytes: bytes) -> None:
+    """Send client_bytes through the proxy and feed back the server's whole answer."""
+    run.session.client_data(client_bytes)
+    _exchange(run, server)
+
+
+def test_a_segment_open_while_an_earlier_one_is_answered_is_still_in_flight(policies) -> None:  # type: ignore[no-untyped-def]
+    """Found with the role fix: an Execute sent without its Sync opens a segment that is in
+    flight, but a ReadyForQuery of an earlier Query counted as the last one, so the tracker
+    took the unsynced SET as settled; when the segment then failed, acme's session was left
+    certain of globex (PostgreSQL rolled the SET back) and read globex's row."""
+    server = FakeServer(keys=_keystore_keys(), row_tenants=("globex",), fail_marker=FAIL)
+    run = Run(connected(policies, _ring(), "acme"))
+    run.server = server
+
+    def execute(sql: str) -> bytes:
+        return (
+            m.Parse("", sql).encode() + m.Bind("", "", (), (), ()).encode()
+            + m.Execute("", 0).encode()
+        )  # fmt: skip
+
+    # The Query's ReadyForQuery comes back while the Execute's segment is still open.
+    _send(run, server, m.Query("SELECT 1").encode() + execute("SET pgseal.tenant = 'globex'"))
+    _send(run, server, execute(f"SELECT 1 {FAIL}") + m.SYNC)
+    _send(run, server, m.Query("SELECT * FROM patients WHERE id = 1").encode())
+    run.assert_no_internal_error()
+    assert b"-globex-" not in run.downstream
+
+
+def test_a_failed_segment_behind_an_answered_set_keeps_what_that_set_did(policies) -> None:  # type: ignore[no-untyped-def]
+    """The other side of the role fix: SET pgseal.tenant = 'globex' and a failing SELECT
+    pipelined behind it. The SET is answered, so it took effect; the failed Query changed
+    nothing, so the session is certain of globex and reads its rows."""
+    server = FakeServer(keys=_keystore_keys(), row_tenants=("globex",), fail_marker=FAIL)
+    run = Run(connected(policies, _ring(), "acme"))
+    run.server = server
+    set_then_fail = m.Query("SET pgseal.tenant = 'globex'"), m.Query(f"SELECT 1 {FAIL}")
+    _send(run, server, b"".join(q.encode() for q in set_then_fail))
+    _send(run, server, m.Query("SELECT * FROM patients WHERE id = 1").encode())
+    run.assert_no_internal_error()
+    assert b"-globex-" in run.downstream
 
 
 # --- 2. malformed client input fails cleanly ------------------------------------------------

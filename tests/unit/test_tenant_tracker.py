@@ -222,6 +222,46 @@ def test_an_error_in_the_query_that_began_the_block_leaves_its_rollback_certain(
     assert t.current == "x" and not t.uncertain
 
 
+def pipelined(*sets: str | None) -> TenantTracker:
+    """Start "x", then one segment per value (None: a segment with no SET), all sent
+    before any answer."""
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    for value in sets:
+        t.segment_start()
+        if value is not None:
+            t.set(value)
+        t.segment_end()
+    return t
+
+
+def test_a_failed_set_behind_an_answered_one_is_judged_against_what_that_one_left() -> None:
+    # SET a (works), SET x (fails: PostgreSQL keeps a). Against the state before both, the
+    # failed SET looked like no change at all: the tracker stayed certain of x.
+    t = pipelined("a", "x")
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    t.ready("I", last=True)
+    assert t.uncertain or t.current == "a"
+
+
+def test_a_failed_segment_without_a_set_keeps_what_the_answered_ones_did() -> None:
+    t = pipelined("a", None)
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    t.ready("I", last=True)
+    assert t.current == "a" and not t.uncertain
+
+
+def test_a_ready_for_query_not_paired_with_a_segment_end_makes_an_error_uncertain() -> None:
+    t = pipelined()  # nothing marked: what the answered segment left is not known
+    t.segment_start()
+    t.set("a")
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    assert t.uncertain
+
+
 def test_state_copy_carries_every_field() -> None:
     """_State.copy() is written out by hand (replace() is slow): a field added to the
     dataclass and forgotten there would silently reset on every ReadyForQuery."""
