@@ -440,6 +440,7 @@ class DataPath:
             "extra_float_digits": TenantTracker(str(info.extra_float_digits)),
             "bytea_output": TenantTracker(info.bytea_output),
         }
+        self._all_trackers = self._tracker_tuple()
         self.search_path: tuple[str, ...] = ("public",)
         self.statements: dict[str, _Statement] = {}
         # Names whose last Parse from the client did not take effect upstream (refused, or
@@ -1267,6 +1268,11 @@ class DataPath:
         return apply_edits(sql, edits) if edits else sql
 
     def _trackers(self) -> tuple[TenantTracker, ...]:
+        """Every tracker of the session, the role last (taken at each statement, Sync
+        and answer: built once, again only when the catalog answer replaces some)."""
+        return self._all_trackers
+
+    def _tracker_tuple(self) -> tuple[TenantTracker, ...]:
         return (self.tenant, *self.output_settings.values(), self.role_setting)
 
     @property
@@ -1584,6 +1590,7 @@ class DataPath:
             for name, value in zip(_OUTPUT_SETTINGS, row, strict=True):
                 assert value is not None
                 self.output_settings[name] = TenantTracker(value.decode())
+            self._all_trackers = self._tracker_tuple()
 
     def _parameter_description(self, frame: Frame, statement: _Statement) -> bytes:
         plan = statement.plan

@@ -39,6 +39,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+_Value = tuple[str | None, str | None, bool, tuple[tuple[str, str | None, str | None, bool], ...]]
+
 
 @dataclass(slots=True)
 class _State:
@@ -50,6 +52,11 @@ class _State:
     savepoints: tuple[tuple[str, str | None, str | None, bool], ...] = ()
     failed: bool = False  # the block has failed: only ROLLBACK (TO) is run
     block_uncertain: bool = False  # the value was uncertain when the block began
+
+    def value(self) -> _Value:
+        """What decides the value now and after the block: compared to see whether
+        statements changed it."""
+        return (self.committed, self.local, self.in_block, self.savepoints)
 
     def copy(self) -> _State:
         # dataclasses.replace() introspects the fields on every call; this runs for
@@ -88,8 +95,8 @@ class TenantTracker:
         # The state as each segment in flight will have left it, oldest first (see
         # segment_end), and that of the last one answered since _segment was taken: an
         # error after answered segments is judged against what they left, not _segment.
-        self._segment_ends: deque[_State] = deque()
-        self._answered: _State | None = None
+        self._segment_ends: deque[_Value] = deque()
+        self._answered: _Value | None = None
 
     @property
     def current(self) -> str | None:
@@ -122,7 +129,8 @@ class TenantTracker:
     def segment_end(self) -> None:
         """A Query, Sync or FunctionCall was sent: PostgreSQL answers it with a
         ReadyForQuery, and the state the tracker holds now is what it leaves if it works."""
-        self._segment_ends.append(self._s.copy())
+        s = self._s  # State.value(), inline: this runs for every tracker at every Sync
+        self._segment_ends.append((s.committed, s.local, s.in_block, s.savepoints))
 
     def set(self, value: str | None, *, local: bool = False) -> None:
         """SET [LOCAL] pgseal.tenant = value; value None means RESET / TO DEFAULT."""
@@ -245,10 +253,8 @@ class TenantTracker:
         # What the segments answered since _segment left, when there are any: that they
         # worked is known, so only the failed one and those behind it are in doubt. Not
         # knowing it (a ReadyForQuery with no segment_end) counts as a change.
-        base = seg if self._answered_since == 0 else self._answered
-        changed = base is None or (s.committed, s.local, s.in_block, s.savepoints) != (
-            base.committed, base.local, base.in_block, base.savepoints
-        )
+        base = seg.value() if self._answered_since == 0 else self._answered
+        changed = base is None or s.value() != base
         if seg.in_block and not self._control_sent and self._answered_since == 0:
             s.failed = True  # the block PostgreSQL is in has failed
         exact = (
