@@ -134,6 +134,10 @@ def transaction(encrypted: bool, key: CellKey) -> list[tuple[bytes, bytes]]:
         stored = (_text(email), _text(name), _text(balance))
         cell_type, cell_len = 25, -1
     balance_type = cell_type if encrypted else 1700
+    # The proxy adds the row tenant column to a SELECT that neither selects nor pins it,
+    # and PostgreSQL answers it (the client never sees it).
+    row_tenant = (_field("tenant_id", oid, 2, 25, -1),) if encrypted else ()
+    tenant_value = (b"t1",) if encrypted else ()
     by_id = (
         _statement(f"SELECT email, name, balance FROM {table} WHERE id = $1", (b"42",)),
         _answer(
@@ -141,8 +145,9 @@ def transaction(encrypted: bool, key: CellKey) -> list[tuple[bytes, bytes]]:
                 _field("email", oid, 3, cell_type, cell_len),
                 _field("name", oid, 4, cell_type, cell_len),
                 _field("balance", oid, 5, balance_type, -1),
+                *row_tenant,
             ),
-            stored,
+            (*stored, *tenant_value),
             "SELECT 1",
         ),
     )
@@ -153,8 +158,9 @@ def transaction(encrypted: bool, key: CellKey) -> list[tuple[bytes, bytes]]:
                 _field("id", oid, 1, 20, 8),
                 _field("name", oid, 4, cell_type, cell_len),
                 _field("balance", oid, 5, balance_type, -1),
+                *row_tenant,
             ),
-            (b"42", stored[1], stored[2]),
+            (b"42", stored[1], stored[2], *tenant_value),
             "SELECT 1",
         ),
     )
@@ -271,6 +277,18 @@ def one_transaction(session: ProxySession, script: list[tuple[bytes, bytes]]) ->
         session.drain()
 
 
+def check_opens(session: ProxySession, script: list[tuple[bytes, bytes]]) -> None:
+    """The transaction really opens its cells (a script out of step with what the data
+    path expects would measure a path that opens nothing)."""
+    to_client = b""
+    for client_bytes, server_bytes in script:
+        session.client_data(client_bytes)
+        session.server_data(server_bytes)
+        to_client += b"".join(session.drain()[1])
+    if to_client.count(b"Customer Name 42") != 2 or b"3325.98" not in to_client:
+        raise SystemExit("bench_datapath: the encrypted transaction did not open its cells")
+
+
 def audit_notes(session: ProxySession, script: list[tuple[bytes, bytes]]) -> list[AuditNote]:
     notes: list[AuditNote] = []
     for client_bytes, server_bytes in script:
@@ -293,6 +311,7 @@ def main(argv: list[str]) -> int:
         policy_file.write_text(POLICY_YAML)
         policies = load_policies([policy_file])
     keys = StaticKeyRing()
+    check_opens(connected_session(policies, keys), transaction(True, keys.key))
     per_tx: dict[str, float] = {}
     for label, encrypted in (("plain", False), ("encrypted", True)):
         session = connected_session(policies, keys)

@@ -78,6 +78,13 @@ def explain_plan(sql: str, plan: StatementPlan) -> list[str]:
         if plan.star_tables:
             tables = ", ".join(f"{s}.{t}" for s, t in sorted(plan.star_tables))
             lines.append(f"  * expands {tables}: its encrypted columns are opened")
+    if plan.hidden_outputs:
+        shown, total = len(plan.outputs) - plan.hidden_outputs, len(plan.outputs)
+        which = f"output {total}" if shown + 1 == total else f"outputs {shown + 1}..{total}"
+        lines.append(
+            f"  {which}: row tenant column(s) the proxy adds to the select list to check "
+            "each cell against its row; the client never sees them"
+        )
     copy = plan.copy
     if copy is not None:
         if copy.table is None:

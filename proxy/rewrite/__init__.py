@@ -44,6 +44,11 @@ outputs: resolving result columns to encrypted columns
       RETURNING, directly or through subqueries/CTEs): `outputs` has one entry
       per result column, in order; None for plain columns. Match it with the
       RowDescription by position (a different field count is an error).
+      The last `hidden_outputs` of them are row tenant columns the analyzer
+      added at the end of a top-level SELECT list (an edit) because the
+      statement neither selects nor pins the row's tenant: the caller checks
+      each cell against its row's tenant there, and drops those fields from
+      the RowDescription and every DataRow the client gets.
     - outputs_exact False: `outputs` is empty. Resolve each RowDescription
       field by its name and its table OID: PostgreSQL reports the originating
       table OID and attnum for every plain column reference, through

@@ -487,6 +487,10 @@ class _Analysis:
     tenant_preds: dict[int, TenantSource] = field(default_factory=dict)
     tenant_writes: list[TenantWrite] = field(default_factory=list)
     tables: set[TableKey] = field(default_factory=set)
+    # The statement's own top-level query and the relations its FROM sees (hidden row
+    # tenant columns: see hidden_tenant_columns).
+    root: exp.Expr | None = None
+    root_frame: _Frame | None = None
 
     # -- tokens and spans --
 
@@ -1654,6 +1658,8 @@ class _Analysis:
         for join, _ in pending:
             self.collect_tenant_preds(join.args.get("on"), frame)
         self._join_conditions(frame, pending)
+        if node is self.root:
+            self.root_frame = frame
 
         outs = self.select_items(node.expressions, frame)
         if where is not None:
@@ -2363,6 +2369,75 @@ class _Analysis:
                     found.append(policy)
         return found
 
+    def hidden_tenant_columns(self, instances: Sequence[int], n_outputs: int) -> dict[int, int]:
+        """Add the row tenant column of each relation instance to the end of the select list,
+        where the client never sees it (the data path drops it from RowDescription and
+        DataRow): a cell whose tenant only its own key names is then checked against its
+        row's, so one copied into another tenant's row fails to open. Returns instance ->
+        output position; empty when the statement is not a plain top-level SELECT (DISTINCT,
+        GROUP BY and HAVING would change meaning) or the edited text does not parse back to
+        exactly the columns added (the cells are then checked against the session tenant
+        alone, as before)."""
+        root, frame = self.root, self.root_frame
+        if not isinstance(root, exp.Select) or frame is None or not instances:
+            return {}
+        if any(root.args.get(k) for k in ("distinct", "group", "having", "into")):
+            return {}
+        by_instance = {
+            src.instance: src
+            for src in frame.sources.values()
+            if src.base and src.policy is not None and src.policy.tenant_column is not None
+        }
+        chosen = [i for i in dict.fromkeys(instances) if i in by_instance]
+        at = self._top_level_from()
+        if not chosen or at is None:
+            return {}
+        added = [(by_instance[i].alias, by_instance[i].policy.tenant_column) for i in chosen]  # type: ignore[union-attr]
+        text = "".join(f", {_quote_ident(a)}.{_quote_ident(str(c))}" for a, c in added) + " "
+        if not self._adds_exactly(at, text, len(root.expressions), added):
+            return {}
+        self._edit(at, at, text)
+        return {instance: n_outputs + k for k, instance in enumerate(chosen)}
+
+    def _top_level_from(self) -> int | None:
+        """Offset of the FROM that ends the top-level select list (outside parentheses, not
+        of IS [NOT] DISTINCT FROM)."""
+        depth = 0
+        previous: TokenType | None = None
+        for tok in self.tokens:
+            kind = tok.token_type
+            if kind in (TokenType.L_PAREN, TokenType.L_BRACKET):
+                depth += 1
+            elif kind in (TokenType.R_PAREN, TokenType.R_BRACKET):
+                depth -= 1
+            elif kind == TokenType.FROM and depth == 0 and previous != TokenType.DISTINCT:
+                return tok.start
+            previous = kind
+        return None
+
+    def _adds_exactly(
+        self, at: int, text: str, n_items: int, added: Sequence[tuple[str, str | None]]
+    ) -> bool:
+        """Whether the statement with `text` inserted at `at` parses to the same SELECT with
+        exactly the `added` (qualifier, column) references after its own items."""
+        edited = self.text[:at] + text + self.text[at:]
+        try:
+            trees = _TOOLS.parser.parse(_TOOLS.tokenizer.tokenize(edited), edited)
+        except (ParseError, TokenError):
+            return False
+        tree = trees[0] if len(trees) == 1 else None
+        if not isinstance(tree, exp.Select) or len(tree.expressions) != n_items + len(added):
+            return False
+        for item, (qualifier, column) in zip(tree.expressions[n_items:], added, strict=True):
+            if not (
+                isinstance(item, exp.Column)
+                and _ident(item.args.get("table")) == qualifier
+                and _ident(item.this) == column
+                and item.args.get("db") is None
+            ):
+                return False
+        return True
+
     def final_checks(self, root: exp.Expr) -> None:
         """A parameter sealed for an encrypted column must not also be used as a plain value."""
         if not self.params:
@@ -2381,6 +2456,10 @@ class _Analysis:
                     "also used as a plain value",
                     target.column,
                 )
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _protected_names(outs: Sequence[_Out]) -> str:
@@ -2423,7 +2502,11 @@ def _default_name(item: exp.Expr) -> str:
 def _output_plan(
     outs: list[_Out], analysis: _Analysis
 ) -> tuple[
-    tuple[OutputTarget | None, ...], bool, dict[str, tuple[OutputTarget, ...]], frozenset[TableKey]
+    tuple[OutputTarget | None, ...],
+    bool,
+    dict[str, tuple[OutputTarget, ...]],
+    frozenset[TableKey],
+    int,
 ]:
     exact = not any(isinstance(o, _Star) for o in outs)
     tenant_positions: dict[int, int] = {}
@@ -2438,6 +2521,20 @@ def _output_plan(
     star_counts: dict[TableKey, int] = {}
     for table in star_instances.values():
         star_counts[table.key] = star_counts.get(table.key, 0) + 1
+
+    # Instances whose cells would otherwise be checked against their own key alone: the
+    # statement reads their row tenant column too, unseen by the client.
+    unpinned = [
+        out.lineage.instance
+        for out in outs
+        if isinstance(out, _Col)
+        and out.lineage is not None
+        and out.lineage.table.tenant_column is not None
+        and out.lineage.instance not in tenant_positions
+        and out.lineage.instance not in analysis.tenant_preds
+    ]
+    hidden = analysis.hidden_tenant_columns(unpinned, len(outs)) if exact else {}
+    tenant_positions.update(hidden)
 
     def tenant_for(lineage: _Prot) -> TenantSource:
         table = lineage.table
@@ -2483,18 +2580,20 @@ def _output_plan(
                     by_name.setdefault(name, []).append(
                         OutputTarget(name, ref, col, tenant_for(lineage))
                     )
+    positional.extend(None for _ in hidden)
     return (
         tuple(positional) if exact else (),
         exact,
         {k: tuple(v) for k, v in by_name.items()},
         frozenset(star_tables),
+        len(hidden),
     )
 
 
 def _plan_from(
     analysis: _Analysis, start: int, end: int, command: str, outs: list[_Out]
 ) -> StatementPlan:
-    outputs, exact, by_name, star_tables = _output_plan(outs, analysis)
+    outputs, exact, by_name, star_tables, hidden = _output_plan(outs, analysis)
     protected = bool(
         analysis.params or analysis.literals or analysis.edits or by_name or star_tables
     )
@@ -2507,6 +2606,7 @@ def _plan_from(
         literals=tuple(sorted(analysis.literals.values(), key=lambda t: t.start)),
         edits=tuple(sorted(analysis.edits.values(), key=lambda t: t.start)),
         outputs=outputs if protected else (),
+        hidden_outputs=hidden if protected else 0,
         outputs_exact=exact,
         outputs_by_name=by_name,
         star_tables=star_tables,
@@ -2534,8 +2634,16 @@ def _mentioned_tables(text: str, policies: PolicySet) -> str:
 
 
 def _analyze_statement(
-    sql: str, start: int, end: int, policies: PolicySet, search_path: tuple[str, ...]
+    sql: str,
+    start: int,
+    end: int,
+    policies: PolicySet,
+    search_path: tuple[str, ...],
+    *,
+    result_to_client: bool = True,
 ) -> StatementPlan:
+    """One statement's plan. `result_to_client`: its rows go to the client as DataRows,
+    so the proxy may add row tenant columns it drops there (not inside EXPLAIN or COPY)."""
     text = sql[start:end]
     command = first_keyword(sql, start)
     if command in ("SET", "RESET", "DISCARD"):
@@ -2560,7 +2668,9 @@ def _analyze_statement(
     if command == "EXPLAIN":
         m = _EXPLAIN_PREFIX.match(text)
         if m is not None and m.end() < len(text):
-            inner = _analyze_statement(sql, start + m.end(), end, policies, search_path)
+            inner = _analyze_statement(
+                sql, start + m.end(), end, policies, search_path, result_to_client=False
+            )
             if inner.kind == "refused":
                 return replace(inner, start=start, command=command)
             # The result is the plan text: nothing to open; values are still sealed
@@ -2585,7 +2695,9 @@ def _analyze_statement(
             end,
             policies,
             search_path,
-            lambda whole, s, e: _analyze_statement(whole, s, e, policies, search_path),
+            lambda whole, s, e: _analyze_statement(
+                whole, s, e, policies, search_path, result_to_client=False
+            ),
         )
     if command not in _PARSED_COMMANDS and command not in _DDL_COMMANDS:
         return _refused(
@@ -2624,6 +2736,7 @@ def _analyze_statement(
         if isinstance(
             tree, (exp.Query, exp.Insert, exp.Update, exp.Delete, exp.Subquery, exp.Values)
         ):
+            analysis.root = tree if result_to_client else None
             outs = analysis.query(tree, None, {})
             analysis.final_checks(tree)
             return _plan_from(analysis, start, end, command, outs)

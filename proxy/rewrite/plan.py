@@ -286,6 +286,9 @@ class StatementPlan:
     literals: tuple[LiteralTarget, ...] = ()
     edits: tuple[TextEdit, ...] = ()
     outputs: tuple[OutputTarget | None, ...] = ()
+    # The last `hidden_outputs` of `outputs` are row tenant columns the proxy added to the
+    # select list (see TenantSource 'output'): never shown to the client.
+    hidden_outputs: int = 0
     outputs_exact: bool = True
     outputs_by_name: Mapping[str, tuple[OutputTarget, ...]] = field(
         default_factory=lambda: _EMPTY_OUTPUTS

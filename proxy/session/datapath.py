@@ -835,6 +835,14 @@ class DataPath:
         # No value to seal (a protected statement only for its result): the client's Bind
         # goes out as it came.
         seals = bool(statement.slots or statement.synthetic)
+        sent_formats = frame_formats = bind.result_formats
+        if plan.hidden_outputs and len(sent_formats) == len(plan.outputs) - plan.hidden_outputs:
+            # One format per column the client sees: the hidden row tenant columns it
+            # never sees come back as text (see _openers).
+            sent_formats = (*sent_formats, *(0 for _ in range(plan.hidden_outputs)))
+            bind = m.Bind(
+                bind.portal, bind.statement, bind.param_formats, bind.params, sent_formats
+            )
         try:
             self._check_key_service()
             params, formats, notes = (
@@ -857,7 +865,7 @@ class DataPath:
                         raise Refused(
                             "08P01",
                             f"bind message has {n_formats} result formats but query has "
-                            f"{len(targets)} columns",
+                            f"{len(targets) - plan.hidden_outputs} columns",
                         )
                     result_formats = [bind.result_format(i) for i in range(len(targets))]
                     openers = self._openers(
@@ -876,11 +884,12 @@ class DataPath:
         portal = _Portal(statement, bind.result_formats, self.tenant.current, openers, bind)
         self.portals[bind.portal] = portal
         self.pending.append(_Pending(_Kind.BIND))
-        out = (
-            m.encode_bind(bind.portal, bind.statement, formats, params, bind.result_formats)
-            if seals
-            else frame.raw
-        )
+        if seals:
+            out = m.encode_bind(bind.portal, bind.statement, formats, params, sent_formats)
+        elif sent_formats is not frame_formats:
+            out = bind.encode()
+        else:
+            out = frame.raw
         if openers is None and plan.has_protected_outputs:
             # Which result columns are cells depends on the live table (`*`): ask for the
             # portal's RowDescription ourselves and keep the answer to ourselves.
@@ -1637,6 +1646,7 @@ class DataPath:
             self.pending.popleft()
             if statement is None or statement.plan.kind != "protected":
                 return frame.raw
+            plan = statement.plan
             statement.fields = fields
             statement.field_oids = tuple(f.type_oid for f in rd.fields)
             statement.openers_by_formats = {}  # openers now follow these fields
@@ -1651,7 +1661,7 @@ class DataPath:
             portal.openers = self._openers_described(
                 targets, rd, fields, portal.bind, portal.statement
             )
-            out = self._described_fields(frame, rd, targets)
+            out = self._described_fields(frame, rd, targets, portal.statement.plan)
             compiled = portal.statement.compiled
             if compiled is not None:
                 if len(compiled.described) >= _COMPILED_VARIANTS:
@@ -1662,24 +1672,34 @@ class DataPath:
                 )
             return out
         elif head.kind is _Kind.QUERY:
-            plan = head.plans[head.result_index] if head.result_index < len(head.plans) else None
-            if plan is None or plan.kind != "protected":
+            if head.result_index >= len(head.plans):
+                head.openers = ()
+                return frame.raw
+            plan = head.plans[head.result_index]
+            if plan.kind != "protected":
                 head.openers = ()
                 return frame.raw
             targets = self._resolve(plan, fields)
             head.openers = self._openers_described(targets, rd, fields, None, None)
         else:
             return frame.raw
-        return self._described_fields(frame, rd, targets)
+        return self._described_fields(frame, rd, targets, plan)
 
     def _described_fields(
-        self, frame: Frame, rd: m.RowDescription, targets: Sequence[OutputTarget | None]
+        self,
+        frame: Frame,
+        rd: m.RowDescription,
+        targets: Sequence[OutputTarget | None],
+        plan: StatementPlan,
     ) -> bytes:
-        """The RowDescription the client gets: the declared type of each sealed column."""
-        if not any(t is not None for t in targets):
+        """The RowDescription the client gets: the declared type of each sealed column, and
+        not the row tenant columns the proxy added (StatementPlan.hidden_outputs)."""
+        hidden = _hidden_fields(plan, len(rd.fields))
+        if not hidden and not any(t is not None for t in targets):
             return frame.raw
         new_fields = []
-        for f, target in zip(rd.fields, targets, strict=True):
+        shown = len(rd.fields) - hidden
+        for f, target in zip(rd.fields[:shown], targets[:shown], strict=True):
             if target is None:
                 new_fields.append(f)
                 continue
@@ -1772,13 +1792,17 @@ class DataPath:
             if openers is None:  # pragma: no cover - the injected Describe answered first
                 openers = ()
             session_tenant, reader = self._read_by(head, 0)
+            plan = portal.statement.plan if portal is not None else None
         elif head.kind is _Kind.QUERY:
             openers = head.openers
             session_tenant, reader = self._read_by(head, head.result_index)
+            plan = head.plans[head.result_index] if head.result_index < len(head.plans) else None
         else:
             return frame.raw
         if not openers:
-            return frame.raw
+            if plan is None or not plan.hidden_outputs:
+                return frame.raw
+            return self._without_hidden(frame, plan)
         failure = self.keys.failure()  # e.g. the audit sink is down: open nothing
         if failure is not None:
             return self._fail_result(head, failure.sqlstate, str(failure))
@@ -1899,6 +1923,19 @@ class DataPath:
                 slot[1][0] += 1
         for index, value_out in opened:
             row[index] = value_out
+        if plan is not None:
+            hidden = _hidden_fields(plan, len(row))
+            if hidden:
+                del row[-hidden:]
+        return m.encode_data_row(row)
+
+    def _without_hidden(self, frame: Frame, plan: StatementPlan) -> bytes:
+        """A DataRow with nothing to open, less the row tenant columns the proxy added."""
+        row = list(m.decode_data_row(frame.body).values)
+        hidden = _hidden_fields(plan, len(row))
+        if not hidden:
+            return frame.raw
+        del row[-hidden:]
         return m.encode_data_row(row)
 
     def _row_tenant_denial(
@@ -2433,6 +2470,14 @@ def _table_name(table: TableKey) -> str:
 
 def _error(sqlstate: str, message: str) -> bytes:
     return m.ErrorResponse.make(sqlstate, message).encode()
+
+
+def _hidden_fields(plan: StatementPlan, n_fields: int) -> int:
+    """How many trailing fields of a result of `plan` with n_fields are the row tenant
+    columns the proxy added (none when the result is not the shape the plan describes:
+    then nothing is dropped and no cell is opened either, see _resolve)."""
+    hidden = plan.hidden_outputs
+    return hidden if hidden and plan.outputs_exact and n_fields == len(plan.outputs) else 0
 
 
 def _session_settings(entry: _Pending) -> Iterator[SessionSetting]:

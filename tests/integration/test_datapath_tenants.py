@@ -9,6 +9,7 @@ never open into a wrong value; decrypt_roles, cross_tenant_roles, on_denied.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -927,14 +928,10 @@ def test_cross_tenant_roles_read_every_tenant(roles: Any, sealing_proxy: Any) ->
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known gap (TenantSource 'cell'): a statement that neither selects nor pins the row's "
-        "tenant cannot tell a cell copied from another row of the reader's own tenant"
-    ),
-)
 def test_moved_cell_read_without_the_row_tenant(conn: psycopg.Connection[Any], pg: Any) -> None:
+    """A statement that neither selects nor pins the row's tenant: the proxy reads the row
+    tenant column too (hidden from the client), so a cell copied into another tenant's
+    row is caught even when the reader is the cell's own tenant."""
     a, b = _tenant("ga"), _tenant("gb")
     conn.execute(f"SET pgseal.tenant = '{a}'")
     a_id = _insert_patient(conn, a, "ssn-ga", "Secret of A")
@@ -949,3 +946,45 @@ def test_moved_cell_read_without_the_row_tenant(conn: psycopg.Connection[Any], p
         lambda: conn.execute("SELECT name FROM patients WHERE id = %s", [b_id]).fetchall()
     )
     assert state in (DENIED, "XX001")
+
+
+@pytest.mark.asyncio
+async def test_the_row_tenant_column_the_proxy_adds_is_never_seen(
+    sealing_proxy: Any, conn: psycopg.Connection[Any]
+) -> None:
+    """No driver sees the row tenant column the proxy adds to `SELECT name ... WHERE id`:
+    psycopg (text, extended protocol and pipeline), asyncpg (binary; a prepared statement's
+    attributes come from a Describe of the statement), psql (simple protocol)."""
+    import asyncpg
+
+    a = _tenant("hid")
+    conn.execute(f"SET pgseal.tenant = '{a}'")
+    ids = [_insert_patient(conn, a, f"ssn-h{i}", f"Name {i}") for i in range(2)]
+    sql = "SELECT name, id FROM patients WHERE id = ANY(%s) ORDER BY id"
+    cur = conn.execute(sql, [ids])
+    assert [d.name for d in (cur.description or ())] == ["name", "id"]
+    assert cur.fetchall() == [("Name 0", ids[0]), ("Name 1", ids[1])]
+    with conn.pipeline():
+        cur = conn.execute(sql, [ids])
+        cur2 = conn.execute("SELECT name FROM patients p WHERE p.id = %s", [ids[1]])
+    assert cur.fetchall() == [("Name 0", ids[0]), ("Name 1", ids[1])]
+    assert [d.name for d in (cur2.description or ())] == ["name"]
+    assert cur2.fetchall() == [("Name 1",)]
+
+    conn_a = await asyncpg.connect(sealing_proxy.dsn(), server_settings={"pgseal.tenant": a})
+    try:
+        statement = await conn_a.prepare("SELECT name, id FROM patients WHERE id = $1")
+        assert [attr.name for attr in statement.get_attributes()] == ["name", "id"]
+        assert tuple(await statement.fetchrow(ids[0])) == ("Name 0", ids[0])
+        rows = await conn_a.fetch("SELECT dob, name FROM patients WHERE id = $1", ids[1])
+        assert [tuple(r) for r in rows] == [(datetime.date(1990, 5, 6), "Name 1")]
+    finally:
+        await conn_a.close()
+
+    out = subprocess.run(
+        ["psql", "-X", "-q", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", sealing_proxy.dsn(), "-c",
+         f"SET pgseal.tenant = '{a}'; SELECT name, id FROM patients WHERE id = {ids[0]}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[:2] == ["name|id", f"Name 0|{ids[0]}"]

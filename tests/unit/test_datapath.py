@@ -165,10 +165,12 @@ def test_data_row_cells_are_opened_into_the_requested_format(policies) -> None: 
     rd = m.RowDescription((
         m.FieldDescription("id", 0, 0, 23, 4, -1, 0),
         m.FieldDescription("name", 0, 0, 17, -1, -1, 0),
+        m.FieldDescription("tenant_id", 0, 0, 25, -1, -1, 0),  # added by the proxy
     ))
     described = m.decode_row_description(server(dp, rd.encode())[5:])
     assert described.fields[1].type_oid == 25  # the declared type, not bytea
-    row = m.DataRow((b"7", b"\\x" + cell.hex().encode()))
+    assert len(described.fields) == 2  # the row tenant column stays with the proxy
+    row = m.DataRow((b"7", b"\\x" + cell.hex().encode(), b"acme"))
     assert m.decode_data_row(server(dp, row.encode())[5:]).values == (b"7", b"Alice")
     server(dp, m.CommandComplete("SELECT 1").encode())
     assert [n.event for n in dp.take_audit()] == ["data.decrypt"]
@@ -179,7 +181,8 @@ def test_a_bind_with_nothing_to_seal_goes_out_as_the_client_sent_it(policies) ->
     its Bind is forwarded byte for byte, and the result is still opened."""
     dp, ring = make(policies)
     cell = ring.keys[1].seal("public.patients.name", b"\x01Alice", deterministic=False)
-    client(dp, m.Parse("", "SELECT id, name FROM patients WHERE id = $1"))
+    # (The row tenant is pinned: else the proxy adds its column and a result format.)
+    client(dp, m.Parse("", "SELECT id, name FROM patients WHERE tenant_id = 'acme' AND id = $1"))
     bind = m.Bind("", "", (), (b"1",), (1, 0))  # no format codes: re-encoding would add one
     assert client(dp, bind) == bind.encode()
     client(dp, m.Execute(""))
@@ -254,8 +257,11 @@ def test_reading_another_tenants_cell_is_denied(policies) -> None:  # type: igno
     dp, ring = make(policies, tenant="acme")
     cell = ring.keys[2].seal("public.patients.name", b"\x01Bob", deterministic=False)
     client(dp, m.Query("SELECT name FROM patients"))
-    server(dp, m.RowDescription((m.FieldDescription("name", 0, 0, 17, -1, -1, 0),)).encode())
-    out = server(dp, m.DataRow((b"\\x" + cell.hex().encode(),)).encode())
+    server(dp, m.RowDescription((
+        m.FieldDescription("name", 0, 0, 17, -1, -1, 0),
+        m.FieldDescription("tenant_id", 0, 0, 25, -1, -1, 0),
+    )).encode())
+    out = server(dp, m.DataRow((b"\\x" + cell.hex().encode(), b"globex")).encode())
     err = m.decode_error_response(out[5:])
     assert err.sqlstate == "42501" and b"Bob" not in out
     # the rest of that result is dropped; ReadyForQuery still arrives
@@ -343,7 +349,9 @@ def test_compared_literal_in_a_query_becomes_an_array_of_versions(policies) -> N
     out = m.decode_query(
         client(dp, m.Query("SELECT name FROM patients WHERE ssn <> '1-2-3'"))[5:]
     ).sql
-    assert out.startswith("SELECT name FROM patients WHERE ssn <> ALL(ARRAY['\\x01020000000")
+    assert out.startswith(
+        'SELECT name , "patients"."tenant_id" FROM patients WHERE ssn <> ALL(ARRAY[\'\\x01020000000'
+    )
     assert out.count("::bytea") == 2 and "1-2-3" not in out
 
 

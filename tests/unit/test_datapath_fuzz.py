@@ -196,7 +196,10 @@ def _selected(sql: str) -> Selected | None:
         return None
     table = match.group(2).lower()
     known = SELECT_TABLES[table][1]
-    items = tuple(c.strip().lower() for c in match.group(1).split(","))
+    # A qualified, quoted name (the row tenant column the proxy adds) is its column.
+    items = tuple(
+        c.strip().rsplit(".", 1)[-1].strip('"').lower() for c in match.group(1).split(",")
+    )
     if items == ("*",):
         return table, known
     return (table, items) if all(c in known for c in items) else None
@@ -984,6 +987,35 @@ def test_a_select_waits_for_its_keys_and_opens_its_row(policies) -> None:  # typ
         (b"1", b"acme", b"ROW1-acme-ssn.", b"ROW1-acme-name.", None, None, None),
     ]
     _assert_rows_opened_right(run, {"acme"})
+
+
+def test_the_hidden_row_tenant_column_takes_a_result_format_and_is_dropped(policies) -> None:  # type: ignore[no-untyped-def]
+    """One result format per column the client sees (binary, text): the row tenant column
+    the proxy adds is asked for as text, then dropped from the RowDescription and the
+    DataRow the client gets; the cells open after the check against it."""
+    sql = "SELECT ssn, name FROM patients WHERE id = 1"
+    script = Script(
+        [
+            m.Parse("", sql).encode()
+            + m.Bind("", "", (), (), (1, 0)).encode()
+            + m.Describe("P", "").encode()
+            + m.Execute("", 0).encode()
+            + m.SYNC
+        ],
+        [],
+    )
+    run = play_cold(policies, script, "acme", frozenset(), [], ("acme",))
+    run.assert_no_internal_error()
+    upstream = list(_frames(bytes(run.upstream)))
+    (bind,) = [m.decode_bind(b) for t, b in upstream if t == ord("B")]
+    assert bind.result_formats == (1, 0, 0)
+    (parse,) = [m.decode_parse(b) for t, b in upstream if t == ord("P")]
+    assert parse.sql == 'SELECT ssn, name , "patients"."tenant_id" FROM patients WHERE id = 1'
+    downstream = list(_frames(bytes(run.downstream)))
+    (rd,) = [m.decode_row_description(b) for t, b in downstream if t == ord("T")]
+    assert [(f.name, f.format) for f in rd.fields] == [("ssn", 1), ("name", 0)]
+    rows = [m.decode_data_row(b).values for t, b in downstream if t == ord("D")]
+    assert rows == [(b"ROW0-acme-ssn.", b"ROW0-acme-name.")]
 
 
 @pytest.mark.parametrize("works", [True, False])

@@ -22,11 +22,18 @@ def make_as(policies, user: str, tenant: str | None = "acme"):  # type: ignore[n
     return DataPath(policies, ring, SessionInfo(user, "db", tenant), parameters={}), ring
 
 
+# `SELECT name FROM patients` as PostgreSQL answers it: the proxy added the row's tenant.
+NAME_AND_ROW_TENANT = m.RowDescription((
+    m.FieldDescription("name", 0, 0, 17, -1, -1, 0),
+    m.FieldDescription("tenant_id", 0, 0, 25, -1, -1, 0),
+)).encode()
+
+
 def _read_other_tenant(dp: DataPath, ring: FakeKeyRing) -> bytes:
     cell = ring.keys[2].seal("public.patients.name", b"\x01Bob", deterministic=False)
     client(dp, m.Query("SELECT name FROM patients"))
-    server(dp, m.RowDescription((m.FieldDescription("name", 0, 0, 17, -1, -1, 0),)).encode())
-    return server(dp, m.DataRow((b"\\x" + cell.hex().encode(),)).encode())
+    server(dp, NAME_AND_ROW_TENANT)
+    return server(dp, m.DataRow((b"\\x" + cell.hex().encode(), b"globex")).encode())
 
 
 def test_failed_set_role_grants_nothing(policies) -> None:  # type: ignore[no-untyped-def]
@@ -46,8 +53,8 @@ def test_set_role_as_sent_never_widens_the_login_users_privileges(policies) -> N
     client(dp, m.Query("BEGIN; SET ROLE auditor; SELECT name FROM patients"))
     server(dp, m.CommandComplete("BEGIN").encode())
     server(dp, m.CommandComplete("SET").encode())
-    server(dp, m.RowDescription((m.FieldDescription("name", 0, 0, 17, -1, -1, 0),)).encode())
-    out = server(dp, m.DataRow((b"\\x" + cell.hex().encode(),)).encode())
+    server(dp, NAME_AND_ROW_TENANT)
+    out = server(dp, m.DataRow((b"\\x" + cell.hex().encode(), b"globex")).encode())
     assert b"Bob" not in out and m.decode_error_response(out[5:]).sqlstate == "42501"
 
 
@@ -77,9 +84,9 @@ def test_data_row_is_not_opened_while_the_key_service_reports_a_fault(policies) 
     dp, ring = make_as(policies, "app")
     cell = ring.keys[1].seal("public.patients.name", b"\x01Alice", deterministic=False)
     client(dp, m.Query("SELECT name FROM patients"))
-    server(dp, m.RowDescription((m.FieldDescription("name", 0, 0, 17, -1, -1, 0),)).encode())
+    server(dp, NAME_AND_ROW_TENANT)
     ring.fault = KeyServiceUnavailable("pgseal: audit sink unavailable")
-    out = server(dp, m.DataRow((b"\\x" + cell.hex().encode(),)).encode())
+    out = server(dp, m.DataRow((b"\\x" + cell.hex().encode(), b"acme")).encode())
     assert b"Alice" not in out and m.decode_error_response(out[5:]).sqlstate == "58030"
     assert server(dp, m.CommandComplete("SELECT 1").encode()) == b""
     assert server(dp, READY_I) == READY_I

@@ -115,7 +115,8 @@ def test_openers_cached_per_result_formats_follow_the_format_asked(policies) -> 
         client(dp, m.Execute(""))
         dp.client_frame(frame_of(m.SYNC))
         server(dp, BIND_COMPLETE)
-        assert m.decode_data_row(server(dp, m.DataRow((sent,)).encode())[5:]).values == (b"Alice",)
+        row = m.DataRow((sent, b"acme"))  # and the row tenant column the proxy added
+        assert m.decode_data_row(server(dp, row.encode())[5:]).values == (b"Alice",)
         server(dp, m.CommandComplete("SELECT 1").encode())
         server(dp, READY)
     assert not dp.pending
@@ -282,11 +283,12 @@ def test_a_denied_cell_is_refused_before_another_cells_key_is_fetched(policies) 
             (
                 m.FieldDescription("name", 0, 0, 17, -1, -1, 0),
                 m.FieldDescription("ssn", 0, 0, 17, -1, -1, 0),
+                m.FieldDescription("tenant_id", 0, 0, 25, -1, -1, 0),
             )
         ).encode(),
     )
     try:
-        out = server(dp, m.DataRow((_hex(name), _hex(ssn))).encode())
+        out = server(dp, m.DataRow((_hex(name), _hex(ssn), b"globex")).encode())
     except NeedKeys as need:
         pytest.fail(f"asked to fetch {sorted(need.key_ids)} for a row it must refuse")
     assert _error_of(out).sqlstate == "42501"

@@ -25,6 +25,7 @@ from proxy.policy import PolicySet, load_policies
 from proxy.rewrite import (
     ColumnRef,
     StatementPlan,
+    TextEdit,
     analyze,
     apply_edits,
     clear_cache,
@@ -1396,6 +1397,10 @@ def _render_tenant(plan: StatementPlan) -> None:  # pragma: no cover - debugging
     print(plan)
 
 
+def _adds_hidden_tenant(edit: TextEdit) -> bool:
+    return edit.start == edit.end and edit.text.startswith(', "') and edit.text.endswith('" ')
+
+
 def _check(case: Case, plans: list[StatementPlan]) -> None:
     sql = case.sql
     kinds = ",".join({"passthrough": P, "protected": R, "refused": X}[p.kind] for p in plans)
@@ -1423,15 +1428,22 @@ def _check(case: Case, plans: list[StatementPlan]) -> None:
     assert set(literals) == set(case.literals), literals
     for text, want in case.literals.items():
         assert literals[text].startswith(want), (text, literals[text])
-    edits = {sql[e.start : e.end]: e.text for p in plans for e in p.edits}
+    # The row tenant columns added after the select list are checked on their own
+    # (test_an_unpinned_row_tenant_is_read_in_a_hidden_column); here, the rest.
+    for p in plans:
+        added = [e for e in p.edits if _adds_hidden_tenant(e)]
+        assert len(added) == (1 if p.hidden_outputs else 0), (p.hidden_outputs, added)
+    own_edits = [e for p in plans for e in p.edits if not _adds_hidden_tenant(e)]
+    edits = {sql[e.start : e.end]: e.text for e in own_edits}
     if case.edits:
         assert edits == case.edits
     if case.rewritten is not None:
-        assert apply_edits(sql, [e for p in plans for e in p.edits]) == case.rewritten
+        assert apply_edits(sql, own_edits) == case.rewritten
     last = plans[-1]
     if case.outputs is not None:
         assert last.outputs_exact
-        got = [_short(o.column) if o is not None else None for o in last.outputs]
+        shown = last.outputs[: len(last.outputs) - last.hidden_outputs]
+        got = [_short(o.column) if o is not None else None for o in shown]
         if last.kind == "passthrough":
             got = [None] * len(case.outputs)
         assert got == case.outputs, got
@@ -1503,13 +1515,12 @@ def test_edits_and_literal_splices_apply_together(policies: PolicySet) -> None:
     edits = [*plan.edits, *(t.edit("X") for t in plan.literals)]
     assert (
         apply_edits(sql, edits)
-        == "SELECT name FROM patients WHERE ssn = ANY($1::bytea[]) AND email = ANY (X || X)"
+        == 'SELECT name , "patients"."tenant_id" FROM patients '
+        "WHERE ssn = ANY($1::bytea[]) AND email = ANY (X || X)"
     )
 
 
 def test_apply_edits_rejects_overlaps() -> None:
-    from proxy.rewrite import TextEdit
-
     with pytest.raises(ValueError, match="overlapping"):
         apply_edits("abcdef", [TextEdit(0, 3, "x"), TextEdit(2, 4, "y")])
 
@@ -1553,9 +1564,83 @@ def test_output_tenant_from_where_clause(policies: PolicySet) -> None:
     (plan,) = analyze("SELECT name FROM patients WHERE tenant_id = $1", policies)
     (out,) = plan.outputs
     assert out is not None and out.tenant.kind == "param" and out.tenant.param == 1
+    # Neither selected nor pinned: the row tenant column is added, hidden (see below).
     (plan,) = analyze("SELECT name FROM patients WHERE id = $1", policies)
-    (out,) = plan.outputs
-    assert out is not None and out.tenant.kind == "cell"
+    out, hidden = plan.outputs
+    assert out is not None and out.tenant.kind == "output" and out.tenant.output == 1
+    assert hidden is None and plan.hidden_outputs == 1
+
+
+@pytest.mark.parametrize(
+    ("sql", "forwarded"),
+    [
+        (
+            "SELECT name FROM patients WHERE id = $1",
+            'SELECT name , "patients"."tenant_id" FROM patients WHERE id = $1',
+        ),
+        (
+            'SELECT p.name AS n FROM public.patients AS "P p" WHERE p.id = 1',
+            None,  # "p" names no table: PostgreSQL refuses it; nothing is added to it
+        ),
+        (
+            'SELECT "P p".name AS n FROM public.patients AS "P p" WHERE "P p".id = 1',
+            'SELECT "P p".name AS n , "P p"."tenant_id" FROM public.patients AS "P p" '
+            'WHERE "P p".id = 1',
+        ),
+        (
+            "WITH recent AS (SELECT id FROM patients ORDER BY id DESC LIMIT 5) "
+            "SELECT p.name, a IS DISTINCT FROM b FROM patients p JOIN recent r ON r.id = p.id",
+            "WITH recent AS (SELECT id FROM patients ORDER BY id DESC LIMIT 5) "
+            'SELECT p.name, a IS DISTINCT FROM b , "p"."tenant_id" FROM patients p '
+            "JOIN recent r ON r.id = p.id",
+        ),
+        (
+            "SELECT a.name, b.name FROM patients a JOIN patients b ON a.ssn = b.ssn",
+            'SELECT a.name, b.name , "a"."tenant_id", "b"."tenant_id" FROM patients a '
+            "JOIN patients b ON a.ssn = b.ssn",
+        ),
+    ],
+)
+def test_an_unpinned_row_tenant_is_read_in_a_hidden_column(
+    policies: PolicySet, sql: str, forwarded: str | None
+) -> None:
+    """A cell whose row tenant the statement neither selects nor pins could have been copied
+    into another tenant's row: the proxy reads the row tenant column too, after the
+    client's columns, and checks each cell against it (the data path drops it)."""
+    (plan,) = analyze(sql, policies)
+    if forwarded is None:
+        assert plan.hidden_outputs == 0 or plan.kind == "refused"
+        return
+    assert apply_edits(sql, plan.edits) == forwarded
+    shown = len(plan.outputs) - plan.hidden_outputs
+    assert all(o is None for o in plan.outputs[shown:])
+    for out in plan.outputs[:shown]:
+        if out is not None:
+            assert out.tenant.kind == "output" and out.tenant.output is not None
+            assert out.tenant.output >= shown
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT tenant_id, name FROM patients WHERE id = $1",  # selected
+        "SELECT name FROM patients WHERE tenant_id = $1 AND id = $2",  # pinned
+        "SELECT DISTINCT name FROM patients WHERE id = 1",
+        "SELECT name FROM patients WHERE id = 1 GROUP BY name",
+        "SELECT name FROM patients UNION ALL SELECT name FROM patients",
+        "SELECT * FROM patients",  # the tenant column is in the *
+        "SELECT x.name FROM (SELECT name FROM patients) x",  # not a base table at the top
+        "EXPLAIN SELECT name FROM patients WHERE id = 1",
+        "COPY (SELECT id, name FROM patients) TO STDOUT",
+        "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', 'x') RETURNING name",
+    ],
+)
+def test_no_hidden_column_where_it_would_change_the_result(policies: PolicySet, sql: str) -> None:
+    (plan,) = analyze(sql, policies)
+    assert plan.hidden_outputs == 0
+    assert not any(
+        '"tenant_id"' in e.text for e in plan.edits
+    ), "the statement's text is left as it was"
 
 
 def test_tables_touched(policies: PolicySet) -> None:
