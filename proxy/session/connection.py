@@ -411,7 +411,7 @@ class ProxySession:
             server.hold(_COPY_DATA, copy_out)
             server.hold(_COPY_DONE, copy_out)
         # Client tables are shared by every session: swapped whole, never edited.
-        if datapath.copy_in is not None:
+        if datapath.copy_in is not None or datapath.copy_discarding:
             self._client.held = _CLIENT_HELD_DATAPATH_COPY
         elif self._client.held is not _CLIENT_HELD_DATAPATH:
             self._client.held = _CLIENT_HELD_DATAPATH

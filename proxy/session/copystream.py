@@ -9,7 +9,8 @@ feeds the very same message again once the keys are there.
 
 `CopyIn` (COPY ... FROM STDIN): every field of an encrypted column becomes a
 sealed cell, written as a bytea field; every other byte of the row goes on
-as the client wrote it. The tenant of a row is its tenant column's field
+as the client wrote it. A header line (HEADER) never does: the column names
+go in its place. The tenant of a row is its tenant column's field
 when the COPY lists it, else the session tenant, with INSERT's rules. A row
 that breaks them raises `CopyStop`: the caller then fails the whole COPY
 upstream (CopyFail), so that nothing of it is stored, and nothing of the
@@ -159,8 +160,12 @@ class CopyIn:
             if tenant_column is not None and tenant_column in columns
             else None
         )
+        # The tenant field is read as PostgreSQL reads it, FORCE_NOT_NULL and FORCE_NULL
+        # included: else a row could be sealed under a tenant PostgreSQL does not store.
+        self.tenant_forced = (self.tenant_index in not_null, self.tenant_index in force_null)
         self.state = SplitState()
         self.header_pending = options.header != "off"
+        self.header_match = options.header == "match"
         self.rows = 0  # data rows forwarded so far (for messages)
         self.sealed: Counts = {}
 
@@ -186,7 +191,7 @@ class CopyIn:
         number = self.rows
         for row in rows:
             if header:
-                out.append(row)  # column names: PostgreSQL skips (or matches) the line
+                out.append(self._header(row))
                 header = False
                 continue
             number += 1
@@ -251,6 +256,28 @@ class CopyIn:
         eol = state.eol or b"\n"
         return eol.join(out) + eol
 
+    def _header(self, row: bytes) -> bytes:
+        """The header line to forward in place of the client's, which never goes upstream:
+        PostgreSQL skips it (HEADER), or compares it with the column names (HEADER MATCH)
+        and quotes the line in its error, which the server log keeps; either way a data
+        row sent as a header would reach PostgreSQL in plaintext. The proxy forwards the
+        column names, after making PostgreSQL's MATCH check itself."""
+        dialect = self.dialect
+        names = [name.encode() for name in self.columns]
+        if self.header_match:
+            try:
+                got = [dialect.read_field(raw) for raw in dialect.split_fields(row)]
+            except CopyFormatError:
+                got = []
+            if got != names:
+                raise CopyStop(
+                    BAD_COPY_FORMAT,
+                    f"pgseal: the header line of the COPY into {self.table.qualified_name} "
+                    f"does not match its columns ({', '.join(self.columns)})",
+                )
+        single = len(names) == 1
+        return dialect.delimiter.join(dialect.text_field(n, single=single) for n in names)
+
     def _row_tenant(self, fields: list[bytes], number: int) -> str:
         """The tenant whose key seals this row, after the isolation rules (as INSERT)."""
         name = self.table.qualified_name
@@ -263,7 +290,12 @@ class CopyIn:
         session = self.session_tenant
         row: str | None = session
         if self.tenant_index is not None and not self.table.tenant_from_session:
-            value = self.dialect.read_field(fields[self.tenant_index])
+            try:
+                value = self.dialect.read_field(fields[self.tenant_index], *self.tenant_forced)
+            except CopyFormatError as exc:  # e.g. a `\.` inside the field: not a value
+                raise CopyStop(
+                    BAD_COPY_FORMAT, f"pgseal: {exc} (row {number} of the COPY into {name})"
+                ) from None
             if value is None:
                 row = None
             elif isinstance(value, bytes):

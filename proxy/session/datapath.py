@@ -462,6 +462,9 @@ class DataPath:
         # the server sends, and Syncs PostgreSQL ignored inside a COPY (none answered).
         self.table_columns: dict[TableKey, tuple[str, ...]] = {}
         self.copy_in: _CopyInJob | None = None
+        # Client CopyData / CopyDone / CopyFail are dropped until its next other message:
+        # they belong to a statement that will not read them (see client_frame).
+        self.copy_discarding = False
         self.copy_out: _CopyOutJob | None = None
         self.ignored_syncs = 0  # Syncs and Queries PostgreSQL will not answer (the session counts)
         self._segment_open = False  # an Execute was sent since the last Sync
@@ -529,8 +532,30 @@ class DataPath:
     def client_frame(self, frame: Frame) -> bytes:
         """Bytes to send upstream for one client message (may raise NeedKeys)."""
         t = frame.type
-        if self.copy_in is not None and t in (0x64, 0x63, 0x66):  # CopyData, Done, Fail
-            return self._copy_client(frame, self.copy_in)
+        copy_in = self.copy_in
+        if copy_in is not None:
+            if t in (0x64, 0x63, 0x66):  # CopyData, Done, Fail
+                return self._copy_client(frame, copy_in)
+            if (
+                t not in (0x53, 0x58)
+                and copy_in.entry.kind is _Kind.QUERY
+                and not (copy_in.failed or copy_in.server_done)
+            ):
+                # A COPY of a Query: PostgreSQL would fail it and drop this message, or, if
+                # the COPY has not started there, run it: which one is not known yet, and a
+                # guess puts the response queue out of step. (After a COPY of an Execute
+                # PostgreSQL skips to the Sync, and so does the queue.) Sync is ignored
+                # during COPY; Terminate ends the session anyway.
+                raise ProtocolViolation(
+                    "client", f"unexpected message type 0x{t:02X} during COPY from stdin"
+                )
+        if self.copy_discarding:
+            if t in (0x64, 0x63, 0x66):
+                # The stream of a COPY that never started (refused here, or by the server
+                # before CopyInResponse), sent without waiting for it: PostgreSQL ignores
+                # it, but it must not reach PostgreSQL at all (it may be plaintext).
+                return b""
+            self.copy_discarding = False
         if self.server_skipping:
             if t != 0x53:
                 # PostgreSQL would discard it unread: drop it here (nothing of it goes up,
@@ -580,6 +605,10 @@ class DataPath:
             if e.portal == _REFUSED_STATEMENT:
                 return self._refuse_reserved()
             portal = self.portals.get(e.portal)
+            if portal is None:
+                # A portal whose Bind was refused (or unknown): if it was a COPY FROM
+                # STDIN, its stream may follow and must not go up.
+                self.copy_discarding = True
             if not self._segment_open:  # the first Execute since a Sync
                 self._segment_start()
                 self._segment_open = True
@@ -1227,6 +1256,7 @@ class DataPath:
 
     def _refuse_query(self, sql: str, sqlstate: str, message: str) -> bytes:
         self._audit_deny(sql, message)
+        self.copy_discarding = True  # a refused COPY FROM STDIN's stream may follow
         self._expect_ready(_Pending(_Kind.QUERY, refusal=_error(sqlstate, message), sql=sql))
         return m.Query(_REFUSED_SQL).encode()
 
@@ -2374,6 +2404,7 @@ class DataPath:
             job.server_done = True  # the client still ends its stream; nothing more goes up
         else:
             self.copy_in = None  # refused before CopyInResponse: no stream will come
+            self.copy_discarding = True  # and what the client sends of it goes nowhere
             self._copy_in_done(job)
 
     def _drop_ignored_syncs(self, head: _Pending) -> None:
