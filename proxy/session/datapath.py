@@ -85,6 +85,12 @@ OID_TO_TYPE = {info.oid: name for name, info in TYPE_INFO.items()}
 # ParameterStatus: the proxy tracks them itself (see DataPath.output_settings).
 _OUTPUT_SETTINGS = ("extra_float_digits", "bytea_output")
 # COMMIT / ROLLBACK AND CHAIN: a new block starts at once ("AND NO CHAIN" does not match).
+# The functions libpq's lo_* calls through FunctionCall (fixed OIDs of pg_proc): they change
+# no setting. Any other FunctionCall leaves the tracked tenant and role uncertain.
+_LARGE_OBJECT_FUNCTIONS = frozenset(
+    (715, 764, 765, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172)
+)
+_PREPARE_TRANSACTION_RE = re.compile(r"\s*PREPARE\s+TRANSACTION\b", re.IGNORECASE)
 _AND_CHAIN_RE = re.compile(r"\bAND\s+CHAIN\b", re.IGNORECASE)
 _OUTPUT_SETTING_RE = re.compile(
     r"(?is)\s*(?:SET\s+(?:(SESSION|LOCAL)\s+)?(extra_float_digits|bytea_output)\s*(?:=|\sTO\s)\s*"
@@ -639,11 +645,24 @@ class DataPath:
             self._segment_open = False
             return frame.raw
         if t == 0x51:  # Query
-            self._segment_start()
+            # Behind an Execute with no Sync yet, it runs in (and commits) that segment's
+            # transaction: no new segment starts.
+            if not self._segment_open:
+                self._segment_start()
             self._segment_open = False
             return self._query(m.decode_query(frame.body), frame)
         if t == 0x46:  # FunctionCall: answered with V + Z
+            # Answered with its own ReadyForQuery: it ends (and commits) an open segment.
+            if not self._segment_open:
+                self._segment_start()
+            oid = int.from_bytes(frame.body[:4], "big") if len(frame.body) >= 4 else 0
+            if oid not in _LARGE_OBJECT_FUNCTIONS:
+                # Any other function may change a setting (set_config('pgseal.tenant', ...)):
+                # what the trackers hold is a guess from now on (fail closed).
+                for tracker in self._trackers():
+                    tracker.unknown_change()
             self._expect_ready(_Pending(_Kind.FUNCTION))
+            self._segment_open = False
             return frame.raw
         return frame.raw  # Flush, Terminate, CopyData/Done/Fail: nothing to track
 
@@ -1358,7 +1377,10 @@ class DataPath:
             if command in ("BEGIN", "START"):
                 for tracker in self._trackers():
                     tracker.begin()
-            elif command in ("COMMIT", "END"):
+            elif command in ("COMMIT", "END") or (
+                command == "PREPARE" and _PREPARE_TRANSACTION_RE.match(sql, plan.start)
+            ):
+                # PREPARE TRANSACTION ends the block keeping its settings, as COMMIT does.
                 chain = _AND_CHAIN_RE.search(sql, plan.start, plan.end) is not None
                 for tracker in self._trackers():
                     tracker.commit(chain=chain)
@@ -1383,13 +1405,12 @@ class DataPath:
                 elif setting.name in ("all", "discard_all"):
                     # role is GUC_NO_RESET_ALL: RESET ALL keeps it; DISCARD ALL resets the
                     # session authorization, and the role with it.
-                    reset = (
-                        self._trackers()
-                        if setting.name == "discard_all"
-                        else (self.tenant, *self.output_settings.values())
-                    )
-                    for tracker in reset:
-                        tracker.reset_all()
+                    if setting.name == "discard_all":
+                        for tracker in self._trackers():
+                            tracker.discard_all()  # it also commits at once
+                    else:
+                        for tracker in (self.tenant, *self.output_settings.values()):
+                            tracker.reset_all()
                     self.search_path = ("public",)
                 elif setting.name in ("role", "session_authorization"):
                     value = setting.value if setting.action == "set" else None
@@ -1542,8 +1563,20 @@ class DataPath:
         out = head.refusal if head.refusal is not None else frame.raw
         if head.failed or head.swallow:
             out = b""
-        later = self._segments_in_flight() > 1
+        skipped = 0
+        if head.kind not in (_Kind.QUERY, _Kind.CATALOG, _Kind.FUNCTION):
+            # PostgreSQL skips to the Sync: a Query or FunctionCall sent before it gets no
+            # ReadyForQuery (nor does the session count one for it).
+            for entry in self.pending:
+                if entry.kind is _Kind.SYNC:
+                    break
+                if entry.kind in (_Kind.QUERY, _Kind.FUNCTION):
+                    skipped += 1
+            self.ignored_syncs += skipped
+        later = self._segments_in_flight() - skipped > 1
         for tracker in self._trackers():
+            for _ in range(skipped):
+                tracker.segment_skipped()
             tracker.error(later_segments_sent=later)
         if head.kind in (_Kind.QUERY, _Kind.CATALOG, _Kind.FUNCTION):
             head.failed = head.kind is _Kind.CATALOG or head.failed

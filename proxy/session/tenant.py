@@ -13,7 +13,8 @@ PostgreSQL runs a segment as one transaction, and the tracker follows it:
                       also replaces a SET LOCAL for the rest of the block
 * SET LOCAL v      -> until the block ends, or outside one until the segment ends
 * RESET / SET TO DEFAULT / RESET ALL / DISCARD ALL -> the value at connection start
-                      (from the startup `options`), which is PostgreSQL's reset value
+                      (from the startup `options`), which is PostgreSQL's reset value;
+                      DISCARD ALL also commits at once (as a COMMIT would)
 * BEGIN makes the segment's transaction (the statements before it included) the block;
   COMMIT / ROLLBACK [AND CHAIN] end it (and start the next); outside a block ROLLBACK
   undoes the segment so far and COMMIT is where a later ROLLBACK in it goes back to
@@ -25,7 +26,12 @@ PostgreSQL runs a segment as one transaction, and the tracker follows it:
   one case (one segment in flight, outside a block, no transaction statement in it: all
   of it is undone); otherwise, if anything sent since the last answer could have changed
   the value, it becomes `uncertain` (and what a ROLLBACK (TO) goes back to as well, when
-  a transaction statement was among them)
+  a transaction statement was among them). More may be sent before the failed segment
+  is answered: then the ends the tracker queued for it and for the segments behind it
+  (taken as if it had worked) are no base for the next error; and when a transaction
+  statement was in doubt, whether PostgreSQL is in a block is not known, so whatever is
+  sent before the last segment in flight is answered leaves the value uncertain (a SET
+  included).
 * ReadyForQuery of the last segment in flight is the truth about being in a block.
 
 `uncertain`: protected statements are refused until the next SET / RESET of
@@ -95,8 +101,19 @@ class TenantTracker:
         # The state as each segment in flight will have left it, oldest first (see
         # segment_end), and that of the last one answered since _segment was taken: an
         # error after answered segments is judged against what they left, not _segment.
-        self._segment_ends: deque[_Value] = deque()
+        # None: not known (the value was uncertain, or an error undid what it assumed).
+        self._segment_ends: deque[_Value | None] = deque()
         self._answered: _Value | None = None
+        # An error that was not exact, with a transaction statement among what was sent:
+        # whether PostgreSQL is in a block (failed or not), and with which savepoints, is
+        # not known until the ReadyForQuery of the last segment in flight says so. A
+        # statement sent meanwhile is read against a block state that may be wrong (an
+        # AND CHAIN skipped: a SET LOCAL taken as lasting, a ROLLBACK as undoing a block),
+        # so until then each one sent leaves the value, and what a ROLLBACK (TO) goes back
+        # to, uncertain. Done as they are sent rather than at the error, so that a client
+        # that waits for the answer (psql: BEGIN; ...; <error>, then ROLLBACK) keeps a
+        # certain rollback.
+        self._block_unknown = False
 
     @property
     def current(self) -> str | None:
@@ -119,6 +136,8 @@ class TenantTracker:
         """A Query, or the first Execute since a Sync. Outside a block PostgreSQL runs it
         as one transaction: a ROLLBACK in it goes back to here, a BEGIN in it makes all of
         it the block, and a SET LOCAL in it lasts until it ends (here, for the next one)."""
+        if self._block_unknown:
+            self._doubt_everything()
         s = self._s
         if not s.in_block:
             s.local = None
@@ -128,12 +147,29 @@ class TenantTracker:
 
     def segment_end(self) -> None:
         """A Query, Sync or FunctionCall was sent: PostgreSQL answers it with a
-        ReadyForQuery, and the state the tracker holds now is what it leaves if it works."""
+        ReadyForQuery, and the state the tracker holds now is what it leaves if it works.
+        While the value is uncertain that is not known: an error judged against it must
+        not find "no change" in a SET of the guessed value (None counts as a change)."""
+        if self.uncertain or self._block_unknown:
+            self._segment_ends.append(None)
+            return
         s = self._s  # State.value(), inline: this runs for every tracker at every Sync
         self._segment_ends.append((s.committed, s.local, s.in_block, s.savepoints))
 
+    def segment_skipped(self) -> None:
+        """The oldest Query, Sync or FunctionCall in flight will get no ReadyForQuery after
+        all: PostgreSQL skipped it (a Query or FunctionCall sent behind an Execute whose
+        error makes it skip to the Sync) or ignored it (a Sync inside COPY FROM STDIN). Its
+        segment goes on to the next one: its queued end is dropped, so that each answer
+        keeps pairing with its own (one left behind would be taken as what a later segment
+        left, and an error judged against it)."""
+        if self._segment_ends:
+            self._segment_ends.popleft()
+
     def set(self, value: str | None, *, local: bool = False) -> None:
         """SET [LOCAL] pgseal.tenant = value; value None means RESET / TO DEFAULT."""
+        if self._block_unknown:
+            self._doubt_everything()
         s = self._s
         if s.failed:
             return  # refused by PostgreSQL in a failed block
@@ -143,23 +179,44 @@ class TenantTracker:
             # value after it ends: an uncertain one stays so (fail closed).
             s.local = target
             return
-        self.uncertain = False
+        self.uncertain = self._block_unknown
         s.committed = target
         s.local = None  # a plain SET also replaces a SET LOCAL for the rest of the block
 
     def reset_all(self) -> None:
+        if self._block_unknown:
+            self._doubt_everything()
         s = self._s
         if s.failed:
             return  # refused by PostgreSQL in a failed block
         # After a SET LOCAL in the same block, PostgreSQL's RESET ALL does not always win
-        # over the value from before the block: do not guess.
-        self.uncertain = s.local is not None
+        # over the value from before the block: do not guess. (RESET ALL skips a value
+        # that SET LOCAL ... TO DEFAULT left at its reset value, so the SET LOCAL is still
+        # undone at the end of the block.) The value is the reset one until then; the SET
+        # LOCAL is kept in force so that a second RESET ALL is not taken as settling it.
+        local = s.local is not None
+        self.uncertain = local or self._block_unknown
         s.committed = self.startup_value
-        s.local = None
+        s.local = self.startup_value if local else None
+
+    def discard_all(self) -> None:
+        """DISCARD ALL: RESET ALL (and RESET ROLE). PostgreSQL runs it only outside a block
+        and first in its transaction (else it fails: the error decides), and commits at
+        once: a ROLLBACK later in the same segment goes back to what it left, not to the
+        segment's start (Execute DISCARD ALL, BEGIN, SET, ROLLBACK, then Sync), and an
+        error later in it undoes no more than that: it counts as a COMMIT."""
+        self.reset_all()
+        s = self._s
+        if s.failed or s.in_block:
+            return  # refused by PostgreSQL
+        self._control_sent = self._ends_sent = True
+        s.block_start, s.block_uncertain = s.committed, self.uncertain
 
     def begin(self) -> None:
         """BEGIN / START TRANSACTION: the transaction of this segment becomes the block,
         the statements before it included (block_start: from segment_start or COMMIT)."""
+        if self._block_unknown:
+            self._doubt_everything()
         self._control_sent = True
         s = self._s
         if not s.in_block:
@@ -170,6 +227,8 @@ class TenantTracker:
     def commit(self, *, chain: bool = False) -> None:
         """COMMIT / END [AND CHAIN]. A failed block's COMMIT is a ROLLBACK (PostgreSQL
         answers it with ROLLBACK)."""
+        if self._block_unknown:
+            self._doubt_everything()
         if self._s.failed:
             self.rollback(chain=chain)
             return
@@ -186,6 +245,8 @@ class TenantTracker:
 
     def rollback(self, *, chain: bool = False) -> None:
         """ROLLBACK / ABORT [AND CHAIN]."""
+        if self._block_unknown:
+            self._doubt_everything()
         self._control_sent = self._ends_sent = True
         s = self._s
         # The block, or the transaction of this segment, is undone.
@@ -201,6 +262,8 @@ class TenantTracker:
 
     def savepoint(self, name: str) -> None:
         """SAVEPOINT name (refused by PostgreSQL outside a block or in a failed one)."""
+        if self._block_unknown:
+            self._doubt_everything()
         self._control_sent = self._ends_sent = True
         s = self._s
         if s.in_block and not s.failed:
@@ -210,6 +273,8 @@ class TenantTracker:
         """ROLLBACK TO SAVEPOINT name: the values as they were when it was set; it stays,
         the later ones go, and a failed block works again. A name not tracked here may
         still be one PostgreSQL knows: the value is then uncertain (fail closed)."""
+        if self._block_unknown:
+            self._doubt_everything()
         self._control_sent = self._ends_sent = True
         s = self._s
         if not s.in_block:
@@ -225,6 +290,8 @@ class TenantTracker:
 
     def release(self, name: str) -> None:
         """RELEASE SAVEPOINT name: the values stay; it and every later one go."""
+        if self._block_unknown:
+            self._doubt_everything()
         self._control_sent = self._ends_sent = True
         s = self._s
         if s.failed:
@@ -237,6 +304,8 @@ class TenantTracker:
     def unknown_savepoint(self) -> None:
         """A savepoint statement whose name could not be read: whether it undid a SET is
         unknown, so protected statements are refused until the next SET (fail closed)."""
+        if self._block_unknown:
+            self._doubt_everything()
         self._control_sent = self._ends_sent = True
         if self._s.in_block:
             self._doubt_everything()
@@ -255,27 +324,59 @@ class TenantTracker:
         # knowing it (a ReadyForQuery with no segment_end) counts as a change.
         base = seg.value() if self._answered_since == 0 else self._answered
         changed = base is None or s.value() != base
-        if seg.in_block and not self._control_sent and self._answered_since == 0:
-            s.failed = True  # the block PostgreSQL is in has failed
+        if seg.in_block and not self._control_sent:
+            # The block PostgreSQL is in has failed; segments answered since _segment
+            # make no difference (no transaction statement: the same block). Not knowing
+            # it, a COMMIT sent after this error was taken as keeping the block's SETs
+            # (PostgreSQL answers it with ROLLBACK) and what followed as under them.
+            s.failed = True
         exact = (
             not seg.in_block
             and not later_segments_sent
             and not self._control_sent
             and self._answered_since == 0
         )
+        ends = self._segment_ends
         if changed and exact:
             self._s = seg.copy()
             self.uncertain = self._segment_uncertain
+            # The failed segment's queued end assumed it worked: it leaves what it undid
+            # to. (Nothing was queued behind it: later_segments_sent is False.)
+            for i in range(len(ends)):
+                ends[i] = None if self.uncertain else self._s.value()
             return
         # A SET that cleared the doubt may have been skipped. A transaction or savepoint
         # statement that may have been skipped (an AND CHAIN: which block the value
         # belongs to) leaves what a ROLLBACK (TO) goes back to in doubt as well; so does
         # a change in the failed segment when segments behind it were sent: they took
-        # what a ROLLBACK goes back to from the value as if it had worked.
-        if self._ends_sent or self._chain_sent or (changed and later_segments_sent):
+        # what a ROLLBACK goes back to from the value as if it had worked. That change is
+        # its own queued end against base (the open one's is the state now), not the
+        # final state: SET tb; <error> + SET LOCAL ...; RESET ends where it began, but
+        # the second segment's ROLLBACK would still go back to tb. A SET that only made
+        # an uncertain value certain is such a change too (the ROLLBACK's target was
+        # taken as certain).
+        failed_end = ends[0] if ends else s.value()
+        in_doubt = changed or failed_end != base or self._segment_uncertain
+        if self._ends_sent or self._chain_sent or (in_doubt and later_segments_sent):
             self._doubt_everything()
-        elif changed or self._segment_uncertain:
+        elif in_doubt:
             self.uncertain = True
+        # The queued ends of the failed segment and of those behind it were taken as if it
+        # had worked. Once answered they would be the base of the next error: a SET sent
+        # after this answer, of the value such an end guessed, would look like no change
+        # and leave a failed segment certain of it (SET a; <error> + SELECT 1 in flight,
+        # then SET a; <error>: PostgreSQL never had a). Forget them unless the failed one
+        # changed nothing and the value is certain.
+        if ends and (self.uncertain or failed_end != base):
+            for i in range(len(ends)):
+                ends[i] = None
+        if self._control_sent:
+            self._block_unknown = True
+
+    def unknown_change(self) -> None:
+        """Something was sent that may have changed the value in a way not seen here (a
+        function called through FunctionCall): uncertain until the next SET (fail closed)."""
+        self._doubt_everything()
 
     def _doubt_everything(self) -> None:
         """The value is uncertain, and so is what a ROLLBACK (TO) would go back to."""
@@ -296,6 +397,7 @@ class TenantTracker:
             return
         ends.clear()
         self._answered = None
+        self._block_unknown = False  # the status below is PostgreSQL's block state
         s = self._s
         if status == "I":
             if s.in_block:  # the block ended in a way we did not see (e.g. an error in COMMIT)

@@ -6,6 +6,7 @@ send for what the data path forwarded.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,17 @@ def test_messages_after_an_error_before_sync_are_skipped_like_postgresql(policie
     assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
     assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
     assert not dp.pending
+
+
+def _function_call(oid: int) -> bytes:
+    return m.frame(b"F", struct.pack("!ihhh", oid, 0, 0, 0))
+
+
+def test_a_function_call_may_change_the_tenant_unless_it_is_a_large_object_one(policies) -> None:  # type: ignore[no-untyped-def]
+    """set_config('pgseal.tenant', ...) can come through FunctionCall, and nothing in it says
+    so: any function but libpq's large-object ones leaves the tenant and role uncertain."""
+    dp, _ = make(policies)
+    dp.client_frame(frame_of(_function_call(952)))  # lo_open
+    assert not dp.tenant.uncertain and not dp.role_setting.uncertain
+    dp.client_frame(frame_of(_function_call(2078)))  # set_config
+    assert dp.tenant.uncertain and dp.role_setting.uncertain

@@ -282,3 +282,250 @@ def test_state_copy_carries_every_field() -> None:
     original = _State(**values)  # type: ignore[arg-type]
     copied = original.copy()
     assert copied == original and copied is not original
+
+
+# --- answers read while more is sent (a client that pipelines and reads as it goes) ------
+
+
+def test_a_failed_segments_queued_end_is_not_the_base_of_the_next_error() -> None:
+    # SET a; <error> and SELECT 1 pipelined; once the first is answered, SET a; <error> is
+    # sent. The SELECT 1's queued end said "a" (taken as if the first had worked): against
+    # it the last SET a looked like no change, certain of a PostgreSQL never had.
+    t = pipelined("a", None)
+    t.error(later_segments_sent=True)
+    t.ready("I", last=False)
+    t.segment_start()
+    t.set("a")
+    t.segment_end()
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    t.ready("I", last=True)
+    assert t.uncertain or t.current == "x"
+
+
+def test_a_segment_sent_between_an_exact_error_and_its_answer() -> None:
+    t = pipelined("a")
+    t.error(later_segments_sent=False)  # exact: back to x
+    t.segment_start()  # sent before the failed segment's ReadyForQuery
+    t.set("a")
+    t.segment_end()
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    t.ready("I", last=True)
+    assert t.uncertain or t.current == "x"
+
+
+def test_a_segment_ended_while_uncertain_is_no_base_for_an_error() -> None:
+    t = pipelined("a", None)
+    t.error(later_segments_sent=True)  # uncertain: a or x
+    t.segment_start()  # SELECT 1, sent now: what it leaves is not known either
+    t.segment_end()
+    t.segment_start()
+    t.set("a")
+    t.segment_end()
+    t.ready("I", last=False)
+    t.ready("I", last=False)
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    t.ready("I", last=True)
+    assert t.uncertain or t.current == "x"
+
+
+def test_errors_in_a_pipeline_with_no_set_keep_the_value_certain() -> None:
+    t = pipelined(None, None, None)  # e.g. INSERTs, two of them failing
+    t.error(later_segments_sent=True)
+    t.ready("I", last=False)
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    t.ready("I", last=True)
+    assert t.current == "x" and not t.uncertain
+
+
+def test_statements_sent_after_an_error_that_hides_the_block_state_are_uncertain() -> None:
+    # COMMIT AND CHAIN outside a block fails (PostgreSQL stays out of a block) and a probe
+    # is in flight; then SET a, SET LOCAL b (its own Query) and a third Query are sent.
+    # Taking the chained block as real, SET LOCAL b looked like lasting into the third.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.commit(chain=True)
+    t.segment_end()
+    t.segment_start()
+    t.segment_end()
+    t.error(later_segments_sent=True)
+    for local in (False, True):
+        t.segment_start()
+        t.set("ab"[local], local=local)
+        t.segment_end()
+    t.segment_start()
+    assert t.uncertain or t.current == "a"
+    t.ready("I", last=False)
+    t.ready("I", last=False)
+    t.ready("I", last=False)
+    t.ready("I", last=True)
+    assert t.uncertain or t.current == "a"
+
+
+def test_a_rollback_sent_after_an_error_with_a_skipped_begin_is_uncertain() -> None:
+    # SELECT 1/0; BEGIN (PostgreSQL: no block), then SET a and ROLLBACK sent before the
+    # answer: PostgreSQL keeps a (ROLLBACK outside a block); the tracker's block says x.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.begin()
+    t.segment_end()
+    t.error(later_segments_sent=False)
+    t.segment_start()
+    t.set("a")
+    t.segment_end()
+    t.segment_start()
+    t.rollback()
+    t.segment_end()
+    assert t.uncertain or t.current == "a"
+
+
+def test_an_error_in_a_block_after_answered_segments_fails_the_block() -> None:
+    # In a block with a: SELECT 1 + SELECT 1/0 pipelined; after the error, COMMIT (which
+    # PostgreSQL answers with ROLLBACK) and a protected statement are sent.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.begin()
+    t.set("a")
+    t.segment_end()
+    t.ready("T", last=True)
+    t = pipelined_in(t, 2)
+    t.ready("T", last=False)
+    t.error(later_segments_sent=False)
+    t.segment_start()
+    t.commit()
+    t.segment_end()
+    t.segment_start()
+    assert t.uncertain or t.current == "x"
+
+
+def pipelined_in(t: TenantTracker, n: int) -> TenantTracker:
+    for _ in range(n):
+        t.segment_start()
+        t.segment_end()
+    return t
+
+
+def test_discard_all_commits_at_once() -> None:
+    # Extended protocol, one Sync: DISCARD ALL, BEGIN, SET b, ROLLBACK. PostgreSQL commits
+    # DISCARD ALL at once (it refuses to run in a transaction): the ROLLBACK goes back to
+    # the startup value, not to the a from before the segment.
+    t = pipelined("a")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.discard_all()
+    t.begin()
+    t.set("b")
+    t.rollback()
+    assert t.current == "x" and not t.uncertain
+    # ... and an error after it undoes no more than to what it left.
+    t = pipelined("a")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.discard_all()
+    t.set("b")
+    t.segment_end()
+    t.error(later_segments_sent=False)
+    assert t.uncertain or t.current == "x"
+    # In a block PostgreSQL refuses it: what a ROLLBACK goes back to stays.
+    t = in_block("a")
+    t.discard_all()
+    t.rollback()
+    assert t.current == "a"
+
+
+def test_a_query_skipped_after_an_execute_failed_gives_up_its_queued_end() -> None:
+    # Execute SELECT 1/0 with no Sync, two Queries, Sync; then SET ta; then SET x; <error>.
+    # PostgreSQL skips the Queries (their answers never come): were their queued ends kept,
+    # each later answer would pair with the end of a segment before it, and the last error
+    # be judged against x instead of ta.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()  # the Execute; the Queries run in its transaction
+    t.segment_end()  # the Queries
+    t.segment_end()
+    t.segment_end()  # the Sync
+    t.segment_start()
+    t.set("ta")
+    t.segment_end()
+    t.segment_start()
+    t.set("x")
+    t.segment_end()
+    for _ in range(2):  # the data path, at the error: the Queries will not be answered
+        t.segment_skipped()
+    t.error(later_segments_sent=True)
+    t.ready("I", last=False)
+    t.ready("I", last=False)
+    t.error(later_segments_sent=False)
+    t.ready("I", last=True)
+    assert t.uncertain or t.current == "ta"
+
+
+def test_a_change_in_the_failed_segment_undone_behind_it_still_doubts_the_rollback() -> None:
+    # Query "...; SET b" (fails at its end: a deferred constraint) and, unsynced, Executes
+    # SET LOCAL TO DEFAULT and RESET: the value ends where it began, but the Executes'
+    # transaction took b as what its ROLLBACK goes back to. Sent after the error, in it:
+    # BEGIN, SET LOCAL c, ROLLBACK AND CHAIN, ROLLBACK. PostgreSQL: x.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.set("b")
+    t.segment_end()
+    t.segment_start()
+    t.set(None, local=True)
+    t.set(None)
+    t.error(later_segments_sent=True)
+    t.ready("I", last=False)
+    t.begin()
+    t.set("c", local=True)
+    t.rollback(chain=True)
+    t.rollback()
+    t.segment_end()
+    t.ready("I", last=True)
+    assert t.uncertain or t.current == "x"
+
+
+def test_a_second_reset_all_does_not_settle_a_set_local_to_default() -> None:
+    # SET LOCAL ... TO DEFAULT leaves the value at its reset value, which RESET ALL then
+    # skips: at the end of the block the SET LOCAL is undone and a comes back.
+    t = TenantTracker("x")
+    t.set("a")
+    t.begin()
+    t.set(None, local=True)
+    t.reset_all()
+    t.reset_all()
+    t.commit()
+    assert t.uncertain or t.current == "a"
+    # A plain SET after it does settle it (it replaces the SET LOCAL).
+    t.begin()
+    t.set(None, local=True)
+    t.reset_all()
+    t.set("b")
+    t.commit()
+    assert t.current == "b" and not t.uncertain
+
+
+def test_a_failed_set_that_only_settled_the_value_doubts_the_rollback_behind_it() -> None:
+    # Uncertain (PostgreSQL has b, the tracker guesses x). SET TO DEFAULT; <error>, then an
+    # Execute opens the next segment; after the error, ABORT. The SET made x certain and
+    # the next segment took it as what its ROLLBACK goes back to; PostgreSQL keeps b.
+    t = in_block()
+    t.rollback_to("unknown")  # a savepoint PostgreSQL may know: uncertain, the block too
+    t.rollback()
+    t.ready("I", last=True)
+    assert t.uncertain
+    t.segment_start()
+    t.set(None)
+    t.segment_end()
+    t.segment_start()  # the next segment, not synced yet
+    t.error(later_segments_sent=True)
+    t.ready("I", last=False)
+    t.rollback()
+    t.segment_end()
+    t.ready("I", last=True)
+    assert t.uncertain
