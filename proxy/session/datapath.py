@@ -1863,9 +1863,9 @@ class DataPath:
         else:
             return frame.raw
         if not openers:
-            if plan is None or not plan.hidden_outputs:
-                return frame.raw
-            return self._without_hidden(frame, plan)
+            # (A plan with hidden row tenant columns has openers whenever its result has
+            # the shape that lets them be dropped: see _hidden_fields.)
+            return frame.raw
         failure = self.keys.failure()  # e.g. the audit sink is down: open nothing
         if failure is not None:
             return self._fail_result(head, failure.sqlstate, str(failure))
@@ -1992,14 +1992,6 @@ class DataPath:
                 del row[-hidden:]
         return m.encode_data_row(row)
 
-    def _without_hidden(self, frame: Frame, plan: StatementPlan) -> bytes:
-        """A DataRow with nothing to open, less the row tenant columns the proxy added."""
-        row = list(m.decode_data_row(frame.body).values)
-        hidden = _hidden_fields(plan, len(row))
-        if not hidden:
-            return frame.raw
-        del row[-hidden:]
-        return m.encode_data_row(row)
 
     def _row_tenant_denial(
         self, opener: _Opener, row: Sequence[bytes | None], key: CellKey

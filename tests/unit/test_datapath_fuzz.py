@@ -1234,17 +1234,22 @@ def test_reset_all_does_not_reset_the_role(policies) -> None:  # type: ignore[no
     assert b"ROW0-acme-email." not in run.downstream
 
 
+def _assert_not_opened_either_way(policies: PolicySet, login: str, statements: list[str]) -> None:
+    """contacts' row stays closed whether the statements go one Query at a time or at once."""
+    one_by_one = _role_reads(policies, login, statements, False)
+    assert b"ROW0-acme-email." not in one_by_one.downstream
+    run = _role_reads(policies, login, statements, True)
+    run.assert_no_internal_error()
+    assert b"ROW0-acme-email." not in run.downstream
+
+
 def test_a_role_change_sent_behind_a_read_does_not_widen_it(policies) -> None:  # type: ignore[no-untyped-def]
     """BEGIN; SET LOCAL ROLE app; SELECT contacts; COMMIT sent at once: the SELECT runs
     as app (outside decrypt_roles), but its row arrives after the COMMIT was sent, and
     the proxy judges it by the role the COMMIT left (auditor). One Query at a time, the
     same row is refused."""
     statements = ["BEGIN", "SET LOCAL ROLE app", "SELECT * FROM contacts WHERE id = 1", "COMMIT"]
-    one_by_one = _role_reads(policies, "auditor", statements, False)
-    assert b"ROW0-acme-email." not in one_by_one.downstream
-    run = _role_reads(policies, "auditor", statements, True)
-    run.assert_no_internal_error()
-    assert b"ROW0-acme-email." not in run.downstream
+    _assert_not_opened_either_way(policies, "auditor", statements)
 
 
 def test_a_failed_set_role_sent_ahead_of_a_read_does_not_widen_it(policies) -> None:  # type: ignore[no-untyped-def]
@@ -1254,11 +1259,7 @@ def test_a_failed_set_role_sent_ahead_of_a_read_does_not_widen_it(policies) -> N
     statements = [
         "SET ROLE app", f"SET ROLE postgres {FAIL}", "SELECT * FROM contacts WHERE id = 1"
     ]
-    one_by_one = _role_reads(policies, "postgres", statements, False)
-    assert b"ROW0-acme-email." not in one_by_one.downstream
-    run = _role_reads(policies, "postgres", statements, True)
-    run.assert_no_internal_error()
-    assert b"ROW0-acme-email." not in run.downstream
+    _assert_not_opened_either_way(policies, "postgres", statements)
 
 
 def test_a_failed_set_role_behind_an_answered_one_does_not_undo_it(policies) -> None:  # type: ignore[no-untyped-def]
