@@ -82,8 +82,8 @@ def explain_plan(sql: str, plan: StatementPlan) -> list[str]:
         shown, total = len(plan.outputs) - plan.hidden_outputs, len(plan.outputs)
         which = f"output {total}" if shown + 1 == total else f"outputs {shown + 1}..{total}"
         lines.append(
-            f"  {which}: row tenant column(s) the proxy adds to the select list to check "
-            "each cell against its row; the client never sees them"
+            f"  {which}: row tenant column(s) the proxy adds to the select (or RETURNING) "
+            "list to check each cell against its row; the client never sees them"
         )
     copy = plan.copy
     if copy is not None:

@@ -1890,6 +1890,8 @@ class _Analysis:
             target = target.this
         frame = _Frame(parent, ctes)
         source = self._target(target, frame)
+        if node is self.root:
+            self.root_frame = frame  # what RETURNING sees
         policy = source.policy
         values_frame = _Frame(parent, ctes)  # VALUES items cannot see the target
         body = node.expression
@@ -2261,6 +2263,8 @@ class _Analysis:
     ) -> tuple[_Frame, _Source]:
         frame = _Frame(parent, ctes)
         target = self._target(node.this, frame)
+        if node is self.root:
+            self.root_frame = frame  # what RETURNING sees
         pending: list[tuple[exp.Join, _Source]] = []
         from_ = node.args.get("from_")
         if isinstance(from_, exp.From):
@@ -2370,18 +2374,29 @@ class _Analysis:
         return found
 
     def hidden_tenant_columns(self, instances: Sequence[int], n_outputs: int) -> dict[int, int]:
-        """Add the row tenant column of each relation instance to the end of the select list,
+        """Add the row tenant column of each relation instance to the end of the select list
+        (of a top-level SELECT) or of the RETURNING list (of an INSERT, UPDATE or DELETE),
         where the client never sees it (the data path drops it from RowDescription and
         DataRow): a cell whose tenant only its own key names is then checked against its
         row's, so one copied into another tenant's row fails to open. Returns instance ->
-        output position; empty when the statement is not a plain top-level SELECT (DISTINCT,
-        GROUP BY and HAVING would change meaning) or the edited text does not parse back to
-        exactly the columns added (the cells are then checked against the session tenant
-        alone, as before)."""
+        output position; empty when the statement is neither (DISTINCT, GROUP BY and HAVING
+        would change a SELECT's meaning) or the edited text does not parse back to exactly
+        the columns added (the cells are then checked against the session tenant alone, as
+        before)."""
         root, frame = self.root, self.root_frame
-        if not isinstance(root, exp.Select) or frame is None or not instances:
+        if frame is None or not instances:
             return {}
-        if any(root.args.get(k) for k in ("distinct", "group", "having", "into")):
+        if isinstance(root, exp.Select):
+            if any(root.args.get(k) for k in ("distinct", "group", "having", "into")):
+                return {}
+            at, n_items = self._top_level_from(), len(root.expressions)
+        elif isinstance(root, (exp.Insert, exp.Update, exp.Delete)):
+            returning = root.args.get("returning")
+            if returning is None:
+                return {}
+            # RETURNING ends the statement in PostgreSQL's grammar.
+            at, n_items = self._statement_end(), len(returning.expressions)
+        else:
             return {}
         by_instance = {
             src.instance: src
@@ -2389,12 +2404,11 @@ class _Analysis:
             if src.base and src.policy is not None and src.policy.tenant_column is not None
         }
         chosen = [i for i in dict.fromkeys(instances) if i in by_instance]
-        at = self._top_level_from()
         if not chosen or at is None:
             return {}
         added = [(by_instance[i].alias, by_instance[i].policy.tenant_column) for i in chosen]  # type: ignore[union-attr]
         text = "".join(f", {_quote_ident(a)}.{_quote_ident(str(c))}" for a, c in added) + " "
-        if not self._adds_exactly(at, text, len(root.expressions), added):
+        if not self._adds_exactly(root, at, text, n_items, added):
             return {}
         self._edit(at, at, text)
         return {instance: n_outputs + k for k, instance in enumerate(chosen)}
@@ -2415,20 +2429,40 @@ class _Analysis:
             previous = kind
         return None
 
+    def _statement_end(self) -> int | None:
+        """Offset just after the statement's last token (a trailing `;` not counted)."""
+        for tok in reversed(self.tokens):
+            if tok.token_type != TokenType.SEMICOLON:
+                return tok.end + 1
+        return None
+
     def _adds_exactly(
-        self, at: int, text: str, n_items: int, added: Sequence[tuple[str, str | None]]
+        self,
+        root: exp.Expr,
+        at: int,
+        text: str,
+        n_items: int,
+        added: Sequence[tuple[str, str | None]],
     ) -> bool:
-        """Whether the statement with `text` inserted at `at` parses to the same SELECT with
-        exactly the `added` (qualifier, column) references after its own items."""
+        """Whether the statement with `text` inserted at `at` parses to the same kind of
+        statement with exactly the `added` (qualifier, column) references after its own
+        select (or RETURNING) items."""
         edited = self.text[:at] + text + self.text[at:]
         try:
             trees = _TOOLS.parser.parse(_TOOLS.tokenizer.tokenize(edited), edited)
         except (ParseError, TokenError):
             return False
         tree = trees[0] if len(trees) == 1 else None
-        if not isinstance(tree, exp.Select) or len(tree.expressions) != n_items + len(added):
+        if tree is None or type(tree) is not type(root):
             return False
-        for item, (qualifier, column) in zip(tree.expressions[n_items:], added, strict=True):
+        if isinstance(tree, exp.Select):
+            items = tree.expressions
+        else:
+            returning = tree.args.get("returning")
+            items = returning.expressions if returning is not None else []
+        if len(items) != n_items + len(added):
+            return False
+        for item, (qualifier, column) in zip(items[n_items:], added, strict=True):
             if not (
                 isinstance(item, exp.Column)
                 and _ident(item.args.get("table")) == qualifier

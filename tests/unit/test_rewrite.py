@@ -1599,6 +1599,34 @@ def test_output_tenant_from_where_clause(policies: PolicySet) -> None:
             'SELECT a.name, b.name , "a"."tenant_id", "b"."tenant_id" FROM patients a '
             "JOIN patients b ON a.ssn = b.ssn",
         ),
+        # RETURNING: at the end of its list (it ends the statement).
+        (
+            "INSERT INTO patients (tenant_id, ssn) VALUES ($1, $2) RETURNING id, name",
+            'INSERT INTO patients (tenant_id, ssn) VALUES ($1, $2) RETURNING id, name, '
+            '"patients"."tenant_id" ',
+        ),
+        (
+            "UPDATE patients SET name = $1 WHERE id = $2 RETURNING ssn, name;",
+            'UPDATE patients SET name = $1 WHERE id = $2 RETURNING ssn, name, '
+            '"patients"."tenant_id" ;',
+        ),
+        (
+            "DELETE FROM public.patients AS p WHERE id = $1 RETURNING p.ssn -- bye",
+            'DELETE FROM public.patients AS p WHERE id = $1 RETURNING p.ssn, "p"."tenant_id"  '
+            "-- bye",
+        ),
+        (
+            "UPDATE patients SET dob = NULL FROM notes n WHERE n.id = patients.id "
+            "RETURNING patients.ssn",
+            "UPDATE patients SET dob = NULL FROM notes n WHERE n.id = patients.id "
+            'RETURNING patients.ssn, "patients"."tenant_id" ',
+        ),
+        (
+            "INSERT INTO patients AS p (tenant_id, ssn) VALUES ($1, $2) ON CONFLICT (id) "
+            "DO UPDATE SET dob = NULL RETURNING ssn",
+            "INSERT INTO patients AS p (tenant_id, ssn) VALUES ($1, $2) ON CONFLICT (id) "
+            'DO UPDATE SET dob = NULL RETURNING ssn, "p"."tenant_id" ',
+        ),
     ],
 )
 def test_an_unpinned_row_tenant_is_read_in_a_hidden_column(
@@ -1632,7 +1660,9 @@ def test_an_unpinned_row_tenant_is_read_in_a_hidden_column(
         "SELECT x.name FROM (SELECT name FROM patients) x",  # not a base table at the top
         "EXPLAIN SELECT name FROM patients WHERE id = 1",
         "COPY (SELECT id, name FROM patients) TO STDOUT",
-        "INSERT INTO patients (tenant_id, ssn) VALUES ('acme', 'x') RETURNING name",
+        "WITH d AS (DELETE FROM patients WHERE id = 1 RETURNING ssn) SELECT ssn FROM d",
+        "DELETE FROM patients WHERE id = 1 RETURNING *",  # the tenant column is in the *
+        "UPDATE patients SET dob = NULL WHERE tenant_id = $1 RETURNING ssn",  # pinned
     ],
 )
 def test_no_hidden_column_where_it_would_change_the_result(policies: PolicySet, sql: str) -> None:
