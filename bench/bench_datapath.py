@@ -208,8 +208,8 @@ def connected_session(policies: PolicySet, keys: StaticKeyRing) -> ProxySession:
                 )
             ).encode(),
             m.CommandComplete("SELECT 1").encode(),
-            m.RowDescription((_field("a", 0, 0, 25, -1), _field("b", 0, 0, 25, -1))).encode(),
-            m.DataRow((b"1", b"hex")).encode(),
+            m.RowDescription(tuple(_field(n, 0, 0, 25, -1) for n in "abcd")).encode(),
+            m.DataRow((b"1", b"hex", b"bench", b"t1")).encode(),
             m.CommandComplete("SELECT 1").encode(),
             m.ReadyForQuery("I").encode(),
         )

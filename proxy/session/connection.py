@@ -73,14 +73,16 @@ _SERVER_HELD_READY = held_table(b"SK")
 _SERVER_WATCHED = held_table(b"Z")
 _CLIENT_HELD_AUTH = held_table(b"p")
 # With a policy loaded, nothing but password messages may pass before the data path is
-# ready (startup answered, catalog query sent): a Query pipelined behind the
-# StartupMessage would otherwise reach PostgreSQL unexamined.
+# ready (startup answered, catalog query answered): a Query pipelined behind the
+# StartupMessage would otherwise reach PostgreSQL unexamined, or be judged before the
+# proxy knows the role and tenant PostgreSQL started the session with.
 _CLIENT_HELD_ALL = held_table(bytes(sorted(FRONTEND_TYPES)))
 _CLIENT_HELD_READY = held_table(b"X")
 _CLIENT_WATCHED = held_table(b"SQE")
-# With a policy loaded every statement, bind and result message is looked at;
+# With a policy loaded every statement, bind and result message is looked at, and
+# CopyDone / CopyFail (they tell which Syncs PostgreSQL answers: _drop_ignored_syncs);
 # CopyData, Flush, notices and notifications still pass as slices.
-_CLIENT_HELD_DATAPATH = held_table(b"PBDESQCFX")
+_CLIENT_HELD_DATAPATH = held_table(b"PBDESQCFXcf")
 # ... and the client's COPY stream while a COPY FROM STDIN of a protected table runs.
 _CLIENT_HELD_DATAPATH_COPY = held_table(b"PBDESQCFXdcf")
 # + D while a result has cells; + d, c while a COPY TO STDOUT stream has cells
@@ -184,6 +186,9 @@ class ProxySession:
         self.datapath: DataPath | None = None
         # A frame waiting for keys (FetchKeys), per direction; that direction stops until then.
         self._stalled: dict[str, Frame] = {}
+        # The client's stalled frame waits for the server's answers, not for keys
+        # (NeedAnswers): it is processed again at the next ReadyForQuery.
+        self._awaiting_answers = False
         self._catalog_sent = False
         self.client_tls_available = client_tls_available
         self.client_tls = False
@@ -319,11 +324,10 @@ class ProxySession:
                     continue
                 assert isinstance(item, Frame)
                 t = item.type
-                if (
-                    self.datapath_factory is not None
-                    and not self._catalog_sent
-                    and t not in (0x70, 0x58)
-                ):
+                waiting = not self._catalog_sent or (
+                    datapath is not None and datapath.catalog_pending
+                )
+                if self.datapath_factory is not None and waiting and t not in (0x70, 0x58):
                     buf.push_back(item)  # wait for the data path (see _CLIENT_HELD_ALL)
                     break
                 if datapath is not None and t != 0x58:
@@ -372,7 +376,10 @@ class ProxySession:
             if side == "client" and frame.type in (_SYNC, _QUERY):
                 self.awaiting_ready -= 1  # counted again on the retry
             self._stalled[side] = frame
-            self.effects.append(FetchKeys(side, need.tenants, need.key_ids))
+            if need.answers:
+                self._awaiting_answers = True
+            else:
+                self.effects.append(FetchKeys(side, need.tenants, need.key_ids))
             return None
         except ProtocolViolation:
             raise
@@ -411,7 +418,9 @@ class ProxySession:
             server.hold(_COPY_DATA, copy_out)
             server.hold(_COPY_DONE, copy_out)
         # Client tables are shared by every session: swapped whole, never edited.
-        if datapath.copy_in is not None or datapath.copy_discarding:
+        if datapath.catalog_pending:
+            self._client.held = _CLIENT_HELD_ALL  # nothing passes before the catalog answer
+        elif datapath.copy_in is not None or datapath.copy_discarding:
             self._client.held = _CLIENT_HELD_DATAPATH_COPY
         elif self._client.held is not _CLIENT_HELD_DATAPATH:
             self._client.held = _CLIENT_HELD_DATAPATH
@@ -510,20 +519,40 @@ class ProxySession:
                     self.parameters[ps.name] = ps.value
                     out.append(item.raw)
                 elif datapath is not None and t != 0x4B:
+                    if t == _READY and not self._catalog_sent:
+                        # Startup is complete: learn the protected tables' OIDs, and the
+                        # role and tenant PostgreSQL started the session with, before the
+                        # client's first statement. The client gets this ReadyForQuery
+                        # when the answer is in (the data path swallows the answer).
+                        self._catalog_sent = True
+                        self.to_server.append(datapath.catalog_query(item.raw))
+                        self._sync_held()  # its DataRows are ours
+                        continue
+                    catalog_pending = datapath.catalog_pending
                     forwarded = self._through_datapath("server", item)
                     if forwarded is None:
                         break
                     if t == _READY and forwarded:  # not the answer to our own catalog query
                         self.transaction_status = chr(item.body[0]) if item.body else "I"
                         self.awaiting_ready = max(0, self.awaiting_ready - 1)
-                    if t == _READY and not self._catalog_sent:
-                        # Startup is complete: learn the protected tables' OIDs before the
-                        # client's first statement (its answer is swallowed by the data path).
-                        self._catalog_sent = True
-                        self.to_server.append(datapath.catalog_query())
-                        self._sync_held()  # its DataRows are ours
+                    if t == _READY and datapath.startup_failure is not None:
+                        self.close(
+                            f"catalog query failed: {datapath.startup_failure}",
+                            fatal(
+                                "58000",
+                                "pgseal: could not read the session's protected tables and "
+                                f"settings at startup: {datapath.startup_failure}",
+                            ),
+                        )
+                        return
+                    if catalog_pending and not datapath.catalog_pending:
                         if self._client.buffered and "client" not in self._stalled:
                             self._client_messages()  # what the client sent meanwhile
+                    if t == _READY and self._awaiting_answers:
+                        # A segment sent before the stalled client frame was answered:
+                        # process the frame again (it may wait on for the next one).
+                        self._awaiting_answers = False
+                        self.keys_ready("client")
                 elif t == 0x4B:  # BackendKeyData
                     self.backend_key = m.decode_backend_key_data(item.body)
                     out.append(item.raw)
@@ -565,7 +594,7 @@ class ProxySession:
                 self.datapath = self.datapath_factory(info, self.parameters)
                 # Our own copy: whether DataRow is held changes with each result.
                 self._server.held = bytearray(_SERVER_HELD_DATAPATH)
-                self._client.held = _CLIENT_HELD_DATAPATH
+                self._client.held = _CLIENT_HELD_ALL  # until the catalog answer (_sync_held)
             else:
                 self._server.held = _SERVER_HELD_READY
                 self._client.held = _CLIENT_HELD_READY

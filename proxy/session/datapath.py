@@ -25,7 +25,9 @@ Keys: seal and open look keys up synchronously in a `KeyRing` (memory
 only). A miss raises `NeedKeys`; the session keeps the frame, the shell
 fetches the keys (HSM, keystore) and the same frame is processed again. A
 frame is only ever processed to completion or not at all, so the retry is
-exact.
+exact. The same way, a value to seal under a session tenant that the answer
+to an earlier segment may still change (it fails, and its SET never
+happened) raises `NeedAnswers`: the frame waits for the next ReadyForQuery.
 
 Fail closed: anything unexpected on a protected statement is a refusal,
 never a forward of plaintext.
@@ -38,7 +40,7 @@ import enum
 import re
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple, Protocol
 
@@ -70,7 +72,7 @@ from proxy.rewrite.lexer import (
     parse_savepoint_statement,
 )
 from proxy.rewrite.params import parameter_count
-from proxy.rewrite.plan import CopyPlan, SessionSetting
+from proxy.rewrite.plan import CopyPlan
 from proxy.session.copystream import CopyIn, CopyOut, CopyStop, Denial, MissingKeys, dialect_of
 from proxy.session.tenant import TenantTracker, TrackerSnapshot
 from proxy.wire import messages as m
@@ -111,12 +113,24 @@ _I32 = struct.Struct("!i")
 class NeedKeys(Exception):
     """Keys the KeyRing does not hold; fetch them and process the same frame again."""
 
+    answers = False  # True: wait for the server's answers instead (NeedAnswers)
+
     def __init__(
         self, tenants: frozenset[str] = frozenset(), key_ids: frozenset[int] = frozenset()
     ) -> None:
         super().__init__("keys needed")
         self.tenants = tenants
         self.key_ids = key_ids
+
+
+class NeedAnswers(NeedKeys):
+    """A value would be sealed under a session tenant (or judged under a role) that the
+    answer to a segment sent before it may still change, should that segment fail
+    (TenantTracker.in_flight_may_change). The session keeps the frame, as for NeedKeys,
+    and processes it again at the next ReadyForQuery. A subclass of NeedKeys: whatever
+    a statement did before it is undone the same way."""
+
+    answers = True
 
 
 class KeyRing(Protocol):
@@ -407,6 +421,9 @@ class _Pending:
     opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] | None = None
     failed: bool = False  # an error was sent for this result: swallow the rest
     fingerprint: str | None = None  # of its statement, for audit notes (_result_fingerprint)
+    # Execute, Sync: how many CopyDone / CopyFail the client had sent before it (a Sync
+    # sent after the COPY's end is answered, one sent inside it is not: _drop_ignored_syncs)
+    copy_ends: int = 0
 
 
 @dataclass(slots=True)
@@ -462,6 +479,13 @@ class DataPath:
         # cached in them too, so they are dropped when table_oids changes.
         self._compiled: dict[bytes, _Compiled] = {}
         self._catalog_rows: list[tuple[int, TableKey]] = []
+        # The startup ReadyForQuery, held while the catalog query runs (see catalog_query);
+        # why the catalog query failed, when it did (the session cannot go on).
+        self._startup_ready: bytes | None = None
+        self.startup_failure: str | None = None
+        # The catalog query is sent and not yet answered: client messages wait (an
+        # attribute, not a property: the session reads it for every message).
+        self.catalog_pending = False
         self._format_cache: tuple[tuple[str, ...], SessionFormat] | None = None
         # COPY (see the COPY section): column lists of the protected tables (catalog query),
         # the COPY FROM STDIN whose stream the client sends, the COPY TO STDOUT whose stream
@@ -471,6 +495,7 @@ class DataPath:
         # Client CopyData / CopyDone / CopyFail are dropped until its next other message:
         # they belong to a statement that will not read them (see client_frame).
         self.copy_discarding = False
+        self.copy_ends_sent = 0  # CopyDone / CopyFail messages from the client (_Pending)
         self.copy_out: _CopyOutJob | None = None
         self.ignored_syncs = 0  # Syncs and Queries PostgreSQL will not answer (the session counts)
         self._segment_open = False  # an Execute was sent since the last Sync
@@ -517,8 +542,14 @@ class DataPath:
 
     # -- startup: learn the OIDs of protected tables in this database ----------------------
 
-    def catalog_query(self) -> bytes:
-        """The Query the proxy runs once after authentication (its answer is swallowed)."""
+    def catalog_query(self, startup_ready: bytes) -> bytes:
+        """The Query the proxy runs once after authentication (its answer is swallowed).
+
+        The startup ReadyForQuery is held until it is answered (`startup_ready` is
+        released then, see _ready): until the proxy knows the role and the tenant
+        PostgreSQL started the session with, no client statement is looked at."""
+        self._startup_ready = startup_ready
+        self.catalog_pending = True
         pairs = ", ".join(
             f"({_quote(schema)}, {_quote(table)})" for schema, table in sorted(self.policies.tables)
         )
@@ -528,7 +559,8 @@ class DataPath:
             "AND NOT a.attisdropped ORDER BY a.attnum)::text FROM pg_catalog.pg_class c "
             "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
             f"WHERE (n.nspname, c.relname) IN ({pairs}); "
-            "SELECT current_setting('extra_float_digits'), current_setting('bytea_output')"
+            "SELECT current_setting('extra_float_digits'), current_setting('bytea_output'), "
+            "current_user, current_setting('pgseal.tenant', true)"
         )
         self._expect_ready(_Pending(_Kind.CATALOG, swallow=True))
         return m.Query(sql).encode()
@@ -538,6 +570,8 @@ class DataPath:
     def client_frame(self, frame: Frame) -> bytes:
         """Bytes to send upstream for one client message (may raise NeedKeys)."""
         t = frame.type
+        if t == 0x63 or t == 0x66:  # CopyDone, CopyFail
+            self.copy_ends_sent += 1
         copy_in = self.copy_in
         if copy_in is not None:
             if t in (0x64, 0x63, 0x66):  # CopyData, Done, Fail
@@ -611,6 +645,9 @@ class DataPath:
             if e.portal == _REFUSED_STATEMENT:
                 return self._refuse_reserved()
             portal = self.portals.get(e.portal)
+            copy = portal.statement.plan.copy if portal is not None else None
+            if copy is not None and copy.direction == "from":
+                self._settled()  # before anything: its rows are sealed under the tenant
             if portal is None:
                 # A portal whose Bind was refused (or unknown): if it was a COPY FROM
                 # STDIN, its stream may follow and must not go up.
@@ -628,6 +665,7 @@ class DataPath:
                     portal=portal,
                     tenants=(self.tenant.current,),
                     readers=(self._reader_now(),),
+                    copy_ends=self.copy_ends_sent,
                 )
             )
             if portal is not None and portal.statement.plan.copy is not None:
@@ -641,16 +679,21 @@ class DataPath:
             self.pending.append(_Pending(_Kind.CLOSE, close_target=(c.kind, c.name), closed=closed))
             return frame.raw
         if t == 0x53:  # Sync
-            self._expect_ready(_Pending(_Kind.SYNC))
+            self._expect_ready(_Pending(_Kind.SYNC, copy_ends=self.copy_ends_sent))
             self._segment_open = False
             return frame.raw
         if t == 0x51:  # Query
             # Behind an Execute with no Sync yet, it runs in (and commits) that segment's
             # transaction: no new segment starts.
-            if not self._segment_open:
+            segment_open = self._segment_open
+            if not segment_open:
                 self._segment_start()
             self._segment_open = False
-            return self._query(m.decode_query(frame.body), frame)
+            try:
+                return self._query(m.decode_query(frame.body), frame)
+            except NeedKeys:
+                self._segment_open = segment_open  # processed again later, as it came
+                raise
         if t == 0x46:  # FunctionCall: answered with V + Z
             # Answered with its own ReadyForQuery: it ends (and commits) an open segment.
             if not self._segment_open:
@@ -1185,6 +1228,8 @@ class DataPath:
         return row
 
     def _session_tenant(self) -> str | None:
+        """The session tenant a value is sealed under (refused while uncertain)."""
+        self._settled()
         if self.tenant.uncertain:
             raise Refused(
                 "42501",
@@ -1192,6 +1237,23 @@ class DataPath:
                 "pipelined SET; SET pgseal.tenant again",
             )
         return self.tenant.current
+
+    def _settled(self) -> None:
+        """Before a value is sealed under the session tenant (and, for a search of another
+        tenant, the role): wait (NeedAnswers) while a segment sent before this statement
+        is unanswered and could, by failing, leave PostgreSQL running it under another
+        tenant or role than the trackers took (a write sealed for the tenant of a SET that
+        PostgreSQL then refused). The error then mostly comes with nothing sent behind it,
+        and the trackers know what PostgreSQL kept, or else say uncertain, which refuses
+        (TenantTracker.error). Within its own segment nothing can change it: PostgreSQL
+        skips the rest of a segment after an error."""
+        for tracker in (self.tenant, self.role_setting):
+            if tracker.in_flight_may_change():
+                if any(p.kind in _ENDS_WITH_READY for p in self.pending):
+                    raise NeedAnswers
+                # No answer is owed, yet the tracker waits for one: never wait for nothing,
+                # and never guess (refused as under an uncertain value).
+                tracker.unknown_change()
 
     def _param_text(
         self, bind: m.Bind | None, statement: _Statement | None, index: int
@@ -1295,6 +1357,8 @@ class DataPath:
         conforming = self.parameters.get("standard_conforming_strings", "on") == "on"
         for plan in plans:
             self._track_settings((plan,), sql)
+            if plan.copy is not None and plan.copy.direction == "from":
+                self._settled()  # its rows are sealed under the tenant now
             tenants.append(self.tenant.current)
             readers.append(self._reader_now())
             edits.extend(plan.edits)
@@ -1343,19 +1407,22 @@ class DataPath:
         return _Reader(self.role, self.role_setting.uncertain, self.tenant.uncertain)
 
     def _role_may(self, allowed: Callable[[str], bool], reader: _Reader | None = None) -> bool:
-        """Whether the session holds a privilege (cross-tenant read, decrypt).
+        """Whether the session holds a privilege (cross-tenant read, decrypt), for a
+        result read by `reader` (None: a statement sent now).
 
         Fail closed: the proxy applies SET ROLE as sent, before the server has
         accepted it (it may fail with permission denied, or be rolled back), so
         the session gets a privilege only if BOTH the login user and the tracked
         role have it, and never while the tracked role is uncertain. SET ROLE can
-        narrow the login user's privileges, never widen them.
+        narrow the login user's privileges, never widen them. A result is judged by
+        the role its statement ran under (the reader's, made uncertain by an error
+        ahead of it: _distrust_later_readers), not by what was sent behind it.
         """
         if not allowed(self.info.user):
             return False
         if reader is None:
             reader = self._reader_now()
-        if reader.role_uncertain or self.role_setting.uncertain:
+        if reader.role_uncertain:
             return allowed("") and allowed(" pgseal-unknown-role ")
         return allowed(reader.role)
 
@@ -1486,7 +1553,7 @@ class DataPath:
             if head.failed:
                 return b""
             if head.kind is _Kind.CATALOG:
-                self._catalog_row(frame)
+                self._catalog_row(frame, head.result_index)
                 return b""
             return self._data_row(frame, head)
         if t in (0x4E, 0x41, 0x53, 0x4B):  # Notice, Notification, ParameterStatus, BackendKeyData
@@ -1574,16 +1641,20 @@ class DataPath:
                     skipped += 1
             self.ignored_syncs += skipped
         later = self._segments_in_flight() - skipped > 1
+        behind_in_doubt = []
         for tracker in self._trackers():
             for _ in range(skipped):
                 tracker.segment_skipped()
-            tracker.error(later_segments_sent=later)
+            if tracker.error(later_segments_sent=later):
+                behind_in_doubt.append(tracker)
+        if head.kind is _Kind.CATALOG:
+            self.startup_failure = m.decode_error_response(frame.body).message or "an error"
         if head.kind in (_Kind.QUERY, _Kind.CATALOG, _Kind.FUNCTION):
             head.failed = head.kind is _Kind.CATALOG or head.failed
             head.refusal = None
             if head.kind is _Kind.QUERY:
                 head.openers = ()
-                self._distrust_later_readers((head,))
+            self._distrust_later_readers(behind_in_doubt)
             return out
         # Extended protocol: the server skips to Sync, so do we; until the client sends one
         # if it has not yet.
@@ -1591,17 +1662,20 @@ class DataPath:
         while self.pending and self.pending[0].kind is not _Kind.SYNC:
             dropped.append(self.pending.popleft())
         self._unwind(dropped, head)
-        self._distrust_later_readers(dropped)
+        self._distrust_later_readers(behind_in_doubt)
         self.server_skipping = not self.pending
         return out
 
-    def _distrust_later_readers(self, failed: Sequence[_Pending]) -> None:
-        """A role or tenant change in a segment that failed may not have happened (or was
-        rolled back), but the results sent behind it took it as if it had: they are judged
-        as under an uncertain role or tenant (see _role_may, _read_denial)."""
-        changed = {s.name for entry in failed for s in _session_settings(entry)}
-        role = not changed.isdisjoint(("role", "session_authorization", "discard_all"))
-        tenant = not changed.isdisjoint(("pgseal.tenant", "all", "discard_all"))
+    def _distrust_later_readers(self, in_doubt: Sequence[TenantTracker]) -> None:
+        """The results sent behind a segment that failed took the role and tenant as if it
+        had worked (a SET ROLE or SET pgseal.tenant in it, a COMMIT PostgreSQL turned into
+        a ROLLBACK...). Where the error puts that in doubt (TenantTracker.error), they are
+        judged as under an uncertain role or tenant (see _role_may, _read_denial); what was
+        sent behind them does not count (rows are judged by the state their statement ran
+        under). A COPY FROM STDIN, whose rows are sealed as they come, is not armed behind
+        a segment whose failure would matter: it waits (_settled)."""
+        role = self.role_setting in in_doubt
+        tenant = self.tenant in in_doubt
         if not (role or tenant):
             return
         for entry in self.pending:
@@ -1629,7 +1703,12 @@ class DataPath:
         if head.kind is _Kind.CATALOG:
             self.table_oids = dict(self._catalog_rows)
             self._compiled.clear()
-            return b""
+            ready, self._startup_ready = self._startup_ready, None
+            self.catalog_pending = False
+            if head.failed or head.result_index != 2:
+                self.startup_failure = self.startup_failure or "no answer"
+                return b""
+            return ready or b""
         if status == "I":
             self.portals.clear()  # portals do not outlive their transaction
         return frame.raw
@@ -1647,22 +1726,30 @@ class DataPath:
         open_segment = 1 if self._segment_open else 0
         return open_segment + sum(1 for p in self.pending if p.kind in _ENDS_WITH_READY)
 
-    def _catalog_row(self, frame: Frame) -> None:
+    def _catalog_row(self, frame: Frame, result: int) -> None:
         row = m.decode_data_row(frame.body).values
-        if len(row) == 4 and all(v is not None for v in row):
+        if result == 0 and len(row) == 4 and all(v is not None for v in row):
             oid, schema, table, columns = (v.decode() for v in row if v is not None)
             self._catalog_rows.append((int(oid), (schema, table)))
             # For a COPY without a column list (see _copy_columns).
             self.table_columns[(schema, table)] = tuple(
                 c.decode() for c in _parse_text_array(columns) if c is not None
             )
-        elif len(row) == 2 and all(v is not None for v in row):
-            # The session's values as PostgreSQL starts it (role and database defaults,
-            # startup options): also what RESET goes back to.
-            for name, value in zip(_OUTPUT_SETTINGS, row, strict=True):
+        elif result == 1 and len(row) == 4 and all(v is not None for v in row[:3]):
+            # The session as PostgreSQL starts it (startup options, role and database
+            # defaults such as ALTER ROLE ... SET role): also what RESET goes back to.
+            # No client statement has been looked at yet (catalog_query).
+            settings, (role, tenant) = row[:2], row[2:]
+            for name, value in zip(_OUTPUT_SETTINGS, settings, strict=True):
                 assert value is not None
                 self.output_settings[name] = TenantTracker(value.decode())
+            assert role is not None
+            # The role in effect, which `options=-c role=...` narrows from the login user.
+            self.role_setting = TenantTracker(role.decode())
+            self.tenant = TenantTracker(tenant.decode() or None if tenant is not None else None)
             self._all_trackers = self._tracker_tuple()
+        else:
+            self.startup_failure = "an unexpected answer"
 
     def _parameter_description(self, frame: Frame, statement: _Statement) -> bytes:
         plan = statement.plan
@@ -1838,7 +1925,9 @@ class DataPath:
         return tuple(openers)
 
     def _result_done(self, head: _Pending) -> None:
-        if head.kind is _Kind.EXECUTE:
+        if head.kind is _Kind.CATALOG:
+            head.result_index += 1
+        elif head.kind is _Kind.EXECUTE:
             self.pending.popleft()
             self._flush_opened(head)
         elif head.kind is _Kind.QUERY:
@@ -2041,13 +2130,14 @@ class DataPath:
         self, target: OutputTarget, tenant: str, session: str | None, reader: _Reader
     ) -> str | None:
         """Why a cell of `tenant` may not be opened for a result read by `reader` under
-        session tenant `session` (both the result's: _read_by)."""
+        session tenant `session` (both the result's: _read_by, as when its statement was
+        sent, or uncertain after an error ahead of it; not what was sent behind it)."""
         table = self._policy(target.column.table_key)
         if not self._role_may(table.may_decrypt, reader):
             return f"pgseal: role {reader.role} may not read {target.column} in plaintext"
         if table.isolation == "trusted":
             return None
-        if reader.tenant_uncertain or self.tenant.uncertain:
+        if reader.tenant_uncertain:
             return "pgseal: the session tenant is uncertain; SET pgseal.tenant again"
         if session is None:
             if self._role_may(self._cross_tenant, reader):
@@ -2435,13 +2525,20 @@ class DataPath:
     def _drop_ignored_syncs(self, head: _Pending) -> None:
         """PostgreSQL ignores Sync and Flush while it reads COPY data (libpq sends a Sync
         right behind an Execute without knowing it runs a COPY): the Syncs queued behind
-        the COPY's Execute get no ReadyForQuery."""
+        the COPY's Execute get no ReadyForQuery, up to the client's CopyDone or CopyFail
+        (a pipelining client may have sent it, and a Sync PostgreSQL answers, already)."""
         if head.kind is not _Kind.EXECUTE:
             return
         pending = self.pending
-        while len(pending) > 1 and pending[1].kind is _Kind.SYNC:
+        while (
+            len(pending) > 1
+            and pending[1].kind is _Kind.SYNC
+            and pending[1].copy_ends == head.copy_ends
+        ):
             del pending[1]
             self.ignored_syncs += 1
+            for tracker in self._trackers():
+                tracker.segment_skipped()  # its queued end pairs with no ReadyForQuery
 
 
 # --- small pure helpers ------------------------------------------------------------------
@@ -2534,18 +2631,6 @@ def _hidden_fields(plan: StatementPlan, n_fields: int) -> int:
     then nothing is dropped and no cell is opened either, see _resolve)."""
     hidden = plan.hidden_outputs
     return hidden if hidden and plan.outputs_exact and n_fields == len(plan.outputs) else 0
-
-
-def _session_settings(entry: _Pending) -> Iterator[SessionSetting]:
-    """What a Query's statements or an Execute's statement set in the session."""
-    if entry.kind is _Kind.QUERY:
-        plans: Sequence[StatementPlan] = entry.plans
-    elif entry.kind is _Kind.EXECUTE and entry.portal is not None:
-        plans = (entry.portal.statement.plan,)
-    else:
-        return
-    for plan in plans:
-        yield from plan.session_settings
 
 
 def _cell_bytes(value: bytes, fmt: int) -> bytes:

@@ -33,6 +33,11 @@ PostgreSQL runs a segment as one transaction, and the tracker follows it:
   sent before the last segment in flight is answered leaves the value uncertain (a SET
   included).
 * ReadyForQuery of the last segment in flight is the truth about being in a block.
+* What was sent behind a segment in flight took it as if it worked. `error` returns
+  whether the segments sent behind the failed one may run under another value than
+  taken for them (the data path then judges their results as under an uncertain one);
+  `in_flight_may_change` whether a statement sent now may (the data path then holds a
+  statement that seals values until the answers are in).
 
 `uncertain`: protected statements are refused until the next SET / RESET of
 pgseal.tenant, RESET ALL or DISCARD ALL (fail closed rather than guess a tenant);
@@ -104,6 +109,10 @@ class TenantTracker:
         # None: not known (the value was uncertain, or an error undid what it assumed).
         self._segment_ends: deque[_Value | None] = deque()
         self._answered: _Value | None = None
+        # Beside each queued end: whether a transaction or savepoint statement had been
+        # sent (_control_sent) when that segment ended. One sent behind a failed segment
+        # does not change what the failure did to the segments between (error's verdict).
+        self._segment_controls: deque[bool] = deque()
         # An error that was not exact, with a transaction statement among what was sent:
         # whether PostgreSQL is in a block (failed or not), and with which savepoints, is
         # not known until the ReadyForQuery of the last segment in flight says so. A
@@ -150,6 +159,7 @@ class TenantTracker:
         ReadyForQuery, and the state the tracker holds now is what it leaves if it works.
         While the value is uncertain that is not known: an error judged against it must
         not find "no change" in a SET of the guessed value (None counts as a change)."""
+        self._segment_controls.append(self._control_sent)
         if self.uncertain or self._block_unknown:
             self._segment_ends.append(None)
             return
@@ -165,6 +175,7 @@ class TenantTracker:
         left, and an error judged against it)."""
         if self._segment_ends:
             self._segment_ends.popleft()
+            self._segment_controls.popleft()
 
     def set(self, value: str | None, *, local: bool = False) -> None:
         """SET [LOCAL] pgseal.tenant = value; value None means RESET / TO DEFAULT."""
@@ -310,14 +321,60 @@ class TenantTracker:
         if self._s.in_block:
             self._doubt_everything()
 
+    # -- what rests on the answers still to come ----------------------------------------
+
+    def in_flight_may_change(self) -> bool:
+        """Whether the value the statements sent now run under may still turn out other
+        than the tracker holds, when a segment sent before them and not yet answered fails.
+        A value sealed for a write (or a search) must not rest on that: the caller waits
+        for the answers (see DataPath._settled). Within one segment it never does: after
+        an error PostgreSQL skips the rest of it."""
+        ends = self._segment_ends
+        if not ends:  # nothing in flight (a client that waits for each answer): no cost
+            return False
+        control = self._control_sent  # in them, or in the statement being sent
+        return any(self._failure_matters(end, control) for end in ends)
+
+    def _failure_matters(self, end: _Value | None, control: bool) -> bool:
+        """Whether a segment in flight whose state was queued as `end` (segment_end) makes
+        the segments sent behind it run under another state than was taken for them, should
+        it fail. They were taken as if it worked; if it fails PostgreSQL undoes its implicit
+        transaction, or fails the block it is in (which skips whatever follows until a
+        ROLLBACK, and turns a COMMIT into one). The same either way only when it left the
+        state as the last answer left it (known, and certain: a SET of the guessed value is
+        a change), with no transaction or savepoint statement (`control`: sent since that
+        answer, up to the end of the segment, or in a block, up to now: a COMMIT behind it
+        is then a ROLLBACK)."""
+        if self._answered_since:
+            base = self._answered
+        else:
+            base = None if self._segment_uncertain else self._segment.value()
+        if base is None or end != base or self._block_unknown:
+            return True
+        return control or (base[2] and self._control_sent)
+
     # -- as the server answers ---------------------------------------------------------
 
-    def error(self, *, later_segments_sent: bool) -> None:
+    def error(self, *, later_segments_sent: bool) -> bool:
         """An ErrorResponse. PostgreSQL skips the rest of the failed segment and undoes
         its implicit transaction, or leaves an explicit block failed. Which of the SETs
         sent since the last answer it kept is known exactly in one case only: one segment,
         not in a block, with no transaction statement in it (all of it is undone). In any
-        other case where something was sent that changed the value, it is uncertain."""
+        other case where something was sent that changed the value, it is uncertain.
+
+        Returns whether the segments sent behind the failed one (already in flight: their
+        statements were read as if it had worked) may run under another value than the
+        tracker took for them: a result of theirs must then be judged as under an
+        uncertain value. Only what the error puts in doubt counts here, not what the
+        statements sent behind them did."""
+        ends, controls = self._segment_ends, self._segment_controls
+        behind_in_doubt = later_segments_sent and (
+            not ends or self._failure_matters(ends[0], controls[0] if controls else True)
+        )
+        self._error(later_segments_sent=later_segments_sent)
+        return behind_in_doubt
+
+    def _error(self, *, later_segments_sent: bool) -> None:
         s, seg = self._s, self._segment
         # What the segments answered since _segment left, when there are any: that they
         # worked is known, so only the failed one and those behind it are in doubt. Not
@@ -394,8 +451,11 @@ class TenantTracker:
         if not last:
             self._answered_since += 1
             self._answered = ends.popleft() if ends else None
+            if self._segment_controls:
+                self._segment_controls.popleft()
             return
         ends.clear()
+        self._segment_controls.clear()
         self._answered = None
         self._block_unknown = False  # the status below is PostgreSQL's block state
         s = self._s

@@ -892,6 +892,49 @@ def test_decrypt_roles(roles: Any, sealing_proxy: Any, pg: Any) -> None:
         ]
 
 
+def test_the_role_and_tenant_postgresql_starts_the_session_with(
+    roles: Any, sealing_proxy: Any, pg: Any
+) -> None:
+    """`options=-c role=...` and ALTER ROLE ... SET: PostgreSQL starts the session with
+    another role than the login user, and a tenant the startup packet never named. The
+    proxy reads both at startup (current_user, current_setting) before any statement:
+    pgseal_app (in decrypt_roles) running as pgseal_clerk (not) reads no plaintext, and
+    RESET ROLE goes back to pgseal_clerk, as in PostgreSQL."""
+    a = _tenant("sr")
+    pg.execute("GRANT pgseal_clerk TO pgseal_app")
+    with psycopg.connect(sealing_proxy.dsn(user="pgseal_app"), autocommit=True) as app:
+        app.execute(f"SET pgseal.tenant = '{a}'")
+        did = app.execute(
+            "INSERT INTO dossiers (tenant_id, summary) VALUES (%s, %s) RETURNING id",
+            [a, "startup-role"],
+        ).fetchone()[0]  # type: ignore[index]
+    read = "SELECT summary FROM dossiers WHERE id = %s"
+    with psycopg.connect(
+        sealing_proxy.dsn(user="pgseal_app"),
+        autocommit=True,
+        options=f"-c role=pgseal_clerk -c pgseal.tenant={a}",
+    ) as clerk:
+        assert clerk.execute("SELECT current_user").fetchone() == ("pgseal_clerk",)
+        assert _sqlstate(lambda: clerk.execute(read, [did]).fetchall()) == DENIED
+        for reset in ("RESET ROLE", "RESET ALL", "DISCARD ALL"):
+            clerk.execute(reset)
+            clerk.execute(f"SET pgseal.tenant = '{a}'")
+            assert _sqlstate(lambda: clerk.execute(read, [did]).fetchall()) == DENIED, reset
+        clerk.execute("SET ROLE pgseal_app")  # the login user's own rights, explicitly
+        assert clerk.execute(read, [did]).fetchall() == [("startup-role",)]
+    # A tenant from the role's defaults, not from the startup packet.
+    pg.execute(f"ALTER ROLE pgseal_app SET pgseal.tenant = '{a}'")
+    try:
+        with psycopg.connect(sealing_proxy.dsn(user="pgseal_app"), autocommit=True) as app:
+            assert _current_setting(app) == a
+            assert app.execute(read, [did]).fetchall() == [("startup-role",)]
+            app.execute("SET pgseal.tenant = 'someone-else'")
+            app.execute("RESET pgseal.tenant")  # back to the role's default, in both
+            assert app.execute(read, [did]).fetchall() == [("startup-role",)]
+    finally:
+        pg.execute("ALTER ROLE pgseal_app RESET pgseal.tenant")
+
+
 def test_cross_tenant_roles_read_every_tenant(roles: Any, sealing_proxy: Any) -> None:
     a, b = _tenant("xa"), _tenant("xb")
     ids = {}
@@ -946,6 +989,19 @@ def test_moved_cell_read_without_the_row_tenant(conn: psycopg.Connection[Any], p
         lambda: conn.execute("SELECT name FROM patients WHERE id = %s", [b_id]).fetchall()
     )
     assert state in (DENIED, "XX001")
+    # RETURNING too: the copied cell comes back from a write that neither returns nor pins
+    # the row's tenant (row-level security in PostgreSQL would stop the write; the proxy
+    # alone does not see which rows a WHERE id = ... touches).
+    for returning in (
+        "UPDATE patients SET dob = NULL WHERE id = %s RETURNING name",
+        "DELETE FROM patients WHERE id = %s RETURNING id, name",
+    ):
+        state = _sqlstate(lambda q=returning: conn.execute(q, [b_id]).fetchall())
+        assert state in (DENIED, "XX001"), returning
+    # ... while a write returning its own tenant's cells opens them, the added column unseen.
+    cur = conn.execute("UPDATE patients SET dob = NULL WHERE id = %s RETURNING id, name", [a_id])
+    assert [d.name for d in (cur.description or ())] == ["id", "name"]
+    assert cur.fetchall() == [(a_id, "Secret of A")]
 
 
 @pytest.mark.asyncio
@@ -981,10 +1037,23 @@ async def test_the_row_tenant_column_the_proxy_adds_is_never_seen(
     finally:
         await conn_a.close()
 
+    conn_a = await asyncpg.connect(sealing_proxy.dsn(), server_settings={"pgseal.tenant": a})
+    try:
+        update = "UPDATE patients SET dob = $2 WHERE id = $1 RETURNING name, id"
+        statement = await conn_a.prepare(update)
+        assert [attr.name for attr in statement.get_attributes()] == ["name", "id"]
+        day = datetime.date(1991, 1, 1)
+        assert tuple(await statement.fetchrow(ids[0], day)) == ("Name 0", ids[0])
+    finally:
+        await conn_a.close()
+
     out = subprocess.run(
         ["psql", "-X", "-q", "-A", "-F", "|", "-v", "ON_ERROR_STOP=1", sealing_proxy.dsn(), "-c",
-         f"SET pgseal.tenant = '{a}'; SELECT name, id FROM patients WHERE id = {ids[0]}"],
+         f"SET pgseal.tenant = '{a}'; SELECT name, id FROM patients WHERE id = {ids[0]}; "
+         f"UPDATE patients SET dob = NULL WHERE id = {ids[1]} RETURNING name"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines()[:2] == ["name|id", f"Name 0|{ids[0]}"]
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["name|id", f"Name 0|{ids[0]}"]
+    assert lines[3:5] == ["name", "Name 1"], lines

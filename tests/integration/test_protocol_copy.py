@@ -12,6 +12,8 @@ import psycopg
 import pytest
 from psycopg import errors as pg_errors
 
+from proxy.wire import messages as m
+
 pytestmark = pytest.mark.integration
 
 
@@ -167,3 +169,39 @@ def test_psql_copy_both_ways(proxy: Any, pg: Any, tmp_path: Path) -> None:
         assert done.returncode != 0 and 'invalid input syntax for type integer: "x"' in done.stderr
     finally:
         pg.execute("drop table psql_copy")
+
+
+def test_a_pipelined_copy_from_with_its_stream_and_a_second_sync(
+    sealing_proxy: Any, pg: Any
+) -> None:
+    """Parse/Bind/Execute/Sync of a protected COPY FROM, its data, CopyDone and Sync, all in
+    one write (a pipelining client that does not wait for CopyInResponse). PostgreSQL
+    ignores the first Sync (inside the COPY) and answers the second: so must the proxy,
+    and the session goes on, also when the COPY fails (the second row has no tenant: the
+    proxy ends the COPY with CopyFail, nothing of it is stored)."""
+    import secrets
+
+    from tests.integration.test_protocol_robustness import RawConn
+
+    tenant, sentinel = f"copy-pipe-{secrets.token_hex(4)}", "SENTINEL-copy-pipe-7"
+    for rows, expected in (
+        (f"{tenant}\t{sentinel}\n", ["1", "2", "G", "C", "Z"]),
+        (f"{tenant}\t{sentinel}\n\\N\t{sentinel}\n", ["1", "2", "G", "E", "Z"]),
+    ):
+        with RawConn(sealing_proxy.host, sealing_proxy.port) as conn:
+            conn.startup(options=f"-c pgseal.tenant={tenant}")
+            conn.send(
+                m.Parse("", "COPY patients (tenant_id, ssn) FROM STDIN").encode(),
+                m.Bind("", "", (), (), ()).encode(),
+                m.Execute("", 0).encode(),
+                m.SYNC,
+                m.CopyData(rows.encode()).encode(),
+                m.COPY_DONE,
+                m.SYNC,
+            )
+            answer = [chr(f.type) for f in conn.read_until_ready()]
+            assert answer == expected, answer
+            conn.send(m.Query("SELECT 1").encode())
+            assert [chr(f.type) for f in conn.read_until_ready()] == ["T", "D", "C", "Z"]
+    stored = pg.execute(f"SELECT ssn FROM patients WHERE tenant_id = '{tenant}'")
+    assert len(stored) == 1 and sentinel.encode() not in bytes(stored[0][0])  # type: ignore[arg-type]

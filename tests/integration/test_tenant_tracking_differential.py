@@ -249,9 +249,22 @@ class _Session:
         return text, not failed and not unsure and value != tracked
 
 
-def _run(seed: int, host: str, port: int, user: str, steps: int = 25) -> list[str] | None:
+def _run(
+    seed: int,
+    host: str,
+    port: int,
+    user: str,
+    steps: int = 25,
+    *,
+    session: _Session | None = None,
+    compare: bool = True,
+) -> list[str] | None:
+    """A random sequence of `steps` steps; the log up to the first wrong judgement (of the
+    session's probes as they are read; with `compare`, of the tracked tenant after each
+    step), or None. test_tenant_readers_differential runs it with a session of its own."""
     rng = random.Random(seed)
-    session = _Session(host, port, user)
+    if session is None:
+        session = _Session(host, port, user)
     dp = session.dp
     numbers = itertools.count()
     log: list[str] = []
@@ -285,6 +298,9 @@ def _run(seed: int, host: str, port: int, user: str, steps: int = 25) -> list[st
                 if wrong is not None:
                     log.append(" ".join(what) + ": " + wrong)
                     return log
+            if not compare:
+                log.append(" ".join(what))
+                continue
             text, wrong_now = session.compare()
             log.append(f"{' '.join(what)}: {text}")
             if wrong_now:

@@ -1230,22 +1230,17 @@ def test_an_end_of_data_marker_inside_the_tenant_field_is_a_format_error(policie
     assert [e.sqlstate for e in _errors(bytes(run.downstream))] == ["22P04"]
 
 
-# Found by the properties above, in proxy/session/datapath.py, not fixed here (another
-# change is under way there); strict: each fails until its bug is fixed.
+# Found by the properties above, in proxy/session/datapath.py.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="datapath._drop_ignored_syncs drops every Sync queued behind a COPY's Execute "
-    "when CopyInResponse arrives, the one sent after CopyDone too",
-)
 def test_a_sync_after_copy_done_pipelined_before_copy_in_response_is_answered(policies) -> None:  # type: ignore[no-untyped-def]
     """Parse/Bind/Execute/Sync of a COPY FROM, its data, CopyDone and Sync sent at once (a
     pipelining client; libpq waits for CopyInResponse). PostgreSQL ignores the first Sync
-    (inside the COPY) and answers the second. When CopyInResponse arrives, the proxy takes
-    both for ignored; when the COPY then fails (here: a row with no tenant, CopyFail), its
-    error handling skips past the Query behind and leaves `server_skipping` set, and the
-    client's next Query is dropped unanswered: the client hangs."""
+    (inside the COPY) and answers the second. When CopyInResponse arrived, the proxy took
+    both for ignored; when the COPY then failed (here: a row with no tenant, CopyFail), its
+    error handling skipped past the Query behind and left `server_skipping` set, and the
+    client's next Query was dropped unanswered: the client hung. Syncs now remember how
+    many CopyDone / CopyFail the client had sent before them."""
     start = (
         m.Parse("", "COPY payments (tenant_id, card_number) FROM STDIN").encode()
         + m.Bind("", "", (), (), ()).encode() + m.Execute("", 0).encode() + m.SYNC

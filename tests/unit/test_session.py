@@ -147,4 +147,47 @@ def test_with_a_policy_nothing_passes_before_the_data_path_is_ready() -> None:
     to_server = b"".join(s.drain()[0])
     assert b"123-45-6789" not in to_server
     assert b"pg_catalog.pg_class" in to_server  # the catalog query first
-    assert to_server.index(b"pg_catalog.pg_class") < to_server.index(b"INSERT INTO patients")
+    # The startup ReadyForQuery, and the INSERT, wait for its answer: the role and tenant
+    # PostgreSQL started the session with (here options=-c role=clerk) decide.
+    assert b"INSERT INTO patients" not in to_server
+    assert not any(c.startswith(b"Z") for c in s.drain()[1])
+    settings_row = (b"1", b"hex", b"clerk", b"acme")
+    s.server_data(
+        m.CommandComplete("SELECT 0").encode()
+        + m.DataRow(settings_row).encode()
+        + m.CommandComplete("SELECT 1").encode()
+        + m.ReadyForQuery("I").encode()
+    )
+    to_server, to_client, _ = s.drain()
+    assert b"INSERT INTO patients" in b"".join(to_server)
+    assert b"123-45-6789" not in b"".join(to_server)
+    assert b"".join(to_client) == m.ReadyForQuery("I").encode()
+    assert s.datapath is not None and s.datapath.role == "clerk"
+
+
+def test_a_failed_catalog_query_ends_the_session_before_any_statement() -> None:
+    from pathlib import Path
+
+    from proxy.policy.loader import load_policies
+    from proxy.session.datapath import DataPath
+    from tests.unit.test_datapath import FakeKeyRing
+
+    policies = load_policies([Path(__file__).resolve().parent.parent / "data" / "policy.yaml"])
+    s = ProxySession(
+        client_tls_available=False,
+        datapath_factory=lambda info, params: DataPath(
+            policies, FakeKeyRing(), info, parameters=params
+        ),
+    )
+    s.client_data(m.StartupMessage(m.PROTOCOL_3_0, (("user", "app"),)).encode())
+    s.upstream_connected(tls=False)
+    s.server_data(m.Authentication(m.AUTH_OK).encode() + m.ReadyForQuery("I").encode())
+    s.client_data(m.Query("SELECT 1").encode())
+    s.drain()
+    error = m.ErrorResponse.make("42501", "permission denied for table pg_class").encode()
+    s.server_data(error + m.ReadyForQuery("I").encode())
+    to_server, to_client, effects = s.drain()
+    assert b"SELECT 1" not in b"".join(to_server)
+    sent = b"".join(to_client)
+    assert b"permission denied for table pg_class" in sent and b"FATAL" in sent
+    assert not sent.startswith(b"Z") and isinstance(effects[-1], CloseConnection)

@@ -14,15 +14,19 @@ proxy's code) under the session state as PostgreSQL has it when each statement r
    tenant as a constant or a parameter, or none) of rows of several tenants, which the
    FakeServer seals with each tenant's key, among SET / SET LOCAL / RESET of the tenant and
    the role, RESET ALL, DISCARD ALL, blocks committed or rolled back, savepoints rolled back
-   to or released, Queries pipelined, and a SET sent to fail with a read or a Query
-   pipelined behind it (the tenant or role is then uncertain). The client gets each cell's
+   to or released, Queries pipelined (a statement that leaves the tenant or role uncertain
+   behind a read in flight included: the read is judged by the state it ran under), and a
+   SET sent to fail with a read or a Query pipelined behind it (the tenant or role is then
+   uncertain, for the read behind it too). The client gets each cell's
    plaintext if and only if the rules allow it; a denied cell is NULL (on_denied: null), or
    the result stops there with 42501 (error), the rest of its Query dropped; no plaintext
    of a denied cell anywhere in what the client gets.
 2. `test_values_are_sealed_under_the_tenant_the_rules_name_or_refused`: writes (INSERT of
    one or several rows naming their tenants as constants or a parameter, NULL included;
    UPDATE naming the tenant or not; notes) and searches of a deterministic column, one
-   statement answered at a time, among tenant and role changes: each value goes up sealed
+   statement answered at a time, among tenant and role changes, or pipelined behind a SET
+   of the tenant or role sent to fail (the proxy holds it until that SET is answered, then
+   judges it under the uncertain value PostgreSQL left): each value goes up sealed
    under the key of the tenant the oracle names, or the statement is refused with 42501
    and nothing of it goes up; no sentinel plaintext ever goes upstream.
 
@@ -39,11 +43,12 @@ The oracle's reading of the rules (DESIGN.md section 5, README "Tenants" and "Kn
   tenant than the session's needs a session tenant and a cross-tenant role;
 - RESET ALL after a SET LOCAL of the tenant in the block leaves it uncertain (tenant.py).
 
-What the scripts do not do, each a known failure with an xfail test below: put a write
-behind a SET pgseal.tenant sent to fail, start a session with a role other than its login
-user, send a statement that leaves the tenant or role uncertain (RESET ALL after SET
-LOCAL, a ROLLBACK to an uncertain value) behind a read in flight. Nor a second RESET ALL
-after a SET LOCAL in a session without a startup tenant (see `setting`).
+What the scripts do not do: start a session with a role other than its login user (see
+test_a_role_set_at_startup_narrows_what_the_session_may_read); pipeline more than one read
+or Query behind a SET sent to fail (the tracker takes the value as uncertain at the error
+whatever was sent behind it, a SET included: a rule of tenant.py the oracle does not
+model); a second RESET ALL after a SET LOCAL in a session without a startup tenant (see
+`setting`).
 
 PGSEAL_FUZZ_EXAMPLES=N multiplies every max_examples by N (the harness's `_fuzz`).
 """
@@ -501,11 +506,10 @@ SEALED_OF = {"patients": ("ssn", "name"), "contacts": ("email", "phone"), "dossi
 SEARCHED = {"patients": "ssn", "contacts": "email"}
 
 
-def write_work(draw: st.DrawFn, model: Model, behind: bool) -> Unit:
+def write_work(draw: st.DrawFn, model: Model) -> Unit:
     """One INSERT, UPDATE or search (Query with constants, or Parse/Bind/Execute), each
-    protected value a sentinel. Behind a failed SET ROLE no search: its value is sealed
-    under the role as sent (a cross-tenant one), which only tells PostgreSQL what to
-    compare; the rows it finds are judged by the role as it turned out."""
+    protected value a sentinel, judged under the session as it is (behind a SET sent to
+    fail: as PostgreSQL runs it, with the value the proxy can no longer know)."""
     state = model.state()
 
     def sentinel() -> str:
@@ -517,7 +521,7 @@ def write_work(draw: st.DrawFn, model: Model, behind: bool) -> Unit:
     form = draw(
         st.sampled_from(
             ["insert", "insert", "insert_params", "insert_tenant_constant", "update",
-             "update_params", "notes", "notes_params", *(() if behind else ("search",) * 3)]
+             "update_params", "notes", "notes_params", "search", "search", "search"]
         )
     )
     table = draw(st.sampled_from(sorted(SEALED_OF)))
@@ -659,13 +663,10 @@ def read_sessions(draw: st.DrawFn) -> tuple[State, list[Unit]]:
                 end_query()
             if not query:
                 model.segment_start()  # before the statement: a BEGIN later may need it
-            tenant_known, role_known = not model.tenant.uncertain, not model.role.uncertain
+            # RESET ALL after a SET LOCAL, or a ROLLBACK (TO) back to an uncertain value, may
+            # be sent behind a read in flight: it does not decide the read's rows (see
+            # test_rows_are_judged_by_the_state_their_read_was_sent_under).
             sql = setting(draw, model, alone)
-            if (tenant_known and model.tenant.uncertain) or (role_known and model.role.uncertain):
-                # RESET ALL after a SET LOCAL, or a ROLLBACK (TO) back to an uncertain value:
-                # never behind a read in flight (see
-                # test_rows_are_judged_by_the_state_their_read_was_sent_under).
-                end_unit()
             if alone:
                 pieces.append(m.Query(sql).encode())
                 segments.append(())
@@ -682,17 +683,16 @@ def read_sessions(draw: st.DrawFn) -> tuple[State, list[Unit]]:
 @st.composite
 def write_sessions(draw: st.DrawFn) -> tuple[State, list[Unit]]:
     """The session's start and units, each answered before the next: writes and searches,
-    tenant and role statements (outside blocks: a refused write fails a block), a SET sent
-    to fail, and behind a failed SET ROLE (not SET pgseal.tenant: see
-    test_a_write_behind_a_failed_tenant_change_is_sealed_for_the_tenant_postgres_has) a
-    write pipelined."""
+    tenant and role statements (outside blocks: a refused write fails a block), a SET of
+    the tenant or the role sent to fail, and a write or search pipelined behind it (see
+    test_a_write_behind_a_failed_tenant_change_is_sealed_for_the_tenant_postgres_has)."""
     model = _start(draw)
     start = model.state()
     units: list[Unit] = []
     for _ in range(draw(st.integers(1, 10))):
         op = draw(st.sampled_from(["work"] * 4 + ["setting"] * 3 + ["fail"]))
         if op == "work":
-            units.append(write_work(draw, model, False))
+            units.append(write_work(draw, model))
         elif op == "setting":
             sql = setting(draw, model, True)
             if model.block is not None:  # no blocks here
@@ -700,12 +700,16 @@ def write_sessions(draw: st.DrawFn) -> tuple[State, list[Unit]]:
                 sql += "; COMMIT"
             units.append(Unit(m.Query(sql).encode(), model.state()))
         else:
-            tenant = draw(st.booleans())
-            lead = failing(draw, model, tenant)
-            if tenant or draw(st.booleans()):
+            before = (model.tenant, model.role)
+            lead = failing(draw, model, draw(st.booleans()))
+            if draw(st.booleans()):
                 units.append(Unit(lead + m.Query("SELECT 1").encode(), model.state(), lead=1))
             else:
-                behind = write_work(draw, model, True)
+                # The proxy holds a statement that seals behind the SET until the SET is
+                # answered; the error then comes with nothing sent behind it, and tells
+                # the proxy exactly what PostgreSQL kept: nothing of the SET.
+                model.tenant, model.role = before
+                behind = write_work(draw, model)
                 units.append(replace(behind, data=lead + behind.data, lead=1))
     return start, units
 
@@ -976,6 +980,8 @@ def test_values_are_sealed_under_the_tenant_the_rules_name_or_refused(
     event(f"statements sealed: {min(outcomes['sealed'], 2)}")
     event(f"statements refused: {min(outcomes['refused'], 2)}")
     for unit in units:
+        if unit.values:
+            event(f"work pipelined behind a SET sent to fail: {unit.lead > 0}")
         for value in unit.values:
             rules = dict(policy)[value.table]
             other = value.named is not None and value.named != unit.state.tenant
@@ -1049,57 +1055,56 @@ def test_a_failed_set_leaves_the_tenant_or_role_uncertain() -> None:
 # --- what the fuzzing found -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a protected write pipelined behind an unanswered SET pgseal.tenant is sealed "
-    "for the tenant as sent; when PostgreSQL fails the SET, it runs the write under the "
-    "old tenant",
-)
 @pytest.mark.parametrize(
     "sql",
     [
         "INSERT INTO notes (body) VALUES ('SENTINEL-1')",
         "INSERT INTO patients (tenant_id, ssn) VALUES ('globex', 'SENTINEL-1')",
+        "SELECT id FROM contacts WHERE email = 'SENTINEL-1'",
     ],
 )
 def test_a_write_behind_a_failed_tenant_change_is_sealed_for_the_tenant_postgres_has(
     sql: str,
 ) -> None:
     """acme's session (strict isolation) sends SET pgseal.tenant = 'globex', which fails,
-    and an INSERT behind it before the answer. PostgreSQL runs the INSERT with
-    pgseal.tenant = 'acme'. The proxy seals its value under globex's key: a globex cell
-    stored from acme's session (notes: in acme's row, where acme can never open it;
+    and an INSERT (or a search) behind it before the answer. PostgreSQL runs the INSERT
+    with pgseal.tenant = 'acme'. The proxy sealed its value under globex's key: a globex
+    cell stored from acme's session (notes: in acme's row, where acme can never open it;
     patients: a row of globex written by a session of acme, which strict isolation
-    refuses). Found by test_values_are_sealed_under_the_tenant_the_rules_name_or_refused
-    (write_sessions no longer puts a write behind a failed SET pgseal.tenant)."""
-    table = "notes" if "notes" in sql else "patients"
-    column = "body" if table == "notes" else "ssn"
+    refuses). Found by test_values_are_sealed_under_the_tenant_the_rules_name_or_refused.
+    Now the INSERT waits (DataPath._settled) until the SET is answered: the error then
+    comes with nothing behind it, so the proxy knows PostgreSQL kept acme, and judges
+    the INSERT under acme (notes and the search: sealed under acme's key; patients: the
+    row's tenant is not the session's, refused with 42501, nothing of it forwarded)."""
+    columns = {"notes": "body", "patients": "ssn", "contacts": "email"}
+    table = next(t for t in columns if t in sql)
+    column = columns[table]
     state = State("app", "acme", "acme", "app")
     lead = m.Query(f"SET pgseal.tenant = 'globex' {FAIL}").encode()
-    value = Value(table, column, "SENTINEL-1", "globex", table == "notes")
-    unit = Unit(lead + m.Query(sql).encode(), state, lead=1, values=(value,))
+    value = Value(table, column, "SENTINEL-1", "globex", table != "patients")
+    search = sql.startswith("SELECT")
+    unit = Unit(lead + m.Query(sql).encode(), state, lead=1, values=(value,), search=search)
     played = play_units(_policy_of(STRICT_ERROR), state, [unit])
     cells = _cells_sent(unit, played.sent[0])
-    # Refused, or (a table whose tenant is the session's) sealed under acme's key.
+    # Refused, or (a value whose tenant is the session's) sealed under acme's key.
     assert cells is None or (
-        table == "notes" and _tenant_of(cells[0], f"public.{table}.{column}")
-        == ("acme", b"\x01SENTINEL-1")
+        table != "patients"
+        and _tenant_of(cells[0], f"public.{table}.{column}") == ("acme", b"\x01SENTINEL-1")
     ), _tenant_of(cells[0], f"public.{table}.{column}")
+    assert (cells is None) == (table == "patients")
+    check_writes(_policy_of(STRICT_ERROR), [unit], played)  # the oracle agrees
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the role PostgreSQL starts the session with (options=-c role=..., a role "
-    "startup parameter, ALTER ROLE ... SET role) is taken to be the login user",
-)
 @pytest.mark.parametrize("login, table", [("pgseal_app", "contacts"), ("auditor", "patients")])
 def test_a_role_set_at_startup_narrows_what_the_session_may_read(login: str, table: str) -> None:
     """Login pgseal_app (in contacts' decrypt_roles) or auditor (in cross_tenant_roles) with
     `options=-c role=app`: PostgreSQL runs the session as app, in neither list (and goes
-    back to app on RESET ROLE and DISCARD ALL). The proxy tracks the role from the login
-    user, so it opens contacts' cells for app, and globex's row of patients for acme's
-    strict session. Found writing the role side of the oracle (not drawn by the scripts:
-    they start every session as its login user)."""
+    back to app on RESET ROLE and DISCARD ALL). The proxy took the role to be the login
+    user, and opened contacts' cells for app, and globex's row of patients for acme's
+    strict session; it now starts from `current_user` as its catalog query reads it
+    (the harness's fake server answers it from the options). Found writing the role side
+    of the oracle (not drawn by the scripts: they start every session as its login
+    user)."""
     rules = Rules("strict", "null", frozenset({"auditor", "pgseal_app"}))
     policy = tuple((t, rules if t == "contacts" else STRICT_ERROR) for t in RULE_TABLES)
     # The harness puts the startup tenant in `options=-c pgseal.tenant=...`: the role
@@ -1112,11 +1117,6 @@ def test_a_role_set_at_startup_narrows_what_the_session_may_read(login: str, tab
     assert not re.search(rb"ROW0-[a-z]+-[a-z]+\.", bytes(played.run.downstream))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a read's rows are refused when the tenant or role is uncertain as they arrive, "
-    "though it was certain when the read was sent (a statement sent behind it made it so)",
-)
 @pytest.mark.parametrize(
     "login, before, chunk, table",
     [
@@ -1137,14 +1137,13 @@ def test_rows_are_judged_by_the_state_their_read_was_sent_under(
     which the tenant (or role) is certain when the read in it runs, but a statement after
     the read leaves the tracked value uncertain again (RESET ALL after SET LOCAL; a
     ROLLBACK to the block's start). PostgreSQL runs the read with pgseal.tenant = 'acme'
-    (as auditor): the rules allow acme's row. The proxy refuses it, 42501 "the session
+    (as auditor): the rules allow acme's row. The proxy refused it, 42501 "the session
     tenant is uncertain" (or "role auditor may not read ..."): _read_denial and _role_may
-    look at the trackers' uncertainty *now* (self.tenant.uncertain,
-    self.role_setting.uncertain), when the row arrives after the later statement was sent,
-    besides the reader's own (_Reader, taken when the read was sent). README: rows are
-    judged by the role their statement was sent under, not by what is sent behind it. Found
-    by test_a_plaintext_reaches_the_client_iff_the_rules_allow_it (read_sessions no longer
-    sends such statements behind a read in flight)."""
+    looked at the trackers' uncertainty when the row arrived, after the later statement
+    was sent, besides the reader's own (_Reader, taken when the read was sent). Found by
+    test_a_plaintext_reaches_the_client_iff_the_rules_allow_it. Now only the reader
+    decides, made uncertain by an error ahead of the read that puts what it was sent under
+    in doubt (TenantTracker.error; see test_rows_behind_a_failed_change_are_judged_as_uncertain)."""
     rules = Rules("strict", "error", frozenset({"auditor", "pgseal_app"}))
     policy = tuple((t, rules if t == "contacts" else STRICT_ERROR) for t in RULE_TABLES)
     state = State(login, "acme", "acme", login)

@@ -529,3 +529,140 @@ def test_a_failed_set_that_only_settled_the_value_doubts_the_rollback_behind_it(
     t.segment_end()
     t.ready("I", last=True)
     assert t.uncertain
+
+
+# --- what rests on the answers still to come (in_flight_may_change, error's verdict) --------
+
+
+def test_a_change_in_flight_is_what_a_statement_sent_now_rests_on() -> None:
+    # SET a in flight: a write sent now would be sealed for a, which PostgreSQL may refuse.
+    assert pipelined("a").in_flight_may_change()
+    # Segments that change nothing, outside a block: whatever their fate, x stays.
+    t = pipelined(None, None)
+    assert not t.in_flight_may_change()
+    # Answered: nothing is in flight any more.
+    t = pipelined("a")
+    t.ready("I", last=True)
+    assert not t.in_flight_may_change()
+    # Within the segment being sent: PostgreSQL skips the rest of it after an error.
+    t.segment_start()
+    t.set("b")
+    assert not t.in_flight_may_change()
+
+
+def test_a_change_in_flight_behind_an_answered_segment() -> None:
+    # SET a answered, SET a again and nothing in flight: the base is what the first left.
+    t = pipelined("a", "a", None)
+    t.ready("I", last=False)
+    assert not t.in_flight_may_change()
+    t = pipelined("a", "b")
+    t.ready("I", last=False)
+    assert t.in_flight_may_change()
+
+
+def test_what_may_fail_in_a_block_or_with_transaction_statements_is_in_doubt() -> None:
+    # A transaction statement in flight decides what block the statements behind it run
+    # in (a COMMIT that fails is a ROLLBACK): even with no SET among them.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.begin()
+    t.segment_end()
+    assert t.in_flight_may_change()
+    t.ready("T", last=True)
+    pipelined_in(t, 1)  # e.g. an INSERT in the block, in flight
+    assert not t.in_flight_may_change()  # it fails: the block fails, what follows skipped
+    t.segment_start()
+    t.commit()
+    assert t.in_flight_may_change()  # ...but a COMMIT behind it is then a ROLLBACK
+
+
+def test_an_uncertain_value_is_no_base() -> None:
+    t = pipelined("a", None)
+    t.error(later_segments_sent=True)  # uncertain
+    t.ready("I", last=False)
+    t.segment_start()
+    t.set("a")  # certain again, but the segment behind it may fail
+    t.segment_end()
+    assert t.in_flight_may_change()
+
+
+def test_an_error_puts_what_was_sent_behind_it_in_doubt_only_if_it_matters() -> None:
+    # SET a; <error> with a segment behind it: that one was read as under a.
+    t = pipelined("a", None)
+    assert t.error(later_segments_sent=True)
+    # An error in a segment that changed nothing: what is behind it ran as taken.
+    t = pipelined(None, "a")
+    assert not t.error(later_segments_sent=True)
+    # Nothing behind it: nothing to judge again.
+    assert not pipelined("a").error(later_segments_sent=False)
+    # Not what was sent behind it: SET a behind the failed segment is no doubt of its own
+    # (RESET ALL after SET LOCAL behind a read leaves the tracker uncertain; the read
+    # ran before it).
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.segment_end()
+    t.segment_start()
+    t.set("a")
+    t.reset_all()
+    t.segment_end()
+    assert not t.error(later_segments_sent=True)
+
+
+def test_an_error_ahead_of_an_uncertain_tracker_still_doubts_what_is_behind_it() -> None:
+    # SET a; <error>, then (sent before the answer) a read, then BEGIN; SET LOCAL b; RESET
+    # ALL, which leaves the tracker uncertain whatever happened before: the read behind
+    # the error is in doubt all the same (PostgreSQL runs it under x, not a).
+    t = pipelined("a", None)
+    t.segment_start()
+    t.begin()
+    t.set("b", local=True)
+    t.reset_all()
+    t.segment_end()
+    assert t.uncertain
+    assert t.error(later_segments_sent=True)
+
+
+def test_a_failed_commit_puts_what_is_behind_it_in_doubt() -> None:
+    # BEGIN; SET a (answered, in the block); COMMIT fails (a deferred constraint):
+    # PostgreSQL rolls the block back to x; a read sent behind it took a.
+    t = in_block()
+    t.set("a")
+    t.ready("T", last=True)
+    t.segment_start()
+    t.commit()
+    t.segment_end()
+    pipelined_in(t, 1)
+    assert t.error(later_segments_sent=True)
+
+
+def test_a_transaction_statement_behind_a_failed_segment_matters_only_in_a_block() -> None:
+    # SELECT 1/0, then BEGIN; SET LOCAL a; <read>; COMMIT sent before its answer: outside
+    # a block the failed segment left nothing behind, and the block behind it runs as sent.
+    t = pipelined(None)
+    t.segment_start()
+    t.begin()
+    t.set("a", local=True)
+    t.commit()
+    t.segment_end()
+    assert not t.error(later_segments_sent=True)
+    # In a block (SET a in it, answered) the failure fails the block: a COMMIT behind it
+    # is a ROLLBACK, and what follows it runs under x, not a.
+    t = in_block()
+    t.set("a")
+    t.ready("T", last=True)
+    pipelined_in(t, 1)
+    t.segment_start()
+    t.commit()
+    t.segment_end()
+    assert t.error(later_segments_sent=True)
+    # A transaction statement in the failed segment itself: what it did is not known.
+    t = TenantTracker("x")
+    t.ready("I", last=True)
+    t.segment_start()
+    t.begin()
+    t.commit()
+    t.segment_end()
+    pipelined_in(t, 1)
+    assert t.error(later_segments_sent=True)
