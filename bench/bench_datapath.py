@@ -209,7 +209,10 @@ def connected_session(policies: PolicySet, keys: StaticKeyRing) -> ProxySession:
             ).encode(),
             m.CommandComplete("SELECT 1").encode(),
             m.RowDescription(tuple(_field(n, 0, 0, 25, -1) for n in "abcd")).encode(),
-            m.DataRow((b"1", b"hex", b"bench", b"t1")).encode(),
+            # current_user, pgseal.tenant and session_user as UTF-8 in hex
+            m.DataRow(
+                (b"1", b"hex", *(n.hex().encode() for n in (b"bench", b"t1", b"bench")))
+            ).encode(),
             m.CommandComplete("SELECT 1").encode(),
             m.ReadyForQuery("I").encode(),
         )

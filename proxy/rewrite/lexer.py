@@ -460,7 +460,7 @@ def parse_session_statement(text: str) -> SessionSetting | None:
     if i < len(toks) and toks[i].is_word("role"):
         rest = toks[i + 1 :]
         if len(rest) == 1 and rest[0].is_word("none"):
-            return SessionSetting("role", "reset", local=local)
+            return SessionSetting("role", "set", None, local=local)  # the session user
         if len(rest) == 1:
             return SessionSetting("role", "set", rest[0].text, local=local)
         return None

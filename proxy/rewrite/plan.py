@@ -211,7 +211,9 @@ class SessionSetting:
     the role); 'discard_all' is DISCARD ALL (that, plus SESSION AUTHORIZATION
     DEFAULT and every prepared statement gone). action 'reset' also covers
     `SET ... TO DEFAULT`. value: the tenant (str), the search_path schemas
-    (tuple, as catalog names), the role name (str); None for reset.
+    (tuple, as catalog names), the role name (str); None for reset, and for
+    `SET ROLE NONE` (action 'set': the session user, where RESET ROLE goes back
+    to the connection-time role).
     local: SET LOCAL (undone at transaction end, also by ROLLBACK; the caller
     tracks transaction state from ReadyForQuery).
     """

@@ -90,6 +90,7 @@ _SERVER_HELD_DATAPATH = held_table(b"123tTnCsIEZSKGH")
 _COPY_DATA, _COPY_DONE = 0x64, 0x63
 _SYNC, _QUERY, _READY, _DATA_ROW = 0x53, 0x51, 0x5A, 0x44
 _EXECUTE = 0x45
+_ERROR = 0x45  # ErrorResponse (server)
 # The hot path compares against a plain global: `Phase.READY` is an attribute lookup
 # through EnumType.__getattr__ on every message.
 _PHASE_READY = Phase.READY
@@ -548,9 +549,11 @@ class ProxySession:
                     if catalog_pending and not datapath.catalog_pending:
                         if self._client.buffered and "client" not in self._stalled:
                             self._client_messages()  # what the client sent meanwhile
-                    if t == _READY and self._awaiting_answers:
-                        # A segment sent before the stalled client frame was answered:
-                        # process the frame again (it may wait on for the next one).
+                    if (t == _READY or t == _ERROR) and self._awaiting_answers:
+                        # A segment sent before the stalled client frame was answered, or
+                        # failed (an error can also cancel the answer it waited for: a
+                        # Query behind a failed Execute with no Sync is skipped): process
+                        # the frame again (it may wait on for the next answer).
                         self._awaiting_answers = False
                         self.keys_ready("client")
                 elif t == 0x4B:  # BackendKeyData

@@ -72,7 +72,7 @@ from proxy.rewrite.lexer import (
     parse_savepoint_statement,
 )
 from proxy.rewrite.params import parameter_count
-from proxy.rewrite.plan import CopyPlan
+from proxy.rewrite.plan import CopyPlan, SessionSetting
 from proxy.session.copystream import CopyIn, CopyOut, CopyStop, Denial, MissingKeys, dialect_of
 from proxy.session.tenant import TenantTracker, TrackerSnapshot
 from proxy.wire import messages as m
@@ -454,6 +454,11 @@ class DataPath:
         # transaction rules (SET LOCAL, ROLLBACK, errors). Privileges never come
         # from it alone: see `_role_may`.
         self.role_setting = TenantTracker(info.user)
+        # The session user (SET SESSION AUTHORIZATION), where SET ROLE NONE goes; and
+        # whether the session started with a role of its own (options=-c role=..., ALTER
+        # ROLE ... SET role), where RESET ROLE goes instead of the session user.
+        self.session_user = TenantTracker(info.user)
+        self._startup_role = False
         self.parameters = parameters  # the session's ParameterStatus values (shared, live)
         self.tenant = TenantTracker(info.startup_tenant)
         # extra_float_digits and bytea_output, with the same transaction rules as the
@@ -560,7 +565,10 @@ class DataPath:
             "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
             f"WHERE (n.nspname, c.relname) IN ({pairs}); "
             "SELECT current_setting('extra_float_digits'), current_setting('bytea_output'), "
-            "current_user, current_setting('pgseal.tenant', true)"
+            # As UTF-8 in hex, whatever the client_encoding (names are str here).
+            "encode(convert_to(current_user, 'UTF8'), 'hex'), "
+            "encode(convert_to(current_setting('pgseal.tenant', true), 'UTF8'), 'hex'), "
+            "encode(convert_to(session_user, 'UTF8'), 'hex')"
         )
         self._expect_ready(_Pending(_Kind.CATALOG, swallow=True))
         return m.Query(sql).encode()
@@ -1395,7 +1403,7 @@ class DataPath:
         return self._all_trackers
 
     def _tracker_tuple(self) -> tuple[TenantTracker, ...]:
-        return (self.tenant, *self.output_settings.values(), self.role_setting)
+        return (self.tenant, *self.output_settings.values(), self.session_user, self.role_setting)
 
     @property
     def role(self) -> str:
@@ -1480,10 +1488,31 @@ class DataPath:
                             tracker.reset_all()
                     self.search_path = ("public",)
                 elif setting.name in ("role", "session_authorization"):
-                    value = setting.value if setting.action == "set" else None
-                    self.role_setting.set(
-                        value if isinstance(value, str) else None, local=setting.local
-                    )
+                    self._track_role(setting)
+
+    def _track_role(self, setting: SessionSetting) -> None:
+        """SET ROLE / SET SESSION AUTHORIZATION, as PostgreSQL's current_user follows them:
+        SET ROLE x is x; SET ROLE NONE the session user; RESET ROLE the connection-time role
+        if the session started with one, else the session user; SET SESSION AUTHORIZATION x
+        makes x the session and the current user. Where that depends on a session user
+        not known for sure, or on what PostgreSQL does with the role at RESET SESSION
+        AUTHORIZATION, the role is uncertain (fail closed: no privilege)."""
+        role, session_user, local = self.role_setting, self.session_user, setting.local
+        value = setting.value if isinstance(setting.value, str) else None
+        if setting.name == "session_authorization":
+            session_user.set(value, local=local)
+            if value is None:
+                role.unknown_change()
+            else:
+                role.set(value, local=local)
+        elif value is not None:
+            role.set(value, local=local)  # SET ROLE x
+        elif setting.action == "reset" and self._startup_role:
+            role.set(None, local=local)  # RESET ROLE: the connection-time role
+        elif session_user.uncertain or session_user.current is None:
+            role.unknown_change()
+        else:  # SET ROLE NONE, or RESET ROLE without a connection-time role
+            role.set(session_user.current, local=local)
 
     def _track_block_end_or_savepoint(self, command: str, text: str) -> None:
         """ROLLBACK / ABORT end the block; SAVEPOINT, ROLLBACK TO and RELEASE move within it
@@ -1735,18 +1764,29 @@ class DataPath:
             self.table_columns[(schema, table)] = tuple(
                 c.decode() for c in _parse_text_array(columns) if c is not None
             )
-        elif result == 1 and len(row) == 4 and all(v is not None for v in row[:3]):
+        elif result == 1 and len(row) == 5 and None not in (*row[:3], row[4]):
             # The session as PostgreSQL starts it (startup options, role and database
             # defaults such as ALTER ROLE ... SET role): also what RESET goes back to.
             # No client statement has been looked at yet (catalog_query).
-            settings, (role, tenant) = row[:2], row[2:]
+            settings, (role, tenant, session_user) = row[:2], row[2:]
             for name, value in zip(_OUTPUT_SETTINGS, settings, strict=True):
                 assert value is not None
                 self.output_settings[name] = TenantTracker(value.decode())
-            assert role is not None
+            assert role is not None and session_user is not None
+            try:
+                role_name = bytes.fromhex(role.decode("ascii")).decode("utf-8")
+                session_name = bytes.fromhex(session_user.decode("ascii")).decode("utf-8")
+                tenant_name = (
+                    bytes.fromhex(tenant.decode("ascii")).decode("utf-8") if tenant else None
+                )
+            except ValueError:  # UnicodeDecodeError included
+                self.startup_failure = "an unexpected answer"
+                return
             # The role in effect, which `options=-c role=...` narrows from the login user.
-            self.role_setting = TenantTracker(role.decode())
-            self.tenant = TenantTracker(tenant.decode() or None if tenant is not None else None)
+            self.role_setting = TenantTracker(role_name)
+            self.session_user = TenantTracker(session_name)
+            self._startup_role = role_name != session_name
+            self.tenant = TenantTracker(tenant_name or None)
             self._all_trackers = self._tracker_tuple()
         else:
             self.startup_failure = "an unexpected answer"

@@ -311,40 +311,6 @@ def test_catalog_query_learns_column_lists(policies: PolicySet) -> None:
     assert dp.table_columns[("crm", "Contacts")] == ("Id", "TenantId", "Phone Number", "a,b")
 
 
-@pytest.mark.parametrize(
-    "role, tenant, expected_tenant", [(b"app", b"globex", "globex"), (b"app", None, None)]
-)
-def test_catalog_answer_sets_the_role_and_tenant_postgres_started_with(
-    policies: PolicySet, role: bytes, tenant: bytes | None, expected_tenant: str | None
-) -> None:
-    """options=-c role=app, or ALTER ROLE ... SET role / SET pgseal.tenant: PostgreSQL's
-    values, not the login user and the startup packet's, are what the session starts
-    with and what RESET goes back to; the startup ReadyForQuery waits for them."""
-    dp, _ = make(policies, user="pgseal_app")
-    ready = m.ReadyForQuery("I").encode()
-    query = dp.catalog_query(ready)
-    assert b"current_user" in query and dp.catalog_pending
-    for answer in (
-        m.CommandComplete("SELECT 0").encode(),
-        m.DataRow((b"1", b"hex", role, tenant)).encode(),
-        m.CommandComplete("SELECT 1").encode(),
-    ):
-        assert server(dp, answer) == b""
-    assert server(dp, ready) == ready  # the startup ReadyForQuery, released
-    assert not dp.catalog_pending and dp.startup_failure is None
-    assert dp.role == "app" and dp.role_setting.startup_value == "app"
-    assert dp.tenant.current == expected_tenant and not dp.tenant.uncertain
-
-
-def test_a_failed_catalog_query_ends_the_session(policies: PolicySet) -> None:
-    dp, _ = make(policies)
-    dp.catalog_query(m.ReadyForQuery("I").encode())
-    error = m.ErrorResponse.make("42501", "permission denied for table pg_class").encode()
-    assert server(dp, error) == b""
-    assert server(dp, m.ReadyForQuery("I").encode()) == b""
-    assert dp.startup_failure == "permission denied for table pg_class"
-
-
 texts = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=10
 )

@@ -83,9 +83,14 @@ def _field(
     return m.FieldDescription(name, table_oid, attnum, type_oid, typlen, -1, 0)
 
 
-def _catalog(role: str = "app", tenant: str | None = "acme") -> bytes:
-    """PostgreSQL's answer to the data path's catalog query, for a session started as
-    `role` with pgseal.tenant = `tenant`."""
+def _hex(name: str) -> bytes:
+    """A name as the catalog query has PostgreSQL send it: its UTF-8 bytes in hex."""
+    return name.encode().hex().encode()
+
+
+def _catalog(role: str = "app", tenant: str | None = "acme", user: str = "app") -> bytes:
+    """PostgreSQL's answer to the data path's catalog query, for a session of login `user`
+    started as `role` with pgseal.tenant = `tenant`."""
     rows = (
         (PATIENTS_OID, "patients", "{id,tenant_id,ssn,name,dob,balance,profile}"),
         (NOTES_OID, "notes", "{id,body,rating}"),
@@ -104,7 +109,9 @@ def _catalog(role: str = "app", tenant: str | None = "acme") -> bytes:
             ),
             m.CommandComplete(f"SELECT {len(rows)}").encode(),
             m.RowDescription(tuple(_field(n, 0, 0, 25, -1) for n in "abcd")).encode(),
-            m.DataRow((b"1", b"hex", role.encode(), tenant.encode() if tenant else None)).encode(),
+            m.DataRow(
+                (b"1", b"hex", _hex(role), _hex(tenant) if tenant else None, _hex(user))
+            ).encode(),
             m.CommandComplete("SELECT 1").encode(),
             READY_I,
         )
@@ -160,7 +167,7 @@ def connected(
     # session as that role.
     words = (tenant or "").split()
     role = next((w[5:] for w in words if w.startswith("role=")), user)
-    session.server_data(_catalog(role, words[0] if words else None))
+    session.server_data(_catalog(role, words[0] if words else None, user))
     session.drain()
     assert session.datapath is not None and session.datapath.table_oids
     return session

@@ -149,7 +149,7 @@ def test_decode_refuses_unclear_constants(raw: str) -> None:
         ("RESET search_path", SessionSetting("search_path", "reset")),
         ("SET search_path TO DEFAULT", SessionSetting("search_path", "reset")),
         ("SET ROLE app", SessionSetting("role", "set", "app")),
-        ("SET ROLE NONE", SessionSetting("role", "reset")),
+        ("SET ROLE NONE", SessionSetting("role", "set", None)),
         ("RESET ROLE", SessionSetting("role", "reset")),
         ("SET SESSION AUTHORIZATION bob", SessionSetting("session_authorization", "set", "bob")),
         ("RESET SESSION AUTHORIZATION", SessionSetting("session_authorization", "reset")),

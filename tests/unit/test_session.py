@@ -151,7 +151,7 @@ def test_with_a_policy_nothing_passes_before_the_data_path_is_ready() -> None:
     # PostgreSQL started the session with (here options=-c role=clerk) decide.
     assert b"INSERT INTO patients" not in to_server
     assert not any(c.startswith(b"Z") for c in s.drain()[1])
-    settings_row = (b"1", b"hex", b"clerk", b"acme")
+    settings_row = (b"1", b"hex", *(n.hex().encode() for n in (b"clerk", b"acme", b"app")))
     s.server_data(
         m.CommandComplete("SELECT 0").encode()
         + m.DataRow(settings_row).encode()
