@@ -192,8 +192,11 @@ _SQL = {
         "WHERE application_name = 'pgseal-keystore-listener' AND datname = current_database()"
     ),
     "adopt_master": (
+        # No conflict target: two first uses at once (two proxies, two sessions) both
+        # adopt the token's master key, and the second insert may meet the first on
+        # the kek or on masters_one_active (the only active one), whichever it checks.
         "INSERT INTO {s}.masters (kek, label, state, activated_at) "
-        "VALUES ($1, $2, 'active', now()) ON CONFLICT (kek) DO NOTHING"
+        "VALUES ($1, $2, 'active', now()) ON CONFLICT DO NOTHING"
     ),
     "pending_master": "INSERT INTO {s}.masters (kek, label, state) VALUES ($1, $2, 'pending')",
     "retire_masters": (

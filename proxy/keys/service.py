@@ -426,6 +426,13 @@ class KeyService:
             )
         kek = on_token[0].kek
         await ks.adopt_master(conn, kek, label)
+        # What is active now: ours, or the one a concurrent first use adopted before us.
+        active = [m.kek for m in await ks.masters(conn) if m.state == ACTIVE]
+        if active != [kek]:
+            raise KeyServiceUnavailable(
+                f"master key {kek!r} on HSM token {token!r} could not be adopted: the "
+                f"{ks.where} records {active or 'no active master key'}"
+            )
         return kek
 
     async def _new_wrapped(self, conn: Conn, tenant: str,
