@@ -454,10 +454,12 @@ class DataPath:
         # transaction rules (SET LOCAL, ROLLBACK, errors). Privileges never come
         # from it alone: see `_role_may`.
         self.role_setting = TenantTracker(info.user)
-        # The session user (SET SESSION AUTHORIZATION), where SET ROLE NONE goes; and
-        # whether the session started with a role of its own (options=-c role=..., ALTER
-        # ROLE ... SET role), where RESET ROLE goes instead of the session user.
-        self.session_user = TenantTracker(info.user)
+        # The session user, where SET ROLE NONE goes (None: not known for sure since a SET
+        # SESSION AUTHORIZATION, which only a superuser sends: a plain value, not one more
+        # tracker to keep at every Sync); and whether the session started with a role of
+        # its own (options=-c role=..., ALTER ROLE ... SET role), where RESET ROLE goes
+        # instead of the session user.
+        self.session_user: str | None = info.user
         self._startup_role = False
         self.parameters = parameters  # the session's ParameterStatus values (shared, live)
         self.tenant = TenantTracker(info.startup_tenant)
@@ -1403,7 +1405,7 @@ class DataPath:
         return self._all_trackers
 
     def _tracker_tuple(self) -> tuple[TenantTracker, ...]:
-        return (self.tenant, *self.output_settings.values(), self.session_user, self.role_setting)
+        return (self.tenant, *self.output_settings.values(), self.role_setting)
 
     @property
     def role(self) -> str:
@@ -1494,13 +1496,13 @@ class DataPath:
         """SET ROLE / SET SESSION AUTHORIZATION, as PostgreSQL's current_user follows them:
         SET ROLE x is x; SET ROLE NONE the session user; RESET ROLE the connection-time role
         if the session started with one, else the session user; SET SESSION AUTHORIZATION x
-        makes x the session and the current user. Where that depends on a session user
-        not known for sure, or on what PostgreSQL does with the role at RESET SESSION
-        AUTHORIZATION, the role is uncertain (fail closed: no privilege)."""
-        role, session_user, local = self.role_setting, self.session_user, setting.local
+        makes x the session and the current user. After a SET SESSION AUTHORIZATION the
+        session user is not followed (a ROLLBACK may undo it): what depends on it, and the
+        role after RESET SESSION AUTHORIZATION, is uncertain (fail closed: no privilege)."""
+        role, local = self.role_setting, setting.local
         value = setting.value if isinstance(setting.value, str) else None
         if setting.name == "session_authorization":
-            session_user.set(value, local=local)
+            self.session_user = None
             if value is None:
                 role.unknown_change()
             else:
@@ -1509,10 +1511,10 @@ class DataPath:
             role.set(value, local=local)  # SET ROLE x
         elif setting.action == "reset" and self._startup_role:
             role.set(None, local=local)  # RESET ROLE: the connection-time role
-        elif session_user.uncertain or session_user.current is None:
+        elif self.session_user is None:
             role.unknown_change()
         else:  # SET ROLE NONE, or RESET ROLE without a connection-time role
-            role.set(session_user.current, local=local)
+            role.set(self.session_user, local=local)
 
     def _track_block_end_or_savepoint(self, command: str, text: str) -> None:
         """ROLLBACK / ABORT end the block; SAVEPOINT, ROLLBACK TO and RELEASE move within it
@@ -1784,7 +1786,7 @@ class DataPath:
                 return
             # The role in effect, which `options=-c role=...` narrows from the login user.
             self.role_setting = TenantTracker(role_name)
-            self.session_user = TenantTracker(session_name)
+            self.session_user = session_name
             self._startup_role = role_name != session_name
             self.tenant = TenantTracker(tenant_name or None)
             self._all_trackers = self._tracker_tuple()
