@@ -188,7 +188,7 @@ class ProxySession:
         # A frame waiting for keys (FetchKeys), per direction; that direction stops until then.
         self._stalled: dict[str, Frame] = {}
         # The client's stalled frame waits for the server's answers, not for keys
-        # (NeedAnswers): it is processed again at the next ReadyForQuery.
+        # (NeedAnswers): it is processed again at the next ReadyForQuery or ErrorResponse.
         self._awaiting_answers = False
         self._catalog_sent = False
         self.client_tls_available = client_tls_available
@@ -325,10 +325,11 @@ class ProxySession:
                     continue
                 assert isinstance(item, Frame)
                 t = item.type
-                waiting = not self._catalog_sent or (
-                    datapath is not None and datapath.catalog_pending
-                )
-                if self.datapath_factory is not None and waiting and t not in (0x70, 0x58):
+                if (
+                    self.datapath_factory is not None
+                    and (datapath is None or datapath.catalog_pending)
+                    and t not in (0x70, 0x58)
+                ):
                     buf.push_back(item)  # wait for the data path (see _CLIENT_HELD_ALL)
                     break
                 if datapath is not None and t != 0x58:

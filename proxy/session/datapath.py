@@ -27,7 +27,7 @@ fetches the keys (HSM, keystore) and the same frame is processed again. A
 frame is only ever processed to completion or not at all, so the retry is
 exact. The same way, a value to seal under a session tenant that the answer
 to an earlier segment may still change (it fails, and its SET never
-happened) raises `NeedAnswers`: the frame waits for the next ReadyForQuery.
+happened) raises `NeedAnswers`: the frame waits for the next answer.
 
 Fail closed: anything unexpected on a protected statement is a refusal,
 never a forward of plaintext.
@@ -127,8 +127,8 @@ class NeedAnswers(NeedKeys):
     """A value would be sealed under a session tenant (or judged under a role) that the
     answer to a segment sent before it may still change, should that segment fail
     (TenantTracker.in_flight_may_change). The session keeps the frame, as for NeedKeys,
-    and processes it again at the next ReadyForQuery. A subclass of NeedKeys: whatever
-    a statement did before it is undone the same way."""
+    and processes it again at the next ReadyForQuery or ErrorResponse. A subclass of
+    NeedKeys: whatever a statement did before it is undone the same way."""
 
     answers = True
 
@@ -490,9 +490,9 @@ class DataPath:
         # why the catalog query failed, when it did (the session cannot go on).
         self._startup_ready: bytes | None = None
         self.startup_failure: str | None = None
-        # The catalog query is sent and not yet answered: client messages wait (an
-        # attribute, not a property: the session reads it for every message).
-        self.catalog_pending = False
+        # The catalog query is not answered yet (not even sent): client messages wait
+        # (an attribute, not a property: the session reads it for every message).
+        self.catalog_pending = True
         self._format_cache: tuple[tuple[str, ...], SessionFormat] | None = None
         # COPY (see the COPY section): column lists of the protected tables (catalog query),
         # the COPY FROM STDIN whose stream the client sends, the COPY TO STDOUT whose stream
@@ -556,7 +556,6 @@ class DataPath:
         released then, see _ready): until the proxy knows the role and the tenant
         PostgreSQL started the session with, no client statement is looked at."""
         self._startup_ready = startup_ready
-        self.catalog_pending = True
         pairs = ", ".join(
             f"({_quote(schema)}, {_quote(table)})" for schema, table in sorted(self.policies.tables)
         )
@@ -1736,7 +1735,7 @@ class DataPath:
             self._compiled.clear()
             ready, self._startup_ready = self._startup_ready, None
             self.catalog_pending = False
-            if head.failed or head.result_index != 2:
+            if head.failed or head.result_index != 2:  # its two SELECTs, each answered
                 self.startup_failure = self.startup_failure or "no answer"
                 return b""
             return ready or b""
@@ -1775,12 +1774,9 @@ class DataPath:
                 assert value is not None
                 self.output_settings[name] = TenantTracker(value.decode())
             assert role is not None and session_user is not None
-            try:
-                role_name = bytes.fromhex(role.decode("ascii")).decode("utf-8")
-                session_name = bytes.fromhex(session_user.decode("ascii")).decode("utf-8")
-                tenant_name = (
-                    bytes.fromhex(tenant.decode("ascii")).decode("utf-8") if tenant else None
-                )
+            try:  # each sent as its UTF-8 bytes in hex (catalog_query)
+                role_name, session_name = _from_hex(role), _from_hex(session_user)
+                tenant_name = _from_hex(tenant) if tenant else None
             except ValueError:  # UnicodeDecodeError included
                 self.startup_failure = "an unexpected answer"
                 return
@@ -2673,6 +2669,12 @@ def _hidden_fields(plan: StatementPlan, n_fields: int) -> int:
     then nothing is dropped and no cell is opened either, see _resolve)."""
     hidden = plan.hidden_outputs
     return hidden if hidden and plan.outputs_exact and n_fields == len(plan.outputs) else 0
+
+
+def _from_hex(value: bytes) -> str:
+    """A name the catalog query has PostgreSQL send as its UTF-8 bytes in hex (whatever
+    the client_encoding). ValueError if it is not that."""
+    return bytes.fromhex(value.decode("ascii")).decode("utf-8")
 
 
 def _cell_bytes(value: bytes, fmt: int) -> bytes:

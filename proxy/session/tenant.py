@@ -107,12 +107,11 @@ class TenantTracker:
         # segment_end), and that of the last one answered since _segment was taken: an
         # error after answered segments is judged against what they left, not _segment.
         # None: not known (the value was uncertain, or an error undid what it assumed).
-        self._segment_ends: deque[_Value | None] = deque()
+        # Paired with whether a transaction or savepoint statement had been sent
+        # (_control_sent) when that segment ended: one sent behind a failed segment does
+        # not change what the failure did to the segments between (error's verdict).
+        self._segment_ends: deque[tuple[_Value | None, bool]] = deque()
         self._answered: _Value | None = None
-        # Beside each queued end: whether a transaction or savepoint statement had been
-        # sent (_control_sent) when that segment ended. One sent behind a failed segment
-        # does not change what the failure did to the segments between (error's verdict).
-        self._segment_controls: deque[bool] = deque()
         # An error that was not exact, with a transaction statement among what was sent:
         # whether PostgreSQL is in a block (failed or not), and with which savepoints, is
         # not known until the ReadyForQuery of the last segment in flight says so. A
@@ -159,12 +158,12 @@ class TenantTracker:
         ReadyForQuery, and the state the tracker holds now is what it leaves if it works.
         While the value is uncertain that is not known: an error judged against it must
         not find "no change" in a SET of the guessed value (None counts as a change)."""
-        self._segment_controls.append(self._control_sent)
         if self.uncertain or self._block_unknown:
-            self._segment_ends.append(None)
+            self._segment_ends.append((None, self._control_sent))
             return
         s = self._s  # State.value(), inline: this runs for every tracker at every Sync
-        self._segment_ends.append((s.committed, s.local, s.in_block, s.savepoints))
+        end = (s.committed, s.local, s.in_block, s.savepoints)
+        self._segment_ends.append((end, self._control_sent))
 
     def segment_skipped(self) -> None:
         """The oldest Query, Sync or FunctionCall in flight will get no ReadyForQuery after
@@ -175,7 +174,6 @@ class TenantTracker:
         left, and an error judged against it)."""
         if self._segment_ends:
             self._segment_ends.popleft()
-            self._segment_controls.popleft()
 
     def set(self, value: str | None, *, local: bool = False) -> None:
         """SET [LOCAL] pgseal.tenant = value; value None means RESET / TO DEFAULT."""
@@ -333,7 +331,7 @@ class TenantTracker:
         if not ends:  # nothing in flight (a client that waits for each answer): no cost
             return False
         control = self._control_sent  # in them, or in the statement being sent
-        return any(self._failure_matters(end, control) for end in ends)
+        return any(self._failure_matters(end, control) for end, _ in ends)
 
     def _failure_matters(self, end: _Value | None, control: bool) -> bool:
         """Whether a segment in flight whose state was queued as `end` (segment_end) makes
@@ -367,9 +365,9 @@ class TenantTracker:
         tracker took for them: a result of theirs must then be judged as under an
         uncertain value. Only what the error puts in doubt counts here, not what the
         statements sent behind them did."""
-        ends, controls = self._segment_ends, self._segment_controls
+        ends = self._segment_ends
         behind_in_doubt = later_segments_sent and (
-            not ends or self._failure_matters(ends[0], controls[0] if controls else True)
+            not ends or self._failure_matters(*ends[0])
         )
         self._error(later_segments_sent=later_segments_sent)
         return behind_in_doubt
@@ -399,8 +397,8 @@ class TenantTracker:
             self.uncertain = self._segment_uncertain
             # The failed segment's queued end assumed it worked: it leaves what it undid
             # to. (Nothing was queued behind it: later_segments_sent is False.)
-            for i in range(len(ends)):
-                ends[i] = None if self.uncertain else self._s.value()
+            for i, (_, control) in enumerate(ends):
+                ends[i] = (None if self.uncertain else self._s.value(), control)
             return
         # A SET that cleared the doubt may have been skipped. A transaction or savepoint
         # statement that may have been skipped (an AND CHAIN: which block the value
@@ -412,7 +410,7 @@ class TenantTracker:
         # the second segment's ROLLBACK would still go back to tb. A SET that only made
         # an uncertain value certain is such a change too (the ROLLBACK's target was
         # taken as certain).
-        failed_end = ends[0] if ends else s.value()
+        failed_end = ends[0][0] if ends else s.value()
         in_doubt = changed or failed_end != base or self._segment_uncertain
         if self._ends_sent or self._chain_sent or (in_doubt and later_segments_sent):
             self._doubt_everything()
@@ -425,8 +423,8 @@ class TenantTracker:
         # then SET a; <error>: PostgreSQL never had a). Forget them unless the failed one
         # changed nothing and the value is certain.
         if ends and (self.uncertain or failed_end != base):
-            for i in range(len(ends)):
-                ends[i] = None
+            for i, (_, control) in enumerate(ends):
+                ends[i] = (None, control)
         if self._control_sent:
             self._block_unknown = True
 
@@ -450,12 +448,9 @@ class TenantTracker:
         ends = self._segment_ends
         if not last:
             self._answered_since += 1
-            self._answered = ends.popleft() if ends else None
-            if self._segment_controls:
-                self._segment_controls.popleft()
+            self._answered = ends.popleft()[0] if ends else None
             return
         ends.clear()
-        self._segment_controls.clear()
         self._answered = None
         self._block_unknown = False  # the status below is PostgreSQL's block state
         s = self._s

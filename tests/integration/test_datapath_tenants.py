@@ -63,6 +63,18 @@ def conn(sealing_proxy: Any) -> Iterator[psycopg.Connection[Any]]:
         yield c
 
 
+def _insert_dossier(conn: psycopg.Connection[Any], tenant: str, summary: str) -> int:
+    """A dossiers row of `tenant`, written as that session tenant (decrypt_roles of
+    dossiers: pgseal_app and the superuser, not pgseal_clerk)."""
+    conn.execute(f"SET pgseal.tenant = '{tenant}'")
+    row = conn.execute(
+        "INSERT INTO dossiers (tenant_id, summary) VALUES (%s, %s) RETURNING id",
+        [tenant, summary],
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _insert_patient(conn: psycopg.Connection[Any], tenant: str, ssn: str, name: str) -> int:
     row = conn.execute(
         "INSERT INTO patients (tenant_id, ssn, name, dob, profile) "
@@ -847,10 +859,7 @@ def test_decrypt_roles(roles: Any, sealing_proxy: Any, pg: Any) -> None:
             "INSERT INTO contacts (tenant_id, email, phone) VALUES (%s, %s, %s) RETURNING id",
             [a, "x@example.org", "1"],
         ).fetchone()[0]  # type: ignore[index]
-        did = app.execute(
-            "INSERT INTO dossiers (tenant_id, summary) VALUES (%s, %s) RETURNING id",
-            [a, "classified"],
-        ).fetchone()[0]  # type: ignore[index]
+        did = _insert_dossier(app, a, "classified")
         assert app.execute("SELECT summary FROM dossiers WHERE id = %s", [did]).fetchall() == [
             ("classified",)
         ]
@@ -903,11 +912,7 @@ def test_the_role_and_tenant_postgresql_starts_the_session_with(
     a = _tenant("sr")
     pg.execute("GRANT pgseal_clerk TO pgseal_app")
     with psycopg.connect(sealing_proxy.dsn(user="pgseal_app"), autocommit=True) as app:
-        app.execute(f"SET pgseal.tenant = '{a}'")
-        did = app.execute(
-            "INSERT INTO dossiers (tenant_id, summary) VALUES (%s, %s) RETURNING id",
-            [a, "startup-role"],
-        ).fetchone()[0]  # type: ignore[index]
+        did = _insert_dossier(app, a, "startup-role")
     read = "SELECT summary FROM dossiers WHERE id = %s"
     with psycopg.connect(
         sealing_proxy.dsn(user="pgseal_app"),

@@ -14,7 +14,12 @@ import psycopg
 import pytest
 
 from proxy.wire import messages as m
-from tests.integration.test_datapath_tenants import DENIED, _sqlstate, roles  # noqa: F401
+from tests.integration.test_datapath_tenants import (  # noqa: F401
+    DENIED,
+    _insert_dossier,
+    _sqlstate,
+    roles,
+)
 from tests.integration.test_protocol_robustness import RawConn, error_of
 
 pytestmark = pytest.mark.integration
@@ -61,8 +66,8 @@ def test_query_behind_failed_unsynced_execute_does_not_hang(sealing_proxy: Any) 
     """Through the proxy: the protected INSERT Query waits (NeedAnswers) for the answer to
     the 'SELECT 1' Query (it ends the segment that SET the tenant). PostgreSQL skips that
     Query (the Execute before it failed, no Sync yet) and waits for the Sync, which sits
-    behind the held INSERT in the proxy: no ReadyForQuery ever comes. Expected: the same
-    answer as PostgreSQL's (E + Z)."""
+    behind the held INSERT in the proxy: the held frame must be retried at the error, or
+    no ReadyForQuery ever comes. Expected: the same answer as PostgreSQL's (E + Z)."""
     a, b = _tenant("ha"), _tenant("hb")
     with RawConn(sealing_proxy.host, sealing_proxy.port, timeout=5) as conn:
         conn.startup(options=f"-c pgseal.tenant={a}")
@@ -80,17 +85,12 @@ def test_set_role_none_is_the_session_user_not_the_startup_role(
     """Started with `-c role=pgseal_clerk` as login pgseal_app. In PostgreSQL (15 here)
     DISCARD ALL keeps pgseal_clerk (the proxy agrees), but SET ROLE NONE makes current_user
     the session user (pgseal_app, in decrypt_roles of dossiers), not the startup role. The
-    lexer maps SET ROLE NONE to a "reset" of the role tracker, which now goes back to the
-    startup value pgseal_clerk: dossiers are refused where PostgreSQL runs as an allowed
-    role (over-refusal, not a leak)."""
+    proxy once took SET ROLE NONE for RESET ROLE and refused dossiers there (over-refusal,
+    not a leak)."""
     a = _tenant("dr")
     pg.execute("GRANT pgseal_clerk TO pgseal_app")
     with psycopg.connect(sealing_proxy.dsn(user="pgseal_app"), autocommit=True) as app:
-        app.execute(f"SET pgseal.tenant = '{a}'")
-        did = app.execute(
-            "INSERT INTO dossiers (tenant_id, summary) VALUES (%s, %s) RETURNING id",
-            [a, "discard"],
-        ).fetchone()[0]  # type: ignore[index]
+        did = _insert_dossier(app, a, "discard")
     read = "SELECT summary FROM dossiers WHERE id = %s"
     results = {}
     for reset in ("DISCARD ALL", "SET ROLE NONE"):
@@ -115,17 +115,13 @@ def test_set_role_none_after_session_authorization_never_widens(
 ) -> None:
     """Login postgres (in decrypt_roles of dossiers). SET SESSION AUTHORIZATION pgseal_clerk
     (not in decrypt_roles), then SET ROLE NONE: PostgreSQL runs as the session user,
-    pgseal_clerk. The proxy maps SET ROLE NONE to a reset of its role tracker: back to the
-    startup current_user (postgres), so it opens dossiers for a session PostgreSQL runs as
-    pgseal_clerk. (Pre-existing, kept by e93bafd: the reset value is now PostgreSQL's startup
-    role, still not the session user.)"""
+    pgseal_clerk. The proxy once went back to the startup current_user (postgres) there,
+    and opened dossiers for a session PostgreSQL runs as pgseal_clerk; it now does not
+    follow the session user past SET SESSION AUTHORIZATION, so the role is uncertain (no
+    privilege)."""
     a = _tenant("sn")
     with psycopg.connect(sealing_proxy.dsn(), autocommit=True) as c:
-        c.execute(f"SET pgseal.tenant = '{a}'")
-        did = c.execute(
-            "INSERT INTO dossiers (tenant_id, summary) VALUES (%s, %s) RETURNING id",
-            [a, "widen"],
-        ).fetchone()[0]  # type: ignore[index]
+        did = _insert_dossier(c, a, "widen")
         c.execute("SET SESSION AUTHORIZATION pgseal_clerk")
         assert _sqlstate(
             lambda: c.execute("SELECT summary FROM dossiers WHERE id = %s", [did]).fetchall()

@@ -24,11 +24,12 @@ from proxy.session.tenant import TenantTracker
 from proxy.wire import messages as m
 from tests.integration.test_tenant_tracking_differential import (
     PROBE,
-    PROBE_RE,
     _q,
     _Session,
     _where,
     _x,
+    on_probe_sent,
+    probe_row,
 )
 from tests.integration.test_tenant_tracking_differential import _run as _run_sequence
 
@@ -42,15 +43,11 @@ class _Readers:
     def __init__(self, dp: DataPath) -> None:
         self.sent: dict[int, list[Any]] = {}  # probe -> [tenant, uncertain]
         self.judged: dict[int, tuple[str | None, bool]] = {}  # as its row arrived
-        track = dp._track_settings
 
-        def tracked(plans: Any, sql: str) -> None:
-            for plan in plans:
-                track((plan,), sql)
-                hit = PROBE_RE.fullmatch(sql[plan.start : plan.end].strip())
-                if hit is not None:
-                    self.sent[int(hit[1])] = [dp.tenant.current, dp.tenant.uncertain]
+        def record(n: int) -> None:
+            self.sent[n] = [dp.tenant.current, dp.tenant.uncertain]
 
+        on_probe_sent(dp, record)
         distrust = dp._distrust_later_readers
 
         def distrusting(in_doubt: Sequence[TenantTracker]) -> None:
@@ -59,19 +56,15 @@ class _Readers:
                 for state in self.sent.values():
                     state[1] = True
 
-        dp._track_settings = tracked  # type: ignore[method-assign]
         dp._distrust_later_readers = distrusting  # type: ignore[method-assign]
 
     def answer(self, t: int, raw: bytes) -> str | None:
         """A server message: a probe's row judged under a tenant PostgreSQL did not run
         it with, described."""
-        if t != ord("D"):
+        row = probe_row(t, raw)
+        if row is None:
             return None
-        values = m.decode_data_row(raw[5:]).values
-        if len(values) != 2 or values[1] is None:
-            return None
-        n = int(bytes(values[1]))
-        value = None if values[0] is None else bytes(values[0]).decode()
+        n, value = row
         tracked, unsure = self.sent.pop(n)
         self.judged[n] = (tracked, unsure)
         if unsure or value == tracked:

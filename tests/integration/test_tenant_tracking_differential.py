@@ -28,7 +28,7 @@ import random
 import re
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -165,6 +165,32 @@ def _part(
     return msgs, " ".join(what), unsynced
 
 
+def on_probe_sent(dp: DataPath, record: Callable[[int], None]) -> None:
+    """Call record(n) as probe statement n is taken in by the data path's tracking
+    (statement by statement, as the data path applies them: the trackers then hold what
+    it runs under, as far as they know)."""
+    track = dp._track_settings
+
+    def tracked(plans: Any, sql: str) -> None:
+        for plan in plans:
+            track((plan,), sql)
+            hit = PROBE_RE.fullmatch(sql[plan.start : plan.end].strip())
+            if hit is not None:
+                record(int(hit[1]))
+
+    dp._track_settings = tracked  # type: ignore[method-assign]
+
+
+def probe_row(t: int, raw: bytes) -> tuple[int, str | None] | None:
+    """A probe's (number, tenant PostgreSQL ran it under) from a server message, or None."""
+    if t != ord("D"):
+        return None
+    values = m.decode_data_row(raw[5:]).values
+    if len(values) != 2 or values[1] is None:
+        return None
+    return int(bytes(values[1])), None if values[0] is None else bytes(values[0]).decode()
+
+
 class _Probes:
     """The tenant the tracker had when each probe statement was sent (taken statement by
     statement, as the data path applies them), and how many errors had come back then: a
@@ -175,29 +201,20 @@ class _Probes:
         self.dp = dp
         self.errors = 0
         self.sent: dict[int, tuple[str | None, bool, int]] = {}
-        track = dp._track_settings
 
-        def tracked(plans: Any, sql: str) -> None:
-            for plan in plans:
-                track((plan,), sql)
-                hit = PROBE_RE.fullmatch(sql[plan.start : plan.end].strip())
-                if hit is not None:
-                    state = (dp.tenant.current, dp.tenant.uncertain, self.errors)
-                    self.sent[int(hit[1])] = state
+        def record(n: int) -> None:
+            self.sent[n] = (dp.tenant.current, dp.tenant.uncertain, self.errors)
 
-        dp._track_settings = tracked  # type: ignore[method-assign]
+        on_probe_sent(dp, record)
 
     def answer(self, t: int, raw: bytes) -> str | None:
         """A server message: a probe's row the tracker got wrong, described."""
         if t == ord("E"):
             self.errors += 1
-        if t != ord("D"):
+        row = probe_row(t, raw)
+        if row is None:
             return None
-        values = m.decode_data_row(raw[5:]).values
-        if len(values) != 2 or values[1] is None:
-            return None
-        n = int(bytes(values[1]))
-        value = None if values[0] is None else bytes(values[0]).decode()
+        n, value = row
         tracked, unsure, errors = self.sent[n]
         if unsure or errors != self.errors or value == tracked:
             return None
