@@ -3,6 +3,18 @@
 #     -e PGSEAL_HSM_PIN=... pgseal serve --config /etc/pgseal/pgseal.yaml
 # (set `listen: "0.0.0.0:6432"` in the config). SoftHSM2 is included as the embedded default
 # HSM; mount its token folder (hsm.softhsm_dir) on a volume so the master key survives.
+
+# The wheel, with the data path's hot modules compiled by mypyc (setup.py): needs a C compiler,
+# which the image that runs it does not.
+FROM python:3.11-slim-bookworm AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
 FROM python:3.11-slim-bookworm
 
 RUN apt-get update \
@@ -11,10 +23,9 @@ RUN apt-get update \
  && useradd --system --home /var/lib/pgseal --create-home pgseal
 
 WORKDIR /opt/pgseal
-COPY pyproject.toml README.md ./
-COPY proxy ./proxy
 COPY policies ./policies
-RUN pip install --no-cache-dir .
+COPY --from=build /wheels /tmp/wheels
+RUN pip install --no-cache-dir /tmp/wheels/*.whl && rm -rf /tmp/wheels
 
 USER pgseal
 WORKDIR /var/lib/pgseal

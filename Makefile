@@ -12,9 +12,15 @@ run:
 	@scripts/bootstrap.sh run
 	$(PY) -m proxy demo
 
+# Both builds (proxy/_native.py): everything against the compiled one (checked to be the one
+# that runs where a C compiler is), then the unit tests and the tests that instrument the
+# pure Python build once more with PGSEAL_PURE=1.
+EXPECT_COMPILED = $(shell command -v cc >/dev/null && [ "$$PGSEAL_PURE_BUILD" != 1 ] && echo 1)
+
 test:
 	@scripts/bootstrap.sh test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	PGSEAL_EXPECT_COMPILED=$(EXPECT_COMPILED) $(PY) -m pytest $(PYTEST_ARGS)
+	PGSEAL_PURE=1 $(PY) -m pytest -m "not integration or pure_only" $(PYTEST_ARGS)
 
 unit:
 	@scripts/bootstrap.sh test
@@ -30,4 +36,5 @@ bench:
 	$(PY) -m bench
 
 clean:
-	rm -rf .pgseal .pytest_cache build *.egg-info
+	rm -rf .pgseal .pytest_cache build *.egg-info proxy/_compiled.json
+	find proxy -name '*.so' -delete

@@ -77,6 +77,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         metavar="S",
         help="encrypted: then py-spy the proxy for S seconds under the encrypted load",
     )
+    p.add_argument(
+        "--pure",
+        action="store_true",
+        help="encrypted: also both pgseal loads through the pure Python build (PGSEAL_PURE=1)",
+    )
     return p.parse_args(argv)
 
 
@@ -115,6 +120,7 @@ def run(argv: list[str]) -> int:
                 warmup=1.0 if args.quick else 3.0,
                 profile_seconds=args.pyspy,
                 workers=args.workers,
+                pure=args.pure,
             )
         )
     plan = Plan(

@@ -89,11 +89,21 @@ from bench.common import (
     wait_port,
     write_results,
 )
+from proxy import PURE_REASON
+from proxy._native import running_compiled
 from proxy.localpg import LocalPostgres, find_pg_bindir, free_port
 
 RATIO_TARGET = 0.7  # encrypted >= 0.7x the plaintext-through-pgseal TPS (issue 4)
 TENANT = "t1"
-TARGETS = ("encrypted", "plain-pgseal", "plain-direct", "cells-direct")
+TARGETS = (
+    "encrypted",
+    "plain-pgseal",
+    "plain-direct",
+    "cells-direct",
+    # --pure: the same two loads through a second pgseal running the pure Python build
+    "encrypted-pure",
+    "plain-pgseal-pure",
+)
 
 
 @dataclass
@@ -107,6 +117,7 @@ class EncPlan:
     warmup: float = 3.0
     profile_seconds: float = 0.0
     workers: int = 1  # pgseal serve --workers
+    pure: bool = False  # also the pure Python build (PGSEAL_PURE=1), as two more targets
 
 
 @dataclass
@@ -262,7 +273,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def write_config(work: Path, pg: LocalPostgres, port: int, workers: int = 1) -> Path:
+def write_config(
+    work: Path, pg: LocalPostgres, port: int, workers: int = 1, name: str = "pgseal"
+) -> Path:
     policy = work / "policy.yaml"
     policy.write_text(yaml.safe_dump(POLICY, sort_keys=False))
     config = {
@@ -278,10 +291,10 @@ def write_config(work: Path, pg: LocalPostgres, port: int, workers: int = 1) -> 
             "softhsm_dir": str(work / "hsm"),
         },
         "keystore": {"dsn": pg.dsn(), "schema": "pgseal", "auto_create": True},
-        "audit": {"sinks": [{"jsonl": str(work / "audit.jsonl")}], "on_failure": "block"},
+        "audit": {"sinks": [{"jsonl": str(work / f"{name}-audit.jsonl")}], "on_failure": "block"},
         "policies": [str(policy)],
     }
-    path = work / "pgseal.yaml"
+    path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -303,7 +316,8 @@ def hsm_init(config: Path, env: dict[str, str]) -> None:
 def start_sealing_proxy(
     cleanup: Cleanup, work: Path, config: Path, port: int, env: dict[str, str]
 ) -> Server:
-    log = (work / "pgseal.log").open("wb")
+    log_path = work / f"{config.stem}.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
         stdin=subprocess.DEVNULL,
@@ -317,7 +331,7 @@ def start_sealing_proxy(
     try:
         wait_port("127.0.0.1", port, proc, 60, "pgseal")
     except BenchError as exc:
-        tail = (work / "pgseal.log").read_text(errors="replace").strip().splitlines()[-5:]
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
         raise BenchError(f"{exc}: {' | '.join(tail)}") from None
     return Server("pgseal", "127.0.0.1", port, proc=proc, pid=proc.pid)
 
@@ -606,6 +620,9 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
         "plain_pgseal_x_direct": _paired(runs, "plain-pgseal", "plain-direct"),
         "encrypted_x_direct": _paired(runs, "encrypted", "plain-direct"),
         "cells_direct_x_direct": _paired(runs, "cells-direct", "plain-direct"),
+        "pure_encrypted_x_plain_pgseal": _paired(runs, "encrypted-pure", "plain-pgseal-pure"),
+        "encrypted_x_pure": _paired(runs, "encrypted", "encrypted-pure"),
+        "plain_pgseal_x_pure": _paired(runs, "plain-pgseal", "plain-pgseal-pure"),
     }
 
 
@@ -663,6 +680,13 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
             f"         TPS cells-direct / direct     {summary['cells_direct_x_direct']:.3f}"
             "   (the cells' own cost in PostgreSQL, no proxy)"
         )
+    for key, what in (
+        ("pure_encrypted_x_plain_pgseal", "encrypted / plain-pgseal, pure build"),
+        ("encrypted_x_pure", "encrypted, compiled / pure  "),
+        ("plain_pgseal_x_pure", "plain-pgseal, compiled / pure"),
+    ):
+        if summary.get(key) is not None:
+            print(f"         TPS {what} {summary[key]:.3f}")
 
 
 # --- profile ----------------------------------------------------------------------------------
@@ -745,6 +769,14 @@ def main(plan: EncPlan) -> int:
         proxy = start_sealing_proxy(cleanup, work, config, port, env)
         assert proxy.pid is not None
         pid = proxy.pid
+        payload["build"] = "compiled" if running_compiled() else f"pure ({PURE_REASON})"
+        print(f"bench: pgseal build: {payload['build']}", flush=True)
+        pure_proxy = None
+        if plan.pure:
+            pure_port = free_port()
+            pure_config = write_config(work, pg, pure_port, plan.workers, name="pgseal-pure")
+            pure_env = {**env, "PGSEAL_PURE": "1"}
+            pure_proxy = start_sealing_proxy(cleanup, work, pure_config, pure_port, pure_env)
         pg_pid = postmaster_pid(pg)
         print(
             f"bench: {plan.rows:,} rows x {plan.tenants} tenants into bench_secure (through "
@@ -769,11 +801,19 @@ def main(plan: EncPlan) -> int:
             ("plain-direct", direct, scripts["bench_plain"]),
             ("cells-direct", direct, scripts["cells"]),
         ]
+        if pure_proxy is not None:
+            targets += [
+                ("encrypted-pure", pure_proxy, scripts["bench_secure"]),
+                ("plain-pgseal-pure", pure_proxy, scripts["bench_plain"]),
+            ]
         logdir = work / "logs"
         logdir.mkdir()
         if plan.warmup > 0:
             for name, server, script in targets:
-                run_once(name, server, script, pid, pg_pid, plan, logdir, -1, max(1.0, plan.warmup))
+                run_once(
+                    name, server, script, server.pid or pid, pg_pid, plan, logdir, -1,
+                    max(1.0, plan.warmup),
+                )
         total = plan.rounds * len(targets)
         started = time.monotonic()
         print(
@@ -783,7 +823,10 @@ def main(plan: EncPlan) -> int:
         for rnd in range(plan.rounds):
             shift = rnd % len(targets)
             for name, server, script in targets[shift:] + targets[:shift]:
-                r = run_once(name, server, script, pid, pg_pid, plan, logdir, rnd, plan.duration)
+                r = run_once(
+                    name, server, script, server.pid or pid, pg_pid, plan, logdir, rnd,
+                    plan.duration,
+                )
                 runs.append(r)
                 eta = (time.monotonic() - started) / len(runs) * (total - len(runs))
                 cpu = (

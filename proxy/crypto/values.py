@@ -662,7 +662,9 @@ def _unsupported_format() -> ValueFormatError:
     return ValueFormatError("unsupported format code", INVALID_BINARY_REPRESENTATION)
 
 
-def to_canonical(type_name: str, data: bytes, fmt_code: int, session: SessionFormat) -> bytes:
+def to_canonical(
+    type_name: str, data: bytes | bytearray | memoryview, fmt_code: int, session: SessionFormat
+) -> bytes:
     """Canonical plaintext of a parameter value as a client sent it in Bind.
 
     `data` is the parameter's bytes (never NULL), `fmt_code` 0 (text) or 1
@@ -670,6 +672,9 @@ def to_canonical(type_name: str, data: bytes, fmt_code: int, session: SessionFor
     (or where the proxy refuses rather than guess; see the module docstring).
     """
     codec, settings = _codec_for(type_name, session)
+    if type(data) is not bytes:
+        # The codecs take bytes (and the compiled build checks that they get them).
+        data = bytes(data)
     if fmt_code == FORMAT_TEXT:
         text_in = codec.text_in
         if text_in is None:
@@ -677,12 +682,12 @@ def to_canonical(type_name: str, data: bytes, fmt_code: int, session: SessionFor
             return codec.prefix + data
         return codec.prefix + text_in(_decode(data), settings)
     if fmt_code == FORMAT_BINARY:
-        return codec.prefix + codec.binary_in(bytes(data))
+        return codec.prefix + codec.binary_in(data)
     raise _unsupported_format()
 
 
 def from_canonical(
-    type_name: str, canonical: bytes, fmt_code: int, session: SessionFormat
+    type_name: str, canonical: bytes | bytearray | memoryview, fmt_code: int, session: SessionFormat
 ) -> bytes:
     """The DataRow field PostgreSQL would send for this value, in `fmt_code`.
 

@@ -27,6 +27,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+from proxy._native import build_name
 from proxy.config import Config, HostPort
 from proxy.errors import PgsealError
 from proxy.server.metrics import MetricsServer, Stats
@@ -547,7 +548,8 @@ async def serve_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"pgseal: listening on {config.listen.host}:{server.port}, upstream {config.upstream}",
+        f"pgseal: listening on {config.listen.host}:{server.port}, upstream {config.upstream}"
+        f" ({build_name()} build)",
         flush=True,
     )
     await stop.wait()

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from proxy._native import build_name
+
 if TYPE_CHECKING:
     from proxy.server.app import ProxyServer
 
@@ -37,6 +39,9 @@ def render(server: ProxyServer) -> str:
         "# HELP pgseal_up 1 while the proxy accepts connections.",
         "# TYPE pgseal_up gauge",
         f"pgseal_up {1 if server.accepting else 0}",
+        "# HELP pgseal_build_info 1, labelled with the build that runs (proxy/_native.py).",
+        "# TYPE pgseal_build_info gauge",
+        f'pgseal_build_info{{build="{build_name()}"}} 1',
         "# TYPE pgseal_start_time_seconds gauge",
         f"pgseal_start_time_seconds {stats.started:.3f}",
         "# TYPE pgseal_connections_active gauge",

@@ -113,12 +113,13 @@ _I32 = struct.Struct("!i")
 class NeedKeys(Exception):
     """Keys the KeyRing does not hold; fetch them and process the same frame again."""
 
-    answers = False  # True: wait for the server's answers instead (NeedAnswers)
-
     def __init__(
         self, tenants: frozenset[str] = frozenset(), key_ids: frozenset[int] = frozenset()
     ) -> None:
         super().__init__("keys needed")
+        # True: wait for the server's answers instead (NeedAnswers). An instance attribute:
+        # a compiled exception class does not expose class attributes to its instances.
+        self.answers = False
         self.tenants = tenants
         self.key_ids = key_ids
 
@@ -130,7 +131,9 @@ class NeedAnswers(NeedKeys):
     and processes it again at the next ReadyForQuery or ErrorResponse. A subclass of
     NeedKeys: whatever a statement did before it is undone the same way."""
 
-    answers = True
+    def __init__(self) -> None:
+        super().__init__()
+        self.answers = True
 
 
 class KeyRing(Protocol):
@@ -1765,7 +1768,13 @@ class DataPath:
             self.table_columns[(schema, table)] = tuple(
                 c.decode() for c in _parse_text_array(columns) if c is not None
             )
-        elif result == 1 and len(row) == 5 and None not in (*row[:3], row[4]):
+        elif (
+            result == 1
+            and len(row) == 5
+            # only the tenant (row[3]) may be NULL; spelled out, not `None in (...)`,
+            # which mypyc cannot compile
+            and not any(row[i] is None for i in (0, 1, 2, 4))
+        ):
             # The session as PostgreSQL starts it (startup options, role and database
             # defaults such as ALTER ROLE ... SET role): also what RESET goes back to.
             # No client statement has been looked at yet (catalog_query).

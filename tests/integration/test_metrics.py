@@ -5,6 +5,7 @@ import pytest
 
 from proxy.config import HostPort, MetricsConfig
 from proxy.localpg import free_port
+from tests.support.build import COMPILED
 from tests.support.proxy_fixtures import ProxyThread, proxy_config
 
 pytestmark = pytest.mark.integration
@@ -30,6 +31,8 @@ def test_metrics_health_and_readiness(pg) -> None:
             assert status == 200
             assert "pgseal_connections_active 1" in body
             assert "pgseal_connections_total 1" in body
+            build = "compiled" if COMPILED else "pure"
+            assert f'pgseal_build_info{{build="{build}"}} 1' in body
         assert get(port, "/healthz") == (200, "ok\n")
         assert get(port, "/readyz") == (200, "ok\n")
         assert get(port, "/nope")[0] == 404

@@ -32,8 +32,10 @@ from tests.integration.test_tenant_tracking_differential import (
     probe_row,
 )
 from tests.integration.test_tenant_tracking_differential import _run as _run_sequence
+from tests.support.build import PURE_ONLY_MARKS
 
-pytestmark = pytest.mark.integration
+# They instrument DataPath methods on the instance (on_probe_sent): the pure build only.
+pytestmark = [pytest.mark.integration, *PURE_ONLY_MARKS]
 
 
 class _Readers:

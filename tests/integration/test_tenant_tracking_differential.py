@@ -39,9 +39,11 @@ from proxy.policy import PolicySet, load_policies
 from proxy.session.datapath import DataPath, SessionInfo
 from proxy.wire import messages as m
 from proxy.wire.framing import Frame
+from tests.support.build import PURE_ONLY_MARKS
 from tests.unit.test_datapath import FakeKeyRing
 
-pytestmark = pytest.mark.integration
+# They instrument DataPath methods on the instance (on_probe_sent): the pure build only.
+pytestmark = [pytest.mark.integration, *PURE_ONLY_MARKS]
 
 POLICY = Path(__file__).resolve().parent.parent / "data" / "policy.yaml"
 TENANTS = ("ta", "tb", "tc")

@@ -19,6 +19,7 @@ from proxy.audit.trail import AuditTrail
 from proxy.crypto.cells import CellKey
 from proxy.session.datapath import AuditNote, NeedKeys
 from proxy.wire import messages as m
+from tests.support.build import pure_only
 from tests.unit.test_datapath import (
     BIND_COMPLETE,
     PARSE_COMPLETE,
@@ -208,6 +209,7 @@ def test_parses_with_sealed_constants_are_not_kept_after_the_connection(policies
     assert held < 4 * len(big), f"{held / 2**20:.1f} MiB held after the connection"
 
 
+@pure_only
 def test_a_denied_cell_names_its_statement_and_costs_one_fingerprint_per_result(  # type: ignore[no-untyped-def]
     policies, monkeypatch
 ) -> None:
@@ -371,6 +373,7 @@ class GeneratedNote:
     error: str | None = None
 
 
+@pure_only
 def test_audit_note_init_is_the_generated_one() -> None:
     assert inspect.signature(AuditNote).parameters == inspect.signature(GeneratedNote).parameters
     assert [f.name for f in dataclasses.fields(AuditNote)] == [
