@@ -33,12 +33,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-#: The modules the build compiles: the pure core's per-message work and the value codecs.
-#: Not (yet) wire.messages, crypto.cells and audit.records: their hot paths build frozen
-#: dataclasses through object.__new__ and slot setters, which compiled classes refuse.
+#: The modules the build compiles: the pure core's per-message work, the cell recipe and
+#: the value codecs. Not audit.records: its records are built through slot setters, which
+#: compiled classes refuse (and its chain runs per batch, not per message).
 COMPILED_MODULES: tuple[str, ...] = (
     "proxy.crypto._numbers",
     "proxy.crypto._temporal",
+    "proxy.crypto.cells",
     "proxy.crypto.deterministic",
     "proxy.crypto.values",
     "proxy.policy.model",
@@ -47,6 +48,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "proxy.session.datapath",
     "proxy.session.tenant",
     "proxy.wire.framing",
+    "proxy.wire.messages",
 )
 
 #: What setup.py wrote: {"modules": {name: sha256 of its source}}, beside this file.

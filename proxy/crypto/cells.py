@@ -290,8 +290,10 @@ class CellKey:
                     raise CellError
                 return siv.cipher.open(cell[HEADER_LEN:])
         except (InvalidTag, IndexError):
-            # Context suppressed: the cause must not travel with the error.
-            raise CellError from None
+            pass
+        # Raised here, after the handler, not in it: the cause must not travel with the error,
+        # and an error raised outside a handler has no __context__ at all (the compiled build
+        # does not honour `from None`'s __suppress_context__).
         raise CellError
 
     def close(self) -> None:

@@ -10,9 +10,9 @@ undecoded `Span`s (see framing.py).
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
 
 from proxy.wire.framing import (
     CANCEL_REQUEST_CODE,
@@ -77,21 +77,6 @@ _COUNTED_U32_ARRAYS: Final = tuple(map(_counted_u32_array, range(_CACHED)))
 
 def _malformed(who: str, what: str) -> ProtocolViolation:
     return ProtocolViolation(who, f"malformed message: {what}")
-
-
-_new: Final = object.__new__
-_Setter = Callable[[Any, Any], None]
-
-
-def _slot_setters(cls: type, names: str) -> tuple[_Setter, ...]:
-    """The slot setters of frozen dataclass `cls`, for the hot decoders to build it without
-    its generated __init__, which costs an `object.__setattr__` call per field (half the
-    time of decoding a RowDescription). Same object, but `names` must stay its fields, in
-    order, and no __post_init__ may validate them: checked here, at import."""
-    wanted = tuple(names.split())
-    if tuple(f.name for f in fields(cls)) != wanted or hasattr(cls, "__post_init__"):
-        raise TypeError(f"{cls.__name__} changed: update its _slot_setters")
-    return tuple(cls.__dict__[name].__set__ for name in wanted)
 
 
 def _two_cstrings(body: bytes) -> tuple[str, str, int]:
@@ -510,7 +495,6 @@ class Parse:
         return b"".join((_pack_head(b"P", len(name) + len(sql) + len(tail) + 4), name, sql, tail))
 
 
-_parse_name, _parse_sql, _parse_param_types = _slot_setters(Parse, "name sql param_types")
 
 
 def decode_parse(body: bytes) -> Parse:
@@ -527,13 +511,8 @@ def decode_parse(body: bytes) -> Parse:
         raise _malformed("client", "truncated int32")
     if end != size:
         raise _malformed("client", "trailing bytes")
-    msg = _new(Parse)
-    _parse_name(msg, name)
-    _parse_sql(msg, sql)
-    _parse_param_types(
-        msg, (_U32_ARRAYS[n] if n < _CACHED else _u32_array(n)).unpack_from(body, pos)
-    )
-    return msg
+    types = (_U32_ARRAYS[n] if n < _CACHED else _u32_array(n)).unpack_from(body, pos)
+    return Parse(name, sql, types)
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,13 +581,6 @@ def encode_bind(
     return b"".join(parts)
 
 
-(
-    _bind_portal,
-    _bind_statement,
-    _bind_param_formats,
-    _bind_params,
-    _bind_result_formats,
-) = _slot_setters(Bind, "portal statement param_formats params result_formats")
 
 
 def decode_bind(body: bytes) -> Bind:
@@ -645,13 +617,7 @@ def decode_bind(body: bytes) -> Bind:
     results = (_I16_ARRAYS[nr] if nr < _CACHED else _i16_array(nr)).unpack_from(body, pos)
     if not (_FORMAT_CODES.issuperset(formats) and _FORMAT_CODES.issuperset(results)):
         raise _malformed("client", "format code must be 0 or 1")
-    msg = _new(Bind)
-    _bind_portal(msg, portal)
-    _bind_statement(msg, statement)
-    _bind_param_formats(msg, formats)
-    _bind_params(msg, params)
-    _bind_result_formats(msg, results)
-    return msg
+    return Bind(portal, statement, formats, params, results)
 
 
 @dataclass(frozen=True, slots=True)
@@ -694,15 +660,11 @@ def _decode_kind_name(body: bytes, what: str) -> tuple[str, str]:
     return kind_, name
 
 
-_describe_kind, _describe_name = _slot_setters(Describe, "kind name")
 
 
 def decode_describe(body: bytes) -> Describe:
     kind, name = _decode_kind_name(body, "Describe")
-    msg = _new(Describe)
-    _describe_kind(msg, kind)
-    _describe_name(msg, name)
-    return msg
+    return Describe(kind, name)
 
 
 def decode_close(body: bytes) -> Close:
@@ -718,7 +680,6 @@ class Execute:
         return frame(b"E", _cstr(self.portal) + _I32.pack(self.max_rows))
 
 
-_execute_portal, _execute_max_rows = _slot_setters(Execute, "portal max_rows")
 
 
 def decode_execute(body: bytes) -> Execute:
@@ -734,10 +695,7 @@ def decode_execute(body: bytes) -> Execute:
         raise _malformed("client", "truncated int32")
     if end + 5 != size:
         raise _malformed("client", "trailing bytes")
-    msg = _new(Execute)
-    _execute_portal(msg, portal)
-    _execute_max_rows(msg, _unpack_i32(body, end + 1)[0])
-    return msg
+    return Execute(portal, _unpack_i32(body, end + 1)[0])
 
 
 SYNC = frame(b"S", b"")
@@ -790,18 +748,6 @@ class RowDescription:
         return b"".join(parts)
 
 
-(
-    _field_name,
-    _field_table_oid,
-    _field_column_attnum,
-    _field_type_oid,
-    _field_type_size,
-    _field_type_modifier,
-    _field_format,
-) = _slot_setters(
-    FieldDescription, "name table_oid column_attnum type_oid type_size type_modifier format"
-)
-(_row_description_fields,) = _slot_setters(RowDescription, "fields")
 
 
 def decode_row_description(body: bytes) -> RowDescription:
@@ -829,20 +775,14 @@ def decode_row_description(body: bytes) -> RowDescription:
             raise _malformed("server", _FIELD_TRUNCATION[size - pos])
         table_oid, attnum, type_oid, type_size, type_modifier, format_ = _unpack_field(body, pos)
         pos = end
-        f = _new(FieldDescription)
-        _field_name(f, name)
-        _field_table_oid(f, table_oid)
-        _field_column_attnum(f, attnum)
-        _field_type_oid(f, type_oid)
-        _field_type_size(f, type_size)
-        _field_type_modifier(f, type_modifier)
-        _field_format(f, format_)
-        append(f)
+        append(
+            FieldDescription(
+                name, table_oid, attnum, type_oid, type_size, type_modifier, format_
+            )
+        )
     if pos != size:
         raise _malformed("server", "trailing bytes")
-    msg = _new(RowDescription)
-    _row_description_fields(msg, tuple(fields_))
-    return msg
+    return RowDescription(tuple(fields_))
 
 
 @dataclass(frozen=True, slots=True)
@@ -863,7 +803,6 @@ def encode_data_row(values: Sequence[bytes | None]) -> bytes:
     return b"".join(parts)
 
 
-(_data_row_values,) = _slot_setters(DataRow, "values")
 
 
 def decode_data_row(body: bytes) -> DataRow:
@@ -876,9 +815,7 @@ def decode_data_row(body: bytes) -> DataRow:
     values, pos = _values(body, 2, n, "server")
     if pos != size:
         raise _malformed("server", "trailing bytes")
-    msg = _new(DataRow)
-    _data_row_values(msg, values)
-    return msg
+    return DataRow(values)
 
 
 @dataclass(frozen=True, slots=True)
