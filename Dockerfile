@@ -13,7 +13,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml setup.py README.md ./
 COPY proxy ./proxy
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN PGSEAL_REQUIRE_COMPILED=1 pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 

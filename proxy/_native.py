@@ -4,30 +4,36 @@
 source, as C extensions beside the .py files, plus one shared library holding them all
 (`proxy/_compiled__mypyc*.so`). Python imports an extension before the .py of the same
 name, so a compiled install runs them with no switch anywhere. The proxy's CPU per
-transaction falls by about a third (bench/README.md, "compiled core").
+transaction falls by a fifth to a quarter (`python -m bench encrypted --pure`).
 
 The compiled modules only ever work as one set: they call each other directly, not
-through `import`. So it is all of them or none:
+through `import`, and mypyc copies the Final constants of the modules they import into
+the compiled code. So it is all of them or none, and the pure build runs instead when:
 
-- PGSEAL_PURE=1 runs the pure Python build (to compare, or to rule the compiler out);
-- an extension built from a source that has changed since (an editable install, then an
-  edit or a `git pull`) must not run in its place: setup.py records each source's SHA-256
-  in BUILD_MANIFEST, and when any differs, or the manifest is missing, every compiled
-  module is loaded from its .py instead, with a warning naming the rebuild command.
+- PGSEAL_PURE=1 (to compare, or to rule the compiler out);
+- the build is not the one the sources describe: setup.py writes BUILD_MANIFEST only once
+  the compile succeeded, with the module list and the SHA-256 of every source the compiled
+  modules import (build_sources); no manifest, another set of extension files than
+  COMPILED_MODULES, or any of those sources changed since (an editable install, then an
+  edit or a `git pull`): every compiled module, and any other extension file left in the
+  package, is loaded from its .py instead, with a warning naming the rebuild command.
 
 `use_pure_sources()` runs from `proxy/__init__.py`, before any of them can be imported.
-Nothing here imports the compiled modules; setup.py reads COMPILED_MODULES from this file
-without importing the package.
+Nothing here imports the compiled modules; setup.py reads this file without importing
+the package.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import sysconfig
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,50 +57,107 @@ COMPILED_MODULES: tuple[str, ...] = (
     "proxy.wire.messages",
 )
 
-#: What setup.py wrote: {"modules": {name: sha256 of its source}}, beside this file.
+#: What setup.py writes once the compile succeeded: {"modules": COMPILED_MODULES as built,
+#: "sources": {path under the package: sha256}} for every module the compiled ones import,
+#: directly or not (mypyc copies their Final constants into the compiled code).
 BUILD_MANIFEST = "_compiled.json"
+#: The compiled group (setup.py's group_name) and its shared library, without its suffix.
+GROUP = "proxy._compiled"
+SHARED_LIBRARY = GROUP.rpartition(".")[2] + "__mypyc"
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REBUILD_HINT = "pip install -e . (make bootstrap) rebuilds them"
 
 
 def source_path(module: str, package_dir: Path = PACKAGE_DIR) -> Path:
-    """The .py file of `module` (a name in COMPILED_MODULES) under `package_dir`."""
-    return package_dir.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    """The .py file of `module` (a proxy.* module) under `package_dir`."""
+    base = package_dir.joinpath(*module.split(".")[1:])
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
 
 
 def source_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def compiled_files(module: str, package_dir: Path = PACKAGE_DIR) -> list[Path]:
-    """The extension files built for `module` (none in a pure install)."""
-    source = source_path(module, package_dir)
-    return [
-        p
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES
-        if (p := source.with_name(source.stem + suffix)).exists()
-    ]
+def _imported_proxy_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("proxy."))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "proxy" or node.module.startswith("proxy."):
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
 
 
-def stale_modules(
+def build_sources(
     package_dir: Path = PACKAGE_DIR, modules: Sequence[str] = COMPILED_MODULES
-) -> list[str]:
-    """The compiled modules whose source is not the one they were built from (all of
-    them when the manifest is missing or unreadable). Empty in a pure install."""
-    built = [name for name in modules if compiled_files(name, package_dir)]
-    if not built:
+) -> list[Path]:
+    """The compiled modules' sources and every proxy module they import, transitively."""
+    seen: set[str] = set()
+    todo = list(modules)
+    found: list[Path] = []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = source_path(name, package_dir)
+        if not path.is_file():
+            continue  # `from proxy.x import y` where y is a name, not a module
+        found.append(path)
+        todo.extend(_imported_proxy_modules(path) - seen)
+    return sorted(found)
+
+
+def built_modules(package_dir: Path = PACKAGE_DIR) -> set[str]:
+    """The proxy.* modules that have an extension file under `package_dir` (the shared
+    library aside): what Python would import instead of their .py."""
+    built: set[str] = set()
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for ext in package_dir.rglob(f"*{suffix}"):
+            stem = ext.name[: -len(suffix)]
+            if stem != SHARED_LIBRARY and "." not in stem:
+                parts = ext.relative_to(package_dir).parent.parts
+                built.add(".".join(("proxy", *parts, stem)))
+    return built
+
+
+def has_shared_library(package_dir: Path = PACKAGE_DIR) -> bool:
+    return any(
+        (package_dir / f"{SHARED_LIBRARY}{suffix}").exists()
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+    )
+
+
+def build_problems(package_dir: Path = PACKAGE_DIR) -> list[str]:
+    """Why the compiled build under `package_dir` must not run (empty: it may, or this is
+    a pure install): no manifest (a build that failed or never finished), another set of
+    modules than COMPILED_MODULES, or a source changed since the build."""
+    built = built_modules(package_dir)
+    if not built and not has_shared_library(package_dir):
         return []
     try:
-        recorded = json.loads((package_dir / BUILD_MANIFEST).read_text())["modules"]
+        manifest = json.loads((package_dir / BUILD_MANIFEST).read_text())
+        modules, sources = manifest["modules"], manifest["sources"]
+        if not isinstance(sources, dict):
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
-        return built
-    return [
+        return ["no build manifest"]
+    if modules != list(COMPILED_MODULES) or built != set(COMPILED_MODULES):
+        return ["the compiled modules are not the ones COMPILED_MODULES names"]
+    if not has_shared_library(package_dir):
+        return ["the compiled modules' shared library is missing"]
+    current = {str(p.relative_to(package_dir)): p for p in build_sources(package_dir)}
+    changed = sorted(
         name
-        for name in built
-        if not isinstance(recorded, dict)
-        or recorded.get(name) != source_digest(source_path(name, package_dir))
-    ]
+        for name in set(current) | set(sources)
+        if name not in current
+        or name not in sources
+        or sources[name] != source_digest(current[name])
+    )
+    return [f"changed since the build: {', '.join(changed)}"] if changed else []
 
 
 class _PureSourceFinder:
@@ -118,19 +181,33 @@ def use_pure_sources(package_dir: Path = PACKAGE_DIR) -> str | None:
     if os.environ.get("PGSEAL_PURE") == "1":
         reason = "PGSEAL_PURE=1"
     else:
-        stale = stale_modules(package_dir)
-        if not stale:
+        problems = build_problems(package_dir)
+        if not problems:
             return None
-        reason = f"compiled modules older than their source ({', '.join(stale)})"
+        reason = f"compiled build not usable ({'; '.join(problems)})"
         warnings.warn(
             f"pgseal: {reason}: running the pure Python build; {REBUILD_HINT}",
             RuntimeWarning,
             stacklevel=2,
         )
     if not any(isinstance(f, _PureSourceFinder) for f in sys.meta_path):
-        sources = {name: source_path(name, package_dir) for name in COMPILED_MODULES}
+        names = set(COMPILED_MODULES) | built_modules(package_dir)
+        sources = {name: source_path(name, package_dir) for name in names}
         sys.meta_path.insert(0, _PureSourceFinder(sources))
     return reason
+
+
+def why_not_compiled() -> str | None:
+    """Why `pip install` would give the pure build here (setup.py), or None."""
+    if os.environ.get("PGSEAL_PURE_BUILD") == "1":
+        return "PGSEAL_PURE_BUILD=1"
+    cc = (os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(cc) is None:
+        return f"no C compiler ({cc})"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return f"no Python headers ({headers}; Debian: python3-dev)"
+    return None
 
 
 def running_compiled() -> bool:
@@ -145,9 +222,11 @@ def build_name() -> str:
     return "compiled" if running_compiled() else "pure"
 
 
-def write_manifest(package_dir: Path = PACKAGE_DIR) -> Path:
-    """Record the digest of every compiled module's source (setup.py, when it compiles)."""
-    manifest = package_dir / BUILD_MANIFEST
-    digests = {name: source_digest(source_path(name, package_dir)) for name in COMPILED_MODULES}
-    manifest.write_text(json.dumps({"modules": digests}, indent=1, sort_keys=True) + "\n")
-    return manifest
+def write_manifest(package_dir: Path, to: Path) -> Path:
+    """Record what the build compiled and from which sources (setup.py, once it succeeded)."""
+    digests = {
+        str(p.relative_to(package_dir)): source_digest(p) for p in build_sources(package_dir)
+    }
+    manifest = {"modules": list(COMPILED_MODULES), "sources": digests}
+    to.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return to

@@ -7,6 +7,8 @@ plaintext value or key material.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 
 class PgsealError(Exception):
     sqlstate = "XX000"
@@ -34,3 +36,16 @@ class KeyNotFound(PgsealError):
     """No key with that id/tenant, or it was destroyed (crypto-shredded)."""
 
     sqlstate = "58030"
+
+
+_E = TypeVar("_E", bound=BaseException)
+
+
+def without_context(error: _E) -> _E:
+    """`raise without_context(X)` in an except block does what `raise X from None` means:
+    the error being handled (which may hold a client's bytes: a UnicodeDecodeError keeps
+    the whole value) is not shown with X in any traceback. Setting __cause__ sets
+    __suppress_context__ too. The compiled build (proxy/_native.py) needs this: mypyc
+    leaves __suppress_context__ False for `from None`."""
+    error.__cause__ = None
+    return error

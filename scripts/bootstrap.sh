@@ -36,7 +36,7 @@ fi
 stamp=.venv/.pgseal-installed
 # Reinstalled when the project changed, or when the compiled build no longer matches its
 # sources (an edit or a pull since: proxy/_native.py would otherwise run the pure build).
-stale_build() { ! .venv/bin/python -W ignore -c 'import sys, proxy._native as n; sys.exit(bool(n.stale_modules()))' 2>/dev/null; }
+stale_build() { ! .venv/bin/python -W ignore -c 'import sys, proxy._native as n; sys.exit(bool(n.build_problems()))' 2>/dev/null; }
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] || stale_build; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -m pip install -q -e '.[test]'

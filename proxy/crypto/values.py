@@ -66,6 +66,7 @@ from proxy.crypto._errors import (
     bad_syntax,
     out_of_range,
 )
+from proxy.errors import without_context
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -200,7 +201,7 @@ def _decode(data: bytes) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise _bad_utf8() from None
+        raise without_context(_bad_utf8()) from None
     if "\x00" in text:
         raise _nul_in_text()
     return text
@@ -711,5 +712,5 @@ def from_canonical(
         if fmt_code == FORMAT_BINARY:
             return codec.binary_out(payload)
     except (struct.error, IndexError, UnicodeDecodeError):
-        raise _corrupt(type_name) from None
+        raise without_context(_corrupt(type_name)) from None
     raise _unsupported_format()

@@ -52,7 +52,7 @@ from proxy.crypto.values import (
     from_canonical,
     to_canonical,
 )
-from proxy.errors import PgsealError
+from proxy.errors import PgsealError, without_context
 from proxy.policy.model import PolicySet, TableKey, TablePolicy
 from proxy.rewrite import (
     LiteralTarget,
@@ -134,6 +134,17 @@ class NeedAnswers(NeedKeys):
     def __init__(self) -> None:
         super().__init__()
         self.answers = True
+
+
+class DataPathObserver(Protocol):
+    """Watches the session tracking as it happens (the tenant differential tests, which
+    judge it against PostgreSQL, in either build: proxy/_native.py). None in production."""
+
+    def statement_tracked(self, statement: str) -> None:
+        """One statement's effect on the session was just applied (_track_settings)."""
+
+    def readers_distrusted(self, in_doubt: Sequence[TenantTracker]) -> None:
+        """An error put these trackers in doubt for what was sent behind it."""
 
 
 class KeyRing(Protocol):
@@ -453,6 +464,7 @@ class DataPath:
         self.policies = policies
         self.keys = keys
         self.info = info
+        self.observer: DataPathObserver | None = None
         # The role SET ROLE / SET SESSION AUTHORIZATION left, with the tenant's
         # transaction rules (SET LOCAL, ROLLBACK, errors). Privileges never come
         # from it alone: see `_role_may`.
@@ -1197,7 +1209,9 @@ class DataPath:
                 return to_canonical(type_name, text, 0, session)
             return to_canonical(type_name, raw, fmt, session)
         except ValueFormatError as exc:
-            raise Refused(exc.sqlstate, f"pgseal: {exc} (column {target.column})") from None
+            raise without_context(
+                Refused(exc.sqlstate, f"pgseal: {exc} (column {target.column})")
+            ) from None
 
     def _value_tenant(
         self,
@@ -1286,7 +1300,9 @@ class DataPath:
             try:
                 return raw.decode("utf-8")
             except UnicodeDecodeError:
-                raise Refused("22021", "pgseal: tenant value is not UTF-8") from None
+                raise without_context(
+                    Refused("22021", "pgseal: tenant value is not UTF-8")
+                ) from None
         type_name = OID_TO_TYPE.get(client_type)
         if type_name is None:
             raise Refused(
@@ -1300,7 +1316,9 @@ class DataPath:
                 self.session_format,
             )
         except ValueFormatError as exc:
-            raise Refused(exc.sqlstate, f"pgseal: tenant parameter ${index}: {exc}") from None
+            raise without_context(
+                Refused(exc.sqlstate, f"pgseal: tenant parameter ${index}: {exc}")
+            ) from None
         return text.decode()
 
     def _check_key_service(self) -> None:
@@ -1493,6 +1511,8 @@ class DataPath:
                     self.search_path = ("public",)
                 elif setting.name in ("role", "session_authorization"):
                     self._track_role(setting)
+            if self.observer is not None:
+                self.observer.statement_tracked(sql[plan.start : plan.end])
 
     def _track_role(self, setting: SessionSetting) -> None:
         """SET ROLE / SET SESSION AUTHORIZATION, as PostgreSQL's current_user follows them:
@@ -1707,6 +1727,8 @@ class DataPath:
         sent behind them does not count (rows are judged by the state their statement ran
         under). A COPY FROM STDIN, whose rows are sealed as they come, is not armed behind
         a segment whose failure would matter: it waits (_settled)."""
+        if self.observer is not None:
+            self.observer.readers_distrusted(in_doubt)
         role = self.role_setting in in_doubt
         tenant = self.tenant in in_doubt
         if not (role or tenant):
@@ -2312,7 +2334,9 @@ class DataPath:
         try:
             dialect_of(copy.options)
         except CopyStop as stop:
-            raise Refused(stop.sqlstate, f"{stop.message} (COPY of {name})") from None
+            raise without_context(
+                Refused(stop.sqlstate, f"{stop.message} (COPY of {name})")
+            ) from None
         if copy.direction == "from" and not extended:
             self._check_copy_alone(plans, name, None)
         if copy.table is None or copy.columns is not None:
@@ -2388,7 +2412,7 @@ class DataPath:
             self._check_key_service()
             data = job.copy.feed(frame.body, final=t == 0x63)
         except MissingKeys as need:
-            raise NeedKeys(tenants=need.tenants, key_ids=need.key_ids) from None
+            raise without_context(NeedKeys(tenants=need.tenants, key_ids=need.key_ids)) from None
         except Refused as exc:
             return self._copy_in_stop(job, CopyStop(exc.sqlstate, str(exc)), t)
         except CopyStop as stop:
@@ -2461,7 +2485,7 @@ class DataPath:
         try:
             data = out_job.copy.feed(frame.body, final=t == 0x63)
         except MissingKeys as need:
-            raise NeedKeys(key_ids=need.key_ids) from None
+            raise without_context(NeedKeys(key_ids=need.key_ids)) from None
         except CopyStop as stop:
             self._copy_out_denials(out_job, stop.denials)
             return self._fail_result(head, stop.sqlstate, stop.message)
@@ -2696,7 +2720,7 @@ def _cell_bytes(value: bytes, fmt: int) -> bytes:
     try:
         return binascii.a2b_hex(memoryview(value)[2:])
     except (binascii.Error, ValueError):
-        raise CellError() from None
+        raise without_context(CellError()) from None
 
 
 _ESCAPED_BYTE = re.compile(rb"\\(\\|[0-3][0-7]{2})")
@@ -2759,12 +2783,16 @@ def _array_elements(
                 raise struct.error  # PostgreSQL refuses bytes after the last element too
             return out
         except struct.error:
-            raise Refused("22P03", "pgseal: malformed binary array parameter") from None
+            raise without_context(
+                Refused("22P03", "pgseal: malformed binary array parameter")
+            ) from None
     try:
         text = raw.decode("utf-8", "strict")
     except UnicodeDecodeError:
-        raise Refused(
-            "22021", 'pgseal: invalid byte sequence for encoding "UTF8" in an array parameter'
+        raise without_context(
+            Refused(
+                "22021", 'pgseal: invalid byte sequence for encoding "UTF8" in an array parameter'
+            )
         ) from None
     return [(e, 0) for e in _parse_text_array(text)]
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from proxy.errors import without_context
 from proxy.wire.framing import (
     CANCEL_REQUEST_CODE,
     GSSENC_REQUEST_CODE,
@@ -92,7 +93,7 @@ def _two_cstrings(body: bytes) -> tuple[str, str, int]:
             raise _malformed("client", "unterminated string")
         return first, body[pos:end].decode(), end
     except UnicodeDecodeError:
-        raise _malformed("client", "string is not UTF-8") from None
+        raise without_context(_malformed("client", "string is not UTF-8")) from None
 
 
 def _values(
@@ -118,7 +119,7 @@ def _values(
             else:
                 raise _malformed(who, "truncated field")
     except struct.error:
-        raise _malformed(who, "truncated int32") from None
+        raise without_context(_malformed(who, "truncated int32")) from None
     return tuple(values), pos
 
 
@@ -194,7 +195,7 @@ class Reader:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise self.fail("string is not UTF-8") from None
+            raise without_context(self.fail("string is not UTF-8")) from None
 
     def rest(self) -> bytes:
         v = self.data[self.pos :]
@@ -654,7 +655,7 @@ def _decode_kind_name(body: bytes, what: str) -> tuple[str, str]:
     try:
         name = body[1:end].decode()
     except UnicodeDecodeError:
-        raise _malformed("client", "string is not UTF-8") from None
+        raise without_context(_malformed("client", "string is not UTF-8")) from None
     if end + 1 != len(body):
         raise _malformed("client", "trailing bytes")
     return kind_, name
@@ -689,7 +690,7 @@ def decode_execute(body: bytes) -> Execute:
     try:
         portal = body[:end].decode()
     except UnicodeDecodeError:
-        raise _malformed("client", "string is not UTF-8") from None
+        raise without_context(_malformed("client", "string is not UTF-8")) from None
     size = len(body)
     if end + 5 > size:
         raise _malformed("client", "truncated int32")
@@ -768,7 +769,7 @@ def decode_row_description(body: bytes) -> RowDescription:
         try:
             name = body[pos:end].decode()
         except UnicodeDecodeError:
-            raise _malformed("server", "string is not UTF-8") from None
+            raise without_context(_malformed("server", "string is not UTF-8")) from None
         pos = end + 1
         end = pos + _FIELD_SIZE
         if end > size:

@@ -32,10 +32,8 @@ from tests.integration.test_tenant_tracking_differential import (
     probe_row,
 )
 from tests.integration.test_tenant_tracking_differential import _run as _run_sequence
-from tests.support.build import PURE_ONLY_MARKS
 
-# They instrument DataPath methods on the instance (on_probe_sent): the pure build only.
-pytestmark = [pytest.mark.integration, *PURE_ONLY_MARKS]
+pytestmark = pytest.mark.integration
 
 
 class _Readers:
@@ -49,16 +47,12 @@ class _Readers:
         def record(n: int) -> None:
             self.sent[n] = [dp.tenant.current, dp.tenant.uncertain]
 
-        on_probe_sent(dp, record)
-        distrust = dp._distrust_later_readers
-
         def distrusting(in_doubt: Sequence[TenantTracker]) -> None:
-            distrust(in_doubt)
             if dp.tenant in in_doubt:  # as the data path does: every result in flight
                 for state in self.sent.values():
                     state[1] = True
 
-        dp._distrust_later_readers = distrusting  # type: ignore[method-assign]
+        on_probe_sent(dp, record, distrusting)
 
     def answer(self, t: int, raw: bytes) -> str | None:
         """A server message: a probe's row judged under a tenant PostgreSQL did not run

@@ -28,7 +28,7 @@ import random
 import re
 import socket
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,13 +37,12 @@ import pytest
 
 from proxy.policy import PolicySet, load_policies
 from proxy.session.datapath import DataPath, SessionInfo
+from proxy.session.tenant import TenantTracker
 from proxy.wire import messages as m
 from proxy.wire.framing import Frame
-from tests.support.build import PURE_ONLY_MARKS
 from tests.unit.test_datapath import FakeKeyRing
 
-# They instrument DataPath methods on the instance (on_probe_sent): the pure build only.
-pytestmark = [pytest.mark.integration, *PURE_ONLY_MARKS]
+pytestmark = pytest.mark.integration
 
 POLICY = Path(__file__).resolve().parent.parent / "data" / "policy.yaml"
 TENANTS = ("ta", "tb", "tc")
@@ -167,20 +166,37 @@ def _part(
     return msgs, " ".join(what), unsynced
 
 
-def on_probe_sent(dp: DataPath, record: Callable[[int], None]) -> None:
+class _ProbeObserver:
+    """DataPath.observer for the differentials: calls record(n) as probe statement n is
+    taken in by the data path's tracking, on_distrust(trackers) when an error puts them in
+    doubt for what was sent behind it."""
+
+    def __init__(
+        self,
+        record: Callable[[int], None],
+        on_distrust: Callable[[Sequence[TenantTracker]], None] | None,
+    ) -> None:
+        self.record, self.on_distrust = record, on_distrust
+
+    def statement_tracked(self, statement: str) -> None:
+        hit = PROBE_RE.fullmatch(statement.strip())
+        if hit is not None:
+            self.record(int(hit[1]))
+
+    def readers_distrusted(self, in_doubt: Sequence[TenantTracker]) -> None:
+        if self.on_distrust is not None:
+            self.on_distrust(in_doubt)
+
+
+def on_probe_sent(
+    dp: DataPath,
+    record: Callable[[int], None],
+    on_distrust: Callable[[Sequence[TenantTracker]], None] | None = None,
+) -> None:
     """Call record(n) as probe statement n is taken in by the data path's tracking
     (statement by statement, as the data path applies them: the trackers then hold what
-    it runs under, as far as they know)."""
-    track = dp._track_settings
-
-    def tracked(plans: Any, sql: str) -> None:
-        for plan in plans:
-            track((plan,), sql)
-            hit = PROBE_RE.fullmatch(sql[plan.start : plan.end].strip())
-            if hit is not None:
-                record(int(hit[1]))
-
-    dp._track_settings = tracked  # type: ignore[method-assign]
+    it runs under, as far as they know); on_distrust as DataPathObserver says."""
+    dp.observer = _ProbeObserver(record, on_distrust)
 
 
 def probe_row(t: int, raw: bytes) -> tuple[int, str | None] | None:

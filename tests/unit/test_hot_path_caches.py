@@ -19,7 +19,7 @@ from proxy.audit.trail import AuditTrail
 from proxy.crypto.cells import CellKey
 from proxy.session.datapath import AuditNote, NeedKeys
 from proxy.wire import messages as m
-from tests.support.build import pure_only
+from tests.support.build import COMPILED, pure_only
 from tests.unit.test_datapath import (
     BIND_COMPLETE,
     PARSE_COMPLETE,
@@ -209,7 +209,6 @@ def test_parses_with_sealed_constants_are_not_kept_after_the_connection(policies
     assert held < 4 * len(big), f"{held / 2**20:.1f} MiB held after the connection"
 
 
-@pure_only
 def test_a_denied_cell_names_its_statement_and_costs_one_fingerprint_per_result(  # type: ignore[no-untyped-def]
     policies, monkeypatch
 ) -> None:
@@ -223,7 +222,8 @@ def test_a_denied_cell_names_its_statement_and_costs_one_fingerprint_per_result(
     cell = shredded.seal("public.payments.card_number", b"\x014111", deterministic=True)
     calls: list[str] = []
     real = datapath.fingerprint
-    monkeypatch.setattr(datapath, "fingerprint", lambda sql: calls.append(sql) or real(sql))
+    if not COMPILED:  # compiled, datapath calls fingerprint directly: the pure build counts
+        monkeypatch.setattr(datapath, "fingerprint", lambda sql: calls.append(sql) or real(sql))
     sql = "SELECT id, card_number FROM payments WHERE amount IS NOT NULL AND id > $1"
     client(dp, m.Parse("", sql))
     client(dp, m.Bind("", "", (), (b"0",), ()))
@@ -238,7 +238,7 @@ def test_a_denied_cell_names_its_statement_and_costs_one_fingerprint_per_result(
     notes = dp.take_audit()
     assert [n.event for n in notes] == ["data.deny"] * 3
     assert {n.statement for n in notes} == {real(sql)}
-    assert calls == [sql]
+    assert calls == ([] if COMPILED else [sql])
 
 
 def test_simple_queries_with_sealed_constants_are_not_kept_after_they_are_done(policies) -> None:  # type: ignore[no-untyped-def]
