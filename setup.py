@@ -37,10 +37,9 @@ NATIVE = _native_module()
 def _remove_inplace_build() -> None:
     """A pure build in the source tree leaves no earlier compiled build behind."""
     (PACKAGE / NATIVE.BUILD_MANIFEST).unlink(missing_ok=True)
-    for name in NATIVE.built_modules(PACKAGE) | {f"proxy.{NATIVE.SHARED_LIBRARY}"}:
-        base = NATIVE.source_path(name, PACKAGE).with_suffix("")
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            base.with_name(base.name + suffix).unlink(missing_ok=True)
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for extension in PACKAGE.rglob(f"*{suffix}"):
+            extension.unlink(missing_ok=True)
 
 
 class BuildCompiledCore(build_ext):
@@ -49,8 +48,7 @@ class BuildCompiledCore(build_ext):
     remain are never taken for current (proxy/_native.py)."""
 
     def run(self) -> None:
-        (PACKAGE / NATIVE.BUILD_MANIFEST).unlink(missing_ok=True)
-        super().run()
+        super().run()  # ext_modules() removed the last build's manifest before mypycify
         if not self.extensions:
             return
         shared = self.get_ext_fullpath(f"proxy.{NATIVE.SHARED_LIBRARY}")

@@ -12,19 +12,12 @@ COMPILED = running_compiled()
 
 _T = TypeVar("_T")
 
-#: For module-level `pytestmark`: see pure_only.
-PURE_ONLY_MARKS = (
-    pytest.mark.pure_only,
-    pytest.mark.skipif(
-        COMPILED, reason="instruments the pure Python build: runs again with PGSEAL_PURE=1"
-    ),
-)
-
 
 def pure_only(test: _T) -> _T:
-    """For tests that patch a module global or an instance's method, or read a signature,
-    which the compiled build fixes at build time. `make test` runs them (with the unit
-    tests) a second time, with PGSEAL_PURE=1: `-m "not integration or pure_only"`."""
-    for mark in PURE_ONLY_MARKS:
-        test = mark(test)
-    return test
+    """For tests that patch a module global or read a signature, which the compiled build
+    fixes at build time. `make test` runs them (with the unit tests) a second time, with
+    PGSEAL_PURE=1: `-m "not integration or pure_only"`."""
+    skip = pytest.mark.skipif(
+        COMPILED, reason="inspects the pure Python build: runs again with PGSEAL_PURE=1"
+    )
+    return pytest.mark.pure_only(skip(test))
