@@ -392,6 +392,13 @@ class FakeServer:
                 continue
             if self.skipping or t == ord("H"):
                 continue
+            if t == ord("F"):
+                # FunctionCall: answered on its own, with its ReadyForQuery, as PostgreSQL
+                # does. This server has no functions: "function with OID ... does not
+                # exist" (or, for a body too short, "insufficient data left in message").
+                out.append(self._error("42883"))
+                out.append(m.ReadyForQuery(self.status).encode())
+                continue
             if t in b"PBE":
                 self.count += 1
                 if self.count in self.fail:
