@@ -129,6 +129,10 @@ class FetchKeys:
 class WriteAudit:
     notes: tuple[AuditNote, ...]
 
+    def __init__(self, notes: tuple[AuditNote, ...]) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "notes", notes)
+
 
 @dataclass(frozen=True, slots=True)
 class CloseConnection:

@@ -41,8 +41,8 @@ import re
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import NamedTuple, Protocol
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from proxy.crypto.cells import CellError, CellKey, cell_key_id
 from proxy.crypto.values import (
@@ -168,7 +168,7 @@ class KeyRing(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@dataclass(frozen=True, slots=True)
 class AuditNote:
     """One audit record the data path wants written (the shell adds who and where)."""
 
@@ -194,32 +194,16 @@ class AuditNote:
         outcome: str = "ok",
         error: str | None = None,
     ) -> None:
-        # The generated __init__ of a frozen dataclass sets each field through
-        # object.__setattr__ by name (1.4 µs a note, several notes per transaction); the
-        # slots' own setters do the same for a third of that. Same fields, same defaults:
-        # tests/unit/test_hot_path_caches.py compares it with the generated one.
-        _SET_NOTE_EVENT(self, event)
-        _SET_NOTE_TENANT(self, tenant)
-        _SET_NOTE_KEY_ID(self, key_id)
-        _SET_NOTE_TABLE(self, table)
-        _SET_NOTE_COLUMNS(self, columns)
-        _SET_NOTE_COUNT(self, count)
-        _SET_NOTE_STATEMENT(self, statement)
-        _SET_NOTE_OUTCOME(self, outcome)
-        _SET_NOTE_ERROR(self, error)
-
-
-(
-    _SET_NOTE_EVENT,
-    _SET_NOTE_TENANT,
-    _SET_NOTE_KEY_ID,
-    _SET_NOTE_TABLE,
-    _SET_NOTE_COLUMNS,
-    _SET_NOTE_COUNT,
-    _SET_NOTE_STATEMENT,
-    _SET_NOTE_OUTCOME,
-    _SET_NOTE_ERROR,
-) = (getattr(AuditNote, f.name).__set__ for f in fields(AuditNote))
+        # Written out: see _Pending.__init__.
+        object.__setattr__(self, "event", event)
+        object.__setattr__(self, "tenant", tenant)
+        object.__setattr__(self, "key_id", key_id)
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "statement", statement)
+        object.__setattr__(self, "outcome", outcome)
+        object.__setattr__(self, "error", error)
 
 
 class Refused(PgsealError):
@@ -302,6 +286,37 @@ class _Statement:
     # then kept with the statement (see _statement_fingerprint).
     fingerprint: str | None = None
 
+    def __init__(
+        self,
+        name: str,
+        sql: str,
+        plan: StatementPlan,
+        client_param_types: tuple[int, ...],
+        n_client: int = 0,
+        synthetic: tuple[LiteralTarget, ...] = (),
+        fields: tuple[tuple[str, TableKey | None], ...] | None = None,
+        field_oids: tuple[int, ...] = (),
+        search_path: tuple[str, ...] = (),
+        slots: tuple[_ParamSlot, ...] = (),
+        openers_by_formats: dict[tuple[int, ...], tuple[_Opener, ...]] | None = None,
+        compiled: _Compiled | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
+        # Written out (see _Pending.__init__). openers_by_formats: a new dict when not given.
+        self.name = name
+        self.sql = sql
+        self.plan = plan
+        self.client_param_types = client_param_types
+        self.n_client = n_client
+        self.synthetic = synthetic
+        self.fields = fields
+        self.field_oids = field_oids
+        self.search_path = search_path
+        self.slots = slots
+        self.openers_by_formats = {} if openers_by_formats is None else openers_by_formats
+        self.compiled = compiled
+        self.fingerprint = fingerprint
+
 
 @dataclass(frozen=True, slots=True)
 class _ParamSlot:
@@ -381,6 +396,21 @@ class _Portal:
     openers: tuple[_Opener, ...] | None  # None: not known yet (a Describe P is on its way)
     bind: m.Bind | None = None  # for row tenants pinned by a parameter (`tenant_id = $2`)
 
+    def __init__(
+        self,
+        statement: _Statement,
+        result_formats: tuple[int, ...],
+        tenant: str | None,
+        openers: tuple[_Opener, ...] | None,
+        bind: m.Bind | None = None,
+    ) -> None:
+        # Written out: see _Pending.__init__.
+        self.statement = statement
+        self.result_formats = result_formats
+        self.tenant = tenant
+        self.openers = openers
+        self.bind = bind
+
 
 class _Kind(enum.Enum):
     PARSE = "parse"
@@ -398,13 +428,20 @@ class _Kind(enum.Enum):
 _ENDS_WITH_READY = (_Kind.SYNC, _Kind.QUERY, _Kind.FUNCTION, _Kind.CATALOG)
 
 
-class _Reader(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class _Reader:
     """The role a result runs under, and whether it or the session tenant was uncertain
     when its statement was sent (or became so: _distrust_later_readers)."""
 
     role: str
     role_uncertain: bool
     tenant_uncertain: bool
+
+    def __init__(self, role: str, role_uncertain: bool, tenant_uncertain: bool) -> None:
+        # Written out: see _Pending.__init__ (a NamedTuple's __new__ is interpreted too).
+        object.__setattr__(self, "role", role)
+        object.__setattr__(self, "role_uncertain", role_uncertain)
+        object.__setattr__(self, "tenant_uncertain", tenant_uncertain)
 
 
 @dataclass(slots=True)
@@ -438,6 +475,52 @@ class _Pending:
     # Execute, Sync: how many CopyDone / CopyFail the client had sent before it (a Sync
     # sent after the COPY's end is answered, one sent inside it is not: _drop_ignored_syncs)
     copy_ends: int = 0
+
+    def __init__(
+        self,
+        kind: _Kind,
+        swallow: bool = False,
+        refusal: bytes | None = None,
+        statement: _Statement | None = None,
+        portal: _Portal | None = None,
+        close_target: tuple[str, str] | None = None,
+        parsed: str | None = None,
+        previous: _Statement | None = None,
+        closed: _Statement | _Portal | None = None,
+        plans: tuple[StatementPlan, ...] = (),
+        sql: str = "",
+        result_index: int = 0,
+        openers: tuple[_Opener, ...] = (),
+        tenants: tuple[str | None, ...] = (),
+        readers: tuple[_Reader, ...] = (),
+        opened: dict[tuple[str, int, str], tuple[set[str], list[int]]] | None = None,
+        failed: bool = False,
+        fingerprint: str | None = None,
+        copy_ends: int = 0,
+    ) -> None:
+        # Written out rather than generated: compiled (mypyc), a dataclass keeps the
+        # generated __init__, which runs as interpreted Python (about 0.7 µs here, one per
+        # message); this one is native. tests/unit/test_written_inits.py holds every
+        # written-out __init__ to its class's fields.
+        self.kind = kind
+        self.swallow = swallow
+        self.refusal = refusal
+        self.statement = statement
+        self.portal = portal
+        self.close_target = close_target
+        self.parsed = parsed
+        self.previous = previous
+        self.closed = closed
+        self.plans = plans
+        self.sql = sql
+        self.result_index = result_index
+        self.openers = openers
+        self.tenants = tenants
+        self.readers = readers
+        self.opened = opened
+        self.failed = failed
+        self.fingerprint = fingerprint
+        self.copy_ends = copy_ends
 
 
 @dataclass(slots=True)

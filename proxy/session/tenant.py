@@ -64,6 +64,25 @@ class _State:
     failed: bool = False  # the block has failed: only ROLLBACK (TO) is run
     block_uncertain: bool = False  # the value was uncertain when the block began
 
+    def __init__(
+        self,
+        committed: str | None,
+        local: str | None,
+        in_block: bool,
+        block_start: str | None,
+        savepoints: tuple[tuple[str, str | None, str | None, bool], ...] = (),
+        failed: bool = False,
+        block_uncertain: bool = False,
+    ) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        self.committed = committed
+        self.local = local
+        self.in_block = in_block
+        self.block_start = block_start
+        self.savepoints = savepoints
+        self.failed = failed
+        self.block_uncertain = block_uncertain
+
     def value(self) -> _Value:
         """What decides the value now and after the block: compared to see whether
         statements changed it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from proxy.errors import without_context
@@ -471,6 +471,11 @@ def decode_error_response(body: bytes, notice: bool = False, who: str = "server"
 class Query:
     sql: str
 
+    def __init__(self, sql: str) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "sql", sql)
+
+
     def encode(self) -> bytes:
         return frame(b"Q", _cstr(self.sql))
 
@@ -487,6 +492,13 @@ class Parse:
     name: str
     sql: str
     param_types: tuple[int, ...] = ()
+
+    def __init__(self, name: str, sql: str, param_types: tuple[int, ...] = ()) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "sql", sql)
+        object.__setattr__(self, "param_types", param_types)
+
 
     def encode(self) -> bytes:
         name, sql = _cstr(self.name), _cstr(self.sql)
@@ -523,6 +535,22 @@ class Bind:
     param_formats: tuple[int, ...]
     params: tuple[bytes | None, ...]
     result_formats: tuple[int, ...]
+
+    def __init__(
+        self,
+        portal: str,
+        statement: str,
+        param_formats: tuple[int, ...],
+        params: tuple[bytes | None, ...],
+        result_formats: tuple[int, ...],
+    ) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "portal", portal)
+        object.__setattr__(self, "statement", statement)
+        object.__setattr__(self, "param_formats", param_formats)
+        object.__setattr__(self, "params", params)
+        object.__setattr__(self, "result_formats", result_formats)
+
 
     def param_format(self, index: int) -> int:
         """The format code of parameter `index` (0-based) per the protocol's 0/1/n rule."""
@@ -626,6 +654,12 @@ class Describe:
     kind: str  # 'S' statement or 'P' portal
     name: str
 
+    def __init__(self, kind: str, name: str) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "name", name)
+
+
     def encode(self) -> bytes:
         return frame(b"D", self.kind.encode() + _cstr(self.name))
 
@@ -634,6 +668,12 @@ class Describe:
 class Close:
     kind: str
     name: str
+
+    def __init__(self, kind: str, name: str) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "kind", kind)
+        object.__setattr__(self, "name", name)
+
 
     def encode(self) -> bytes:
         return frame(b"C", self.kind.encode() + _cstr(self.name))
@@ -677,6 +717,12 @@ class Execute:
     portal: str
     max_rows: int = 0
 
+    def __init__(self, portal: str, max_rows: int = 0) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "portal", portal)
+        object.__setattr__(self, "max_rows", max_rows)
+
+
     def encode(self) -> bytes:
         return frame(b"E", _cstr(self.portal) + _I32.pack(self.max_rows))
 
@@ -717,10 +763,34 @@ class FieldDescription:
     type_modifier: int
     format: int
 
+    def __init__(
+        self,
+        name: str,
+        table_oid: int,
+        column_attnum: int,
+        type_oid: int,
+        type_size: int,
+        type_modifier: int,
+        format: int,
+    ) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "table_oid", table_oid)
+        object.__setattr__(self, "column_attnum", column_attnum)
+        object.__setattr__(self, "type_oid", type_oid)
+        object.__setattr__(self, "type_size", type_size)
+        object.__setattr__(self, "type_modifier", type_modifier)
+        object.__setattr__(self, "format", format)
+
 
 @dataclass(frozen=True, slots=True)
 class RowDescription:
     fields: tuple[FieldDescription, ...]
+
+    def __init__(self, fields: tuple[FieldDescription, ...]) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "fields", fields)
+
 
     def encode(self) -> bytes:
         fields_ = self.fields
@@ -788,7 +858,12 @@ def decode_row_description(body: bytes) -> RowDescription:
 
 @dataclass(frozen=True, slots=True)
 class DataRow:
-    values: tuple[bytes | None, ...] = field(default=())
+    values: tuple[bytes | None, ...] = ()
+
+    def __init__(self, values: tuple[bytes | None, ...] = ()) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "values", values)
+
 
     def encode(self) -> bytes:
         return encode_data_row(self.values)
@@ -823,6 +898,11 @@ def decode_data_row(body: bytes) -> DataRow:
 class ParameterDescription:
     type_oids: tuple[int, ...]
 
+    def __init__(self, type_oids: tuple[int, ...]) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "type_oids", type_oids)
+
+
     def encode(self) -> bytes:
         return frame(
             b"t", _I16.pack(len(self.type_oids)) + b"".join(_U32.pack(t) for t in self.type_oids)
@@ -842,6 +922,11 @@ def decode_parameter_description(body: bytes) -> ParameterDescription:
 @dataclass(frozen=True, slots=True)
 class CommandComplete:
     tag: str
+
+    def __init__(self, tag: str) -> None:
+        # Written out: see proxy.session.datapath._Pending.__init__.
+        object.__setattr__(self, "tag", tag)
+
 
     def encode(self) -> bytes:
         return frame(b"C", _cstr(self.tag))

@@ -6,9 +6,7 @@ DataRow; an audit sink that stays down is not handed its backlog with every batc
 
 from __future__ import annotations
 
-import dataclasses
 import gc
-import inspect
 import tracemalloc
 
 import pytest
@@ -17,9 +15,9 @@ from proxy.audit.records import AuditRecord, ChainHead, chain
 from proxy.audit.sinks import Batch, SinkError
 from proxy.audit.trail import AuditTrail
 from proxy.crypto.cells import CellKey
-from proxy.session.datapath import AuditNote, NeedKeys
+from proxy.session.datapath import NeedKeys
 from proxy.wire import messages as m
-from tests.support.build import COMPILED, pure_only
+from tests.support.build import COMPILED
 from tests.unit.test_datapath import (
     BIND_COMPLETE,
     PARSE_COMPLETE,
@@ -353,39 +351,3 @@ def test_a_bind_with_a_wrong_number_of_result_formats_is_refused_like_postgresql
     assert ours.sqlstate == "08P01" and "2 result formats but query has 3 columns" in (
         ours.message or ""
     )
-
-
-# --- AuditNote's written-out __init__ ------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GeneratedNote:
-    """AuditNote as it was: the dataclass-generated __init__."""
-
-    event: str
-    tenant: str | None
-    key_id: int | None
-    table: str | None
-    columns: tuple[str, ...]
-    count: int
-    statement: str
-    outcome: str = "ok"
-    error: str | None = None
-
-
-@pure_only
-def test_audit_note_init_is_the_generated_one() -> None:
-    assert inspect.signature(AuditNote).parameters == inspect.signature(GeneratedNote).parameters
-    assert [f.name for f in dataclasses.fields(AuditNote)] == [
-        f.name for f in dataclasses.fields(GeneratedNote)
-    ]
-    args = ("data.deny", "acme", 7, "public.t", ("a", "b"), 2, "SELECT ?")
-    for kwargs in ({}, {"outcome": "denied", "error": "no"}):
-        note, expected = AuditNote(*args, **kwargs), GeneratedNote(*args, **kwargs)  # type: ignore[arg-type]
-        assert dataclasses.astuple(note) == dataclasses.astuple(expected)
-        assert note == AuditNote(*args, **kwargs)  # type: ignore[arg-type]
-        assert hash(note) == hash(AuditNote(*args, **kwargs))  # type: ignore[arg-type]
-    with pytest.raises(TypeError):
-        AuditNote(*args[:-1])  # type: ignore[call-arg]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        note.tenant = "other"  # type: ignore[misc]
