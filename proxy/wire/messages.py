@@ -208,6 +208,8 @@ class Reader:
 
 
 def _cstr(s: str) -> bytes:
+    if not s:
+        return b"\0"  # the unnamed statement and portal: most Binds name both
     raw = s.encode("utf-8")
     if b"\0" in raw:
         raise ValueError("NUL byte in a protocol string")
@@ -475,7 +477,6 @@ class Query:
         # Written out: see proxy.session.datapath._Pending.__init__.
         object.__setattr__(self, "sql", sql)
 
-
     def encode(self) -> bytes:
         return frame(b"Q", _cstr(self.sql))
 
@@ -498,7 +499,6 @@ class Parse:
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "sql", sql)
         object.__setattr__(self, "param_types", param_types)
-
 
     def encode(self) -> bytes:
         name, sql = _cstr(self.name), _cstr(self.sql)
@@ -550,7 +550,6 @@ class Bind:
         object.__setattr__(self, "param_formats", param_formats)
         object.__setattr__(self, "params", params)
         object.__setattr__(self, "result_formats", result_formats)
-
 
     def param_format(self, index: int) -> int:
         """The format code of parameter `index` (0-based) per the protocol's 0/1/n rule."""
@@ -659,7 +658,6 @@ class Describe:
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "name", name)
 
-
     def encode(self) -> bytes:
         return frame(b"D", self.kind.encode() + _cstr(self.name))
 
@@ -673,7 +671,6 @@ class Close:
         # Written out: see proxy.session.datapath._Pending.__init__.
         object.__setattr__(self, "kind", kind)
         object.__setattr__(self, "name", name)
-
 
     def encode(self) -> bytes:
         return frame(b"C", self.kind.encode() + _cstr(self.name))
@@ -721,7 +718,6 @@ class Execute:
         # Written out: see proxy.session.datapath._Pending.__init__.
         object.__setattr__(self, "portal", portal)
         object.__setattr__(self, "max_rows", max_rows)
-
 
     def encode(self) -> bytes:
         return frame(b"E", _cstr(self.portal) + _I32.pack(self.max_rows))
@@ -790,7 +786,6 @@ class RowDescription:
     def __init__(self, fields: tuple[FieldDescription, ...]) -> None:
         # Written out: see proxy.session.datapath._Pending.__init__.
         object.__setattr__(self, "fields", fields)
-
 
     def encode(self) -> bytes:
         fields_ = self.fields
@@ -864,7 +859,6 @@ class DataRow:
         # Written out: see proxy.session.datapath._Pending.__init__.
         object.__setattr__(self, "values", values)
 
-
     def encode(self) -> bytes:
         return encode_data_row(self.values)
 
@@ -902,7 +896,6 @@ class ParameterDescription:
         # Written out: see proxy.session.datapath._Pending.__init__.
         object.__setattr__(self, "type_oids", type_oids)
 
-
     def encode(self) -> bytes:
         return frame(
             b"t", _I16.pack(len(self.type_oids)) + b"".join(_U32.pack(t) for t in self.type_oids)
@@ -926,7 +919,6 @@ class CommandComplete:
     def __init__(self, tag: str) -> None:
         # Written out: see proxy.session.datapath._Pending.__init__.
         object.__setattr__(self, "tag", tag)
-
 
     def encode(self) -> bytes:
         return frame(b"C", _cstr(self.tag))
