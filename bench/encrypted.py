@@ -585,6 +585,15 @@ def _paired(runs: Sequence[EncRun], a: str, b: str) -> float | None:
     return median(vals) if vals else None
 
 
+def _cpu_paired(runs: Sequence[EncRun], a: str, b: str) -> float | None:
+    """Machine CPU per transaction of `a` over that of `b`, per round, median. Both loads
+    keep the machine busy, so this is what the TPS ratio tends to (b's cost over a's
+    is a's TPS over b's), and it moves less when the host's speed drifts between runs."""
+    by = {(r.target, r.round): r.machine_us_per_tx or 0.0 for r in runs}
+    vals = [cost / by[(b, k)] for (t, k), cost in by.items() if t == a and cost and by.get((b, k))]
+    return median(vals) if vals else None
+
+
 def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for name in TARGETS:
@@ -620,6 +629,7 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
         "plain_pgseal_x_direct": _paired(runs, "plain-pgseal", "plain-direct"),
         "encrypted_x_direct": _paired(runs, "encrypted", "plain-direct"),
         "cells_direct_x_direct": _paired(runs, "cells-direct", "plain-direct"),
+        "machine_cpu_plain_pgseal_x_encrypted": _cpu_paired(runs, "plain-pgseal", "encrypted"),
         "pure_encrypted_x_plain_pgseal": _paired(runs, "encrypted-pure", "plain-pgseal-pure"),
         "encrypted_x_pure": _paired(runs, "encrypted", "encrypted-pure"),
         "plain_pgseal_x_pure": _paired(runs, "plain-pgseal", "plain-pgseal-pure"),
@@ -671,6 +681,14 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
         rounds = summary["encrypted_x_plain_pgseal_rounds"]
         if len(rounds) > 1:  # how much one round says on this machine
             print(f"         per round: {min(rounds):.3f} .. {max(rounds):.3f}")
+        cpu_ratio = summary.get("machine_cpu_plain_pgseal_x_encrypted")
+        costs = {row["target"]: row["machine_us_per_tx"] for row in summary["rows"]}
+        if cpu_ratio is not None and costs.get("plain-pgseal"):
+            print(
+                f"         machine CPU per tx, plain-pgseal / encrypted {cpu_ratio:.3f}: the "
+                f"target needs encrypted <= {costs['plain-pgseal'] / RATIO_TARGET:.0f} µs/tx "
+                f"(now {costs['encrypted']:.0f})"
+            )
     if summary["plain_pgseal_x_direct"] is not None:
         print(f"         TPS plain-pgseal / direct     {summary['plain_pgseal_x_direct']:.3f}")
     if summary["encrypted_x_direct"] is not None:
