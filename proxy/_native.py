@@ -41,7 +41,8 @@ from types import ModuleType
 
 #: The modules the build compiles: the pure core's per-message work, the cell recipe and
 #: the value codecs. Not audit.records: its records are built through slot setters, which
-#: compiled classes refuse (and its chain runs per batch, not per message).
+#: compiled classes refuse, and its chain spends its time in C already (SHA-256, JSON
+#: escaping): compiled, it measured no faster.
 COMPILED_MODULES: tuple[str, ...] = (
     "proxy.crypto._numbers",
     "proxy.crypto._temporal",
@@ -218,7 +219,7 @@ def running_compiled() -> bool:
 
 
 def build_name() -> str:
-    """"compiled" or "pure": for the startup line and the pgseal_build_info metric."""
+    """The build that runs, "compiled" or "pure": the startup line, pgseal_build_info."""
     return "compiled" if running_compiled() else "pure"
 
 

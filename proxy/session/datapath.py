@@ -1865,7 +1865,7 @@ class DataPath:
         return open_segment + sum(1 for p in self.pending if p.kind in _ENDS_WITH_READY)
 
     def _catalog_row(self, frame: Frame, result: int) -> None:
-        row = m.decode_data_row(frame.body).values
+        row = m.data_row_values(frame.body)
         if result == 0 and len(row) == 4 and all(v is not None for v in row):
             oid, schema, table, columns = (v.decode() for v in row if v is not None)
             self._catalog_rows.append((int(oid), (schema, table)))
@@ -2110,7 +2110,7 @@ class DataPath:
         failure = self.keys.failure()  # e.g. the audit sink is down: open nothing
         if failure is not None:
             return self._fail_result(head, failure.sqlstate, str(failure))
-        row: list[bytes | None] = list(m.decode_data_row(frame.body).values)
+        row: list[bytes | None] = list(m.data_row_values(frame.body))
         # 1. The cells and the keys they name (one lookup per key, counted per cell).
         cells: list[tuple[_Opener, bytes, int]] = []
         uses: dict[int, int] = {}

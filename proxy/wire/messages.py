@@ -508,8 +508,6 @@ class Parse:
         return b"".join((_pack_head(b"P", len(name) + len(sql) + len(tail) + 4), name, sql, tail))
 
 
-
-
 def decode_parse(body: bytes) -> Parse:
     name, sql, end = _two_cstrings(body)
     size = len(body)
@@ -609,8 +607,6 @@ def encode_bind(
     return b"".join(parts)
 
 
-
-
 def decode_bind(body: bytes) -> Bind:
     portal, statement, end = _two_cstrings(body)
     size = len(body)
@@ -698,8 +694,6 @@ def _decode_kind_name(body: bytes, what: str) -> tuple[str, str]:
     return kind_, name
 
 
-
-
 def decode_describe(body: bytes) -> Describe:
     kind, name = _decode_kind_name(body, "Describe")
     return Describe(kind, name)
@@ -721,8 +715,6 @@ class Execute:
 
     def encode(self) -> bytes:
         return frame(b"E", _cstr(self.portal) + _I32.pack(self.max_rows))
-
-
 
 
 def decode_execute(body: bytes) -> Execute:
@@ -814,8 +806,6 @@ class RowDescription:
         return b"".join(parts)
 
 
-
-
 def decode_row_description(body: bytes) -> RowDescription:
     size = len(body)
     if size < 2:
@@ -873,9 +863,13 @@ def encode_data_row(values: Sequence[bytes | None]) -> bytes:
     return b"".join(parts)
 
 
-
-
 def decode_data_row(body: bytes) -> DataRow:
+    return DataRow(data_row_values(body))
+
+
+def data_row_values(body: bytes) -> tuple[bytes | None, ...]:
+    """decode_data_row's values, without the DataRow: the data path reads every row it
+    opens this way."""
     size = len(body)
     if size < 2:
         raise _malformed("server", "truncated int16")
@@ -885,7 +879,7 @@ def decode_data_row(body: bytes) -> DataRow:
     values, pos = _values(body, 2, n, "server")
     if pos != size:
         raise _malformed("server", "trailing bytes")
-    return DataRow(values)
+    return values
 
 
 @dataclass(frozen=True, slots=True)
