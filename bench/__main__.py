@@ -82,6 +82,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="encrypted: also both pgseal loads through the pure Python build (PGSEAL_PURE=1)",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="encrypted: also both pgseal loads through a pgseal run from the checkout DIR "
+        "(with DIR/.venv when it has one), to measure a change within one run",
+    )
     return p.parse_args(argv)
 
 
@@ -121,6 +127,7 @@ def run(argv: list[str]) -> int:
                 profile_seconds=args.pyspy,
                 workers=args.workers,
                 pure=args.pure,
+                baseline=args.baseline,
             )
         )
     plan = Plan(

@@ -103,6 +103,10 @@ TARGETS = (
     # --pure: the same two loads through a second pgseal running the pure Python build
     "encrypted-pure",
     "plain-pgseal-pure",
+    # --baseline DIR: ... and through a pgseal run from another checkout (a change's effect,
+    # measured in one run: this host's speed drifts between runs)
+    "encrypted-base",
+    "plain-pgseal-base",
 )
 
 
@@ -118,6 +122,7 @@ class EncPlan:
     profile_seconds: float = 0.0
     workers: int = 1  # pgseal serve --workers
     pure: bool = False  # also the pure Python build (PGSEAL_PURE=1), as two more targets
+    baseline: str | None = None  # also a pgseal from this checkout, as two more targets
 
 
 @dataclass
@@ -314,17 +319,26 @@ def hsm_init(config: Path, env: dict[str, str]) -> None:
 
 
 def start_sealing_proxy(
-    cleanup: Cleanup, work: Path, config: Path, port: int, env: dict[str, str]
+    cleanup: Cleanup,
+    work: Path,
+    config: Path,
+    port: int,
+    env: dict[str, str],
+    checkout: Path = REPO,
 ) -> Server:
+    """`pgseal serve` from `checkout`: with its own .venv's interpreter when it has one
+    (its own compiled build), else with ours from that directory (`-m` imports from there)."""
     log_path = work / f"{config.stem}.log"
     log = log_path.open("wb")
+    python = checkout / ".venv" / "bin" / "python"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        [str(python) if checkout != REPO and python.exists() else sys.executable,
+         "-m", "proxy", "serve", "--config", str(config)],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
         env=env,
-        cwd=REPO,
+        cwd=checkout,
         start_new_session=True,
     )
     cleanup.add("pgseal", lambda: stop_process(proc))
@@ -633,6 +647,12 @@ def summarize(runs: Sequence[EncRun]) -> dict[str, Any]:
         "pure_encrypted_x_plain_pgseal": _paired(runs, "encrypted-pure", "plain-pgseal-pure"),
         "encrypted_x_pure": _paired(runs, "encrypted", "encrypted-pure"),
         "plain_pgseal_x_pure": _paired(runs, "plain-pgseal", "plain-pgseal-pure"),
+        "base_encrypted_x_plain_pgseal": _paired(runs, "encrypted-base", "plain-pgseal-base"),
+        "machine_cpu_base_plain_pgseal_x_encrypted": _cpu_paired(
+            runs, "plain-pgseal-base", "encrypted-base"
+        ),
+        "encrypted_x_base": _paired(runs, "encrypted", "encrypted-base"),
+        "plain_pgseal_x_base": _paired(runs, "plain-pgseal", "plain-pgseal-base"),
     }
 
 
@@ -654,7 +674,7 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
         f"on {os.cpu_count()} cpus"
     )
     header = (
-        f"{'target':<14}{'TPS':>8}{'p50 µs':>9}{'p99 µs':>9}{'by id':>8}{'by email':>10}"
+        f"{'target':<18}{'TPS':>8}{'p50 µs':>9}{'p99 µs':>9}{'by id':>8}{'by email':>10}"
         f"{'insert':>8}{'cpu u+s µs/tx':>16}{'r/w per tx':>12}{'pg':>6}{'pgbench':>8}{'all':>6}"
     )
     print(header)
@@ -666,7 +686,7 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
             cpu = f"{row['user_us_per_tx']:.0f}+{row['sys_us_per_tx']:.0f}"
             calls = f"{row['reads_per_tx']:.1f}/{row['writes_per_tx']:.1f}"
         print(
-            f"{row['target']:<14}{row['tps']:>8.0f}{row['p50_us']:>9.0f}{row['p99_us']:>9.0f}"
+            f"{row['target']:<18}{row['tps']:>8.0f}{row['p50_us']:>9.0f}{row['p99_us']:>9.0f}"
             f"{st.get('select_by_id', float('nan')):>8.3f}"
             f"{st.get('select_by_email', float('nan')):>10.3f}"
             f"{st.get('insert', float('nan')):>8.3f}{cpu:>16}{calls:>12}"
@@ -702,9 +722,15 @@ def print_summary(summary: dict[str, Any], plan: EncPlan) -> None:
         ("pure_encrypted_x_plain_pgseal", "encrypted / plain-pgseal, pure build"),
         ("encrypted_x_pure", "encrypted, compiled / pure  "),
         ("plain_pgseal_x_pure", "plain-pgseal, compiled / pure"),
+        ("base_encrypted_x_plain_pgseal", "encrypted / plain-pgseal, baseline"),
+        ("encrypted_x_base", "encrypted, this / baseline    "),
+        ("plain_pgseal_x_base", "plain-pgseal, this / baseline"),
     ):
         if summary.get(key) is not None:
             print(f"         TPS {what} {summary[key]:.3f}")
+    base_cpu = summary.get("machine_cpu_base_plain_pgseal_x_encrypted")
+    if base_cpu is not None:
+        print(f"         machine CPU per tx, plain-pgseal / encrypted, baseline {base_cpu:.3f}")
 
 
 # --- profile ----------------------------------------------------------------------------------
@@ -795,6 +821,14 @@ def main(plan: EncPlan) -> int:
             pure_config = write_config(work, pg, pure_port, plan.workers, name="pgseal-pure")
             pure_env = {**env, "PGSEAL_PURE": "1"}
             pure_proxy = start_sealing_proxy(cleanup, work, pure_config, pure_port, pure_env)
+        base_proxy = None
+        if plan.baseline:
+            base_port = free_port()
+            base_config = write_config(work, pg, base_port, plan.workers, name="pgseal-base")
+            base_proxy = start_sealing_proxy(
+                cleanup, work, base_config, base_port, env, Path(plan.baseline).resolve()
+            )
+            print(f"bench: baseline pgseal from {plan.baseline}", flush=True)
         pg_pid = postmaster_pid(pg)
         print(
             f"bench: {plan.rows:,} rows x {plan.tenants} tenants into bench_secure (through "
@@ -823,6 +857,11 @@ def main(plan: EncPlan) -> int:
             targets += [
                 ("encrypted-pure", pure_proxy, scripts["bench_secure"]),
                 ("plain-pgseal-pure", pure_proxy, scripts["bench_plain"]),
+            ]
+        if base_proxy is not None:
+            targets += [
+                ("encrypted-base", base_proxy, scripts["bench_secure"]),
+                ("plain-pgseal-base", base_proxy, scripts["bench_plain"]),
             ]
         logdir = work / "logs"
         logdir.mkdir()
