@@ -39,11 +39,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-#: The modules the build compiles: the pure core's per-message work, the cell recipe and
-#: the value codecs. Not audit.records: its records are built through slot setters, which
-#: compiled classes refuse, and its chain spends its time in C already (SHA-256, JSON
-#: escaping): compiled, it measured no faster.
+#: The modules the build compiles: the pure core's per-message work, the cell recipe, the
+#: value codecs, and the audit records the data path writes for every statement.
 COMPILED_MODULES: tuple[str, ...] = (
+    "proxy.audit.records",
     "proxy.crypto._numbers",
     "proxy.crypto._temporal",
     "proxy.crypto.cells",

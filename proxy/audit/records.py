@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Any
@@ -95,38 +95,60 @@ class AuditRecord:
         outcome: str = "ok",
         error: str | None = None,
     ) -> None:
-        # What dataclass would generate, the checks first, at half its cost (the data path
-        # builds a record per key use, on the event loop): a frozen dataclass's __init__ goes
-        # through object.__setattr__ by name for every field, this calls each slot's setter
-        # (_SET_*, below the class). tests/unit/test_audit_chain.py checks it against the
-        # generated __init__ and __post_init__ it replaces (fields, defaults, errors).
+        # What dataclass would generate, the checks first. Every field holds its declared
+        # type (text, a whole number, or null; never a bool, a float or an object), in both
+        # builds: a record is evidence, and chain() reuses the rendering of records whose
+        # fields compare equal (_PARTS), which is only right when equal means written alike.
+        # Written out (object.__setattr__, a direct slot store once compiled) because the data
+        # path builds a record per key use. tests/unit/test_audit_chain.py checks it against
+        # the generated __init__ and the checks it replaces.
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
         if outcome not in OUTCOMES:
             raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {outcome!r}")
+        names = True
         if columns.__class__ is tuple:
             try:
                 "".join(columns)  # a TypeError unless every item is a str (or a subclass)
             except TypeError:
-                raise TypeError("AuditRecord.columns: a tuple of column names") from None
-        elif not isinstance(columns, tuple) or not all(isinstance(c, str) for c in columns):
+                names = False
+        else:
+            names = isinstance(columns, tuple) and all(isinstance(c, str) for c in columns)
+        if not names:  # (raised here, not in the handler: no context to carry)
             raise TypeError("AuditRecord.columns: a tuple of column names")
-        _SET_EVENT(self, event)
-        _SET_TENANT(self, tenant)
-        _SET_KEY_ID(self, key_id)
-        _SET_KEY_VERSION(self, key_version)
-        _SET_KEK(self, kek)
-        _SET_TABLE(self, table)
-        _SET_COLUMNS(self, columns)
-        _SET_COUNT(self, count)
-        _SET_DB_USER(self, db_user)
-        _SET_DATABASE(self, database)
-        _SET_APPLICATION_NAME(self, application_name)
-        _SET_CLIENT_ADDR(self, client_addr)
-        _SET_SESSION(self, session)
-        _SET_STATEMENT(self, statement)
-        _SET_OUTCOME(self, outcome)
-        _SET_ERROR(self, error)
+        if not (
+            _is_text(event) and _is_text(outcome)
+            and _is_text_or_none(tenant) and _is_text_or_none(kek)
+            and _is_text_or_none(table) and _is_text_or_none(db_user)
+            and _is_text_or_none(database) and _is_text_or_none(application_name)
+            and _is_text_or_none(client_addr) and _is_text_or_none(session)
+            and _is_text_or_none(statement) and _is_text_or_none(error)
+            and _is_whole_or_none(key_id) and _is_whole_or_none(key_version)
+            and _is_whole_or_none(count)
+        ):
+            raise TypeError(_wrong_type({
+                "event": event, "tenant": tenant, "key_id": key_id, "key_version": key_version,
+                "kek": kek, "table": table, "count": count, "db_user": db_user,
+                "database": database, "application_name": application_name,
+                "client_addr": client_addr, "session": session, "statement": statement,
+                "outcome": outcome, "error": error,
+            }))
+        object.__setattr__(self, "event", event)
+        object.__setattr__(self, "tenant", tenant)
+        object.__setattr__(self, "key_id", key_id)
+        object.__setattr__(self, "key_version", key_version)
+        object.__setattr__(self, "kek", kek)
+        object.__setattr__(self, "table", table)
+        object.__setattr__(self, "columns", columns)
+        object.__setattr__(self, "count", count)
+        object.__setattr__(self, "db_user", db_user)
+        object.__setattr__(self, "database", database)
+        object.__setattr__(self, "application_name", application_name)
+        object.__setattr__(self, "client_addr", client_addr)
+        object.__setattr__(self, "session", session)
+        object.__setattr__(self, "statement", statement)
+        object.__setattr__(self, "outcome", outcome)
+        object.__setattr__(self, "error", error)
 
     def fields(self) -> dict[str, Any]:
         """The caller-supplied fields as JSON values."""
@@ -140,32 +162,39 @@ class AuditRecord:
         }
 
 
-_Setter = Callable[[Any, Any], None]
+def _is_text(value: object) -> bool:
+    return isinstance(value, str)
 
 
-def _setter(cls: type, name: str) -> _Setter:
-    """The slot's own setter (its member descriptor's __set__): what a frozen dataclass's
-    __init__ reaches through object.__setattr__, without the lookup by name."""
-    setter: _Setter = getattr(cls, name).__set__
-    return setter
+def _is_text_or_none(value: object) -> bool:
+    return value is None or isinstance(value, str)
 
 
-_SET_EVENT = _setter(AuditRecord, "event")
-_SET_TENANT = _setter(AuditRecord, "tenant")
-_SET_KEY_ID = _setter(AuditRecord, "key_id")
-_SET_KEY_VERSION = _setter(AuditRecord, "key_version")
-_SET_KEK = _setter(AuditRecord, "kek")
-_SET_TABLE = _setter(AuditRecord, "table")
-_SET_COLUMNS = _setter(AuditRecord, "columns")
-_SET_COUNT = _setter(AuditRecord, "count")
-_SET_DB_USER = _setter(AuditRecord, "db_user")
-_SET_DATABASE = _setter(AuditRecord, "database")
-_SET_APPLICATION_NAME = _setter(AuditRecord, "application_name")
-_SET_CLIENT_ADDR = _setter(AuditRecord, "client_addr")
-_SET_SESSION = _setter(AuditRecord, "session")
-_SET_STATEMENT = _setter(AuditRecord, "statement")
-_SET_OUTCOME = _setter(AuditRecord, "outcome")
-_SET_ERROR = _setter(AuditRecord, "error")
+def _is_whole_or_none(value: object) -> bool:
+    # (not `value.__class__ is not bool`: once compiled, isinstance narrows value to int and
+    # mypyc reads __class__ as int.)
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+_TEXT_FIELDS = ("event", "outcome")
+_WHOLE_FIELDS = ("key_id", "key_version", "count")
+
+
+def _wrong_type(values: Mapping[str, object]) -> str:
+    """The TypeError message for the first field AuditRecord.__init__ found of the wrong type."""
+    for name in FIELDS:
+        if name not in values or name == "columns":
+            continue
+        value = values[name]
+        if name in _WHOLE_FIELDS:
+            ok, want = _is_whole_or_none(value), "a whole number or None"
+        elif name in _TEXT_FIELDS:
+            ok, want = _is_text(value), "text"
+        else:
+            ok, want = _is_text_or_none(value), "text or None"
+        if not ok:
+            return f"AuditRecord.{name}: {want}, got {type(value).__name__}"
+    return "AuditRecord: a field of the wrong type"  # pragma: no cover - one always is
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,26 +230,9 @@ class SealedLine:
     line: str
 
 
-_SET_SEQ = _setter(SealedLine, "seq")
-_SET_HASH = _setter(SealedLine, "hash")
-_SET_LINE = _setter(SealedLine, "line")
-
-
-def _value(value: object) -> str:
-    """One field value exactly as _ENCODER writes it inside a record, whatever its type."""
-    if value is None:
-        return "null"
-    if type(value) is str:
-        # The function _ENCODER escapes strings with (ensure_ascii=False), at C speed.
-        return encode_basestring(value)
-    if type(value) is int:  # not bool (true/false), which is an int too
-        return int.__repr__(value)  # what the C encoder writes for an int
-    return _encode(value)  # anything else (bool, float, a str subclass, ...): the encoder itself
-
-
-# Strings chain() escaped before, and how (exact str only): a trail repeats a few strings in
-# nearly every record (statement fingerprints, tables, tenants, users, databases, sessions),
-# and escaping a statement costs more than a dict lookup. Bounded: emptied when full, and
+# Strings _parts() escaped before, and how (a str subclass escapes as its text, like the equal
+# str): a trail repeats a few strings in nearly every record (statement fingerprints, tables,
+# tenants, users, databases, sessions), and escaping a statement costs more than a lookup. Bounded: emptied when full, and
 # long strings are not kept. (The writer thread may chain too: each dict operation is atomic,
 # and a lost race only escapes a string again.)
 _ESCAPED: dict[str, str] = {}
@@ -259,6 +271,52 @@ def chain_text(
 
 _NO_TS = object()
 
+# The rendered fixed parts of a record's line (see _parts), by the record's fields but count:
+# the data path writes the same few records over and over (one per statement, key and
+# operation on each connection), differing only in count, seq, prev and ts. Keys compare by
+# value, which is right only because AuditRecord.__init__ allows one JSON type per field (a
+# str subclass is written as its text, like a str). Bounded like _ESCAPED. (The writer thread
+# may chain too: each dict operation is atomic, and a lost race only renders a record again.)
+_PARTS: dict[tuple[object, ...], tuple[str, str, str, str]] = {}
+_PARTS_MAX = 4096
+
+
+def _text(value: str | None) -> str:
+    if value is None:
+        return "null"
+    return _ESCAPED.get(value) or _escape(value)
+
+
+def _whole(value: int | None) -> str:
+    return "null" if value is None else int.__repr__(value)  # as the C encoder writes an int
+
+
+def _parts(record: AuditRecord) -> tuple[str, str, str, str]:
+    """A record's line without count, prev, seq and ts, in four pieces:
+
+        a + count + b + ',"hash":"<hex>",' + c + prev + ',"seq":' + seq + d + ts + '}'
+
+    The keys in sorted order, as sort_keys would put them; "hash" sorts between "event" and
+    "kek", so the hashed serialization (every field but hash) is the same with a ',' for the
+    hash member. Each value is written as _ENCODER writes it.
+    """
+    t = _text
+    app, addr = t(record.application_name), t(record.client_addr)
+    cols = ",".join(map(encode_basestring, record.columns))
+    database, db_user, error = t(record.database), t(record.db_user), t(record.error)
+    event, kek, outcome = t(record.event), t(record.kek), t(record.outcome)
+    key_id, key_version = _whole(record.key_id), _whole(record.key_version)
+    session, statement = t(record.session), t(record.statement)
+    table, tenant = t(record.table), t(record.tenant)
+    return (
+        f'{{"application_name":{app},"client_addr":{addr},"columns":[{cols}],"count":',
+        f',"database":{database},"db_user":{db_user},"error":{error},"event":{event}',
+        f'"kek":{kek},"key_id":{key_id},"key_version":{key_version},"outcome":{outcome}'
+        ',"prev":',
+        f',"session":{session},"statement":{statement},"table":{table},"tenant":{tenant}'
+        ',"ts":',
+    )
+
 
 def _chain(
     records: Iterable[tuple[AuditRecord, str]], head: ChainHead, out: list[Any], lines: bool
@@ -267,85 +325,47 @@ def _chain(
     the new head.
 
     Each line is byte for byte canonical(body) and its hash is record_hash(body), but both are
-    written directly instead of building a dict and serializing it twice (this runs for every
-    record, on the event loop). The keys are written in sorted order, as sort_keys would put
-    them, and "hash" sorts between "event" and "kek": the hashed serialization (every field but
-    hash) is `front + "," + back`, the stored line `front + ',"hash":"<hex>",' + back`. Both
-    halves are built separately, so nothing is searched for in the text and no value can be
-    mistaken for a key. Each value is written as _ENCODER writes it: the inline tests are
-    _value's fast paths for the declared types (an exact str escaped through _ESCAPED, None as
-    null, an exact int by int.__repr__), anything else goes through _value; the records of one
-    batch share one ts, escaped once. tests/unit/test_audit_chain.py checks this against the
-    dict-and-json.dumps oracle, and against lines pinned from before. A new field must be
-    added here as well, in sorted place (test_intact_trail_verifies checks that a line holds
-    exactly FIELDS).
+    written directly from the record's rendered parts (_parts, kept in _PARTS) instead of
+    building a dict and serializing it twice (this runs for every record, on the event loop):
+    nothing is searched for in the text, so no value can be mistaken for a key. The records of
+    one batch share one ts, escaped once. tests/unit/test_audit_chain.py checks this against
+    the dict-and-json.dumps oracle, and against lines pinned from before. A new field must be
+    added to _parts as well, in sorted place (test_intact_trail_verifies checks that a line
+    holds exactly FIELDS).
     """
     seq, digest, event = head.seq, head.hash, head.event
-    q, v, n, sha256 = encode_basestring, _value, int.__repr__, hashlib.sha256
-    g, e = _ESCAPED.get, _escape
+    q, sha256 = encode_basestring, hashlib.sha256
+    known = _PARTS
     put = out.append
-    new, set_seq, set_hash, set_line = object.__new__, _SET_SEQ, _SET_HASH, _SET_LINE
     last_ts: object = _NO_TS
     ts_text = ""
+    prev_text = q(digest)
     for record, ts in records:
         seq += 1
-        prev = digest
-        # Each value escaped, in sorted key order (the order the encoder meets them in).
-        x = record.application_name
-        app = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        x = record.client_addr
-        addr = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        # columns: a tuple of str (__init__); the encoder escapes a subclass the same
-        cols = ",".join(map(q, record.columns))
-        i = record.count
-        count = n(i) if i.__class__ is int else "null" if i is None else v(i)
-        x = record.database
-        database = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        x = record.db_user
-        db_user = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        x = record.error
-        error = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        event = record.event
-        event_text = (g(event) or e(event)) if event.__class__ is str else v(event)
-        x = record.kek
-        kek = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        i = record.key_id
-        key_id = n(i) if i.__class__ is int else "null" if i is None else v(i)
-        i = record.key_version
-        key_version = n(i) if i.__class__ is int else "null" if i is None else v(i)
-        x = record.outcome
-        outcome = (g(x) or e(x)) if x.__class__ is str else v(x)
-        prev_text = q(prev) if prev.__class__ is str else v(prev)
-        seq_text = n(seq) if seq.__class__ is int else v(seq)
-        x = record.session
-        session = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        x = record.statement
-        statement = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        x = record.table
-        table = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
-        x = record.tenant
-        tenant = (g(x) or e(x)) if x.__class__ is str else "null" if x is None else v(x)
+        key = (
+            record.event, record.tenant, record.key_id, record.key_version, record.kek,
+            record.table, record.columns, record.db_user, record.database,
+            record.application_name, record.client_addr, record.session, record.statement,
+            record.outcome, record.error,
+        )
+        parts = known.get(key)
+        if parts is None:
+            parts = _parts(record)
+            if len(known) >= _PARTS_MAX:
+                known.clear()
+            known[key] = parts
+        a, b, c, d = parts
+        count = _whole(record.count)
         if ts is not last_ts:
-            last_ts, ts_text = ts, q(ts) if ts.__class__ is str else v(ts)
-        front = (
-            f'{{"application_name":{app},"client_addr":{addr},"columns":[{cols}]'
-            f',"count":{count},"database":{database},"db_user":{db_user},"error":{error}'
-            f',"event":{event_text}'
-        )
-        back = (
-            f'"kek":{kek},"key_id":{key_id},"key_version":{key_version},"outcome":{outcome}'
-            f',"prev":{prev_text},"seq":{seq_text},"session":{session}'
-            f',"statement":{statement},"table":{table},"tenant":{tenant},"ts":{ts_text}}}'
-        )
-        digest = sha256(f"{front},{back}".encode()).hexdigest()
-        if lines:
-            put(f'{front},"hash":"{digest}",{back}')
-        else:  # SealedLine(seq, digest, line), without the frozen __init__'s setattr by name
-            item = new(SealedLine)
-            set_seq(item, seq)
-            set_hash(item, digest)
-            set_line(item, f'{front},"hash":"{digest}",{back}')
-            put(item)
+            last_ts, ts_text = ts, q(ts)
+        seq_text = int.__repr__(seq)
+        digest = sha256(
+            f'{a}{count}{b},{c}{prev_text},"seq":{seq_text}{d}{ts_text}}}'.encode()
+        ).hexdigest()
+        line = f'{a}{count}{b},"hash":"{digest}",{c}{prev_text},"seq":{seq_text}{d}{ts_text}}}'
+        prev_text = f'"{digest}"'
+        event = record.event
+        put(line if lines else SealedLine(seq, digest, line))
     if seq == head.seq:  # no record
         return head
     return ChainHead(seq, digest, event)

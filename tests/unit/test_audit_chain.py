@@ -31,6 +31,7 @@ from proxy.audit.records import (
 )
 from proxy.server.datapath_shell import ConnectionFacts, audit_records
 from proxy.session.datapath import AuditNote
+from tests.support.build import COMPILED
 
 
 def trail(n: int = 6) -> list[str]:
@@ -256,17 +257,37 @@ class Name(str):
         return "not this"
 
 
-# Values a caller should not pass (the fields are not type-checked): still what json wrote.
+# Values of any JSON type, and objects json cannot write.
 odd = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | texts | texts.map(Name),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
     max_leaves=6,
-)
+) | st.builds(object)
+WHOLE_FIELDS = ("key_id", "key_version", "count")
+
+
+def refused(name: str, want: str = "", got: str = "") -> str:
+    """What AuditRecord raises for a field of the wrong type. The compiled build checks the
+    declared types of the arguments before __init__ runs, with mypyc's message ("str object
+    expected; got int"); a bool for a number gets through that, and to __init__'s own."""
+    mine = rf"^AuditRecord\.{name}: " + (rf"{re.escape(want)}, got {got}$" if want else "")
+    return mine if got == "bool" else rf"{mine}| object expected; got "
+
+
+def declared_type(name: str, value: object) -> bool:
+    if name in WHOLE_FIELDS:
+        return value is None or (isinstance(value, int) and not isinstance(value, bool))
+    return value is None or isinstance(value, str)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.data())
-def test_chain_matches_the_oracle_for_odd_value_types(data: st.DataObject) -> None:
+def test_fields_of_another_type_are_refused_and_the_rest_chain_as_json_would(
+    data: st.DataObject,
+) -> None:
+    """Text where text is declared (a str subclass too), whole numbers where numbers are, or
+    None: anything else (a bool, a float, a list, an object) is refused by name, so chain()
+    may reuse the rendering of equal fields (1, 1.0 and True are equal, but not alike)."""
     fields = {
         name: data.draw(odd, label=name)
         for name in ("tenant", "key_id", "key_version", "kek", "table", "count", "db_user",
@@ -275,10 +296,47 @@ def test_chain_matches_the_oracle_for_odd_value_types(data: st.DataObject) -> No
     }
     event = data.draw(st.sampled_from(sorted(EVENTS)) | st.sampled_from(sorted(EVENTS)).map(Name))
     columns = data.draw(st.lists(texts | texts.map(Name), max_size=3).map(tuple))
+    wrong = [name for name in FIELDS if name in fields and not declared_type(name, fields[name])]
+    if wrong:
+        with pytest.raises(TypeError, match=refused(wrong[0])):
+            AuditRecord(event, columns=columns, **fields)
+        return
     record = AuditRecord(event, columns=columns, **fields)
-    ts = data.draw(odd, label="ts")
-    head = ChainHead(data.draw(st.integers(min_value=0)), data.draw(odd | texts, label="hash"))
-    same_as_oracle([(record, ts), (record, ts)], head)
+    ts = data.draw(texts, label="ts")
+    head = ChainHead(data.draw(st.integers(min_value=0)), data.draw(texts, label="hash"))
+    plain = AuditRecord(  # the same values as exact str: alike, so one rendering serves both
+        str.__str__(event),
+        columns=tuple(str.__str__(c) for c in columns),
+        **{k: str.__str__(v) if isinstance(v, str) else v for k, v in fields.items()},
+    )
+    same_as_oracle([(record, ts), (record, ts), (plain, ts)], head)
+
+
+def test_parts_memo_reuses_only_what_is_written_alike() -> None:
+    from proxy.audit import records as records_module
+
+    records_module._PARTS.clear()
+    base = dict(tenant="acme", key_id=1, key_version=1, table="public.t", columns=("a",))
+    batch = [
+        (AuditRecord("data.encrypt", **base, count=1), "t"),
+        (AuditRecord("data.encrypt", **base, count=2), "t"),  # the same parts, another count
+        (AuditRecord("data.encrypt", **{**base, "key_id": 2}, count=2), "t"),
+        (AuditRecord("data.decrypt", **base, count=2), "t"),
+        (AuditRecord("data.encrypt", **{**base, "tenant": Name("acme")}, count=3), "t"),
+    ]
+    assert chain(batch, ChainHead()) == oracle_chain(batch, ChainHead())
+    assert len(records_module._PARTS) == 3
+    with pytest.raises(TypeError, match=refused("key_id", "a whole number or None", "bool")):
+        AuditRecord("data.encrypt", key_id=True)
+    with pytest.raises(TypeError, match=refused("count", "a whole number or None", "float")):
+        AuditRecord("data.encrypt", count=1.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=refused("tenant", "text or None", "int")):
+        AuditRecord("data.encrypt", tenant=1)  # type: ignore[arg-type]
+    # A full memo is emptied before a new rendering goes in.
+    records_module._PARTS.update({(i,): ("", "", "", "") for i in range(5000)})
+    other = [(AuditRecord("data.encrypt", tenant="other"), "t")]
+    assert chain(other, ChainHead()) == oracle_chain(other, ChainHead())
+    assert len(records_module._PARTS) == 1
 
 
 def test_lone_surrogate_fails_as_before() -> None:
@@ -287,10 +345,9 @@ def test_lone_surrogate_fails_as_before() -> None:
         chain([(AuditRecord("data.encrypt", tenant="\udc80"), "t")], ChainHead())
 
 
-def test_unserializable_value_fails_as_before() -> None:
-    record = AuditRecord("data.encrypt", tenant=object())  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="not JSON serializable"):
-        chain([(record, "t")], ChainHead())
+def test_unserializable_value_is_refused() -> None:
+    with pytest.raises(TypeError, match=refused("tenant", "text or None", "object")):
+        AuditRecord("data.encrypt", tenant=object())  # type: ignore[arg-type]
 
 
 def test_lines_written_before_still_verify() -> None:
@@ -447,11 +504,28 @@ class GeneratedRecord:
             raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {self.outcome!r}")
         if not isinstance(self.columns, tuple) or not all(isinstance(c, str) for c in self.columns):
             raise TypeError("AuditRecord.columns: a tuple of column names")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int | None":
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                    raise TypeError(f"AuditRecord.{f.name}: a whole number or None, got "
+                                    f"{type(value).__name__}")
+            elif f.type == "str | None":
+                if value is not None and not isinstance(value, str):
+                    raise TypeError(f"AuditRecord.{f.name}: text or None, got "
+                                    f"{type(value).__name__}")
+            elif f.type == "str" and not isinstance(value, str):
+                raise TypeError(f"AuditRecord.{f.name}: text, got {type(value).__name__}")
 
 
 def test_record_init_has_the_generated_signature() -> None:
+    def shape(cls: type) -> list[tuple[str, object, object]]:
+        # (The compiled build's signature has no annotations: mypyc checks them itself.)
+        parameters = inspect.signature(cls).parameters.values()
+        return [(p.name, p.kind, p.default) for p in parameters]
+
+    assert shape(AuditRecord) == shape(GeneratedRecord)
     parameters = inspect.signature(AuditRecord).parameters
-    assert parameters == inspect.signature(GeneratedRecord).parameters
     assert [f.name for f in dataclasses.fields(AuditRecord)] == list(parameters)
     record = AuditRecord("key.create", "acme", 1, 2, "k", "t", ("a",), 3, "u", "d", "app",
                          "addr", "s", "stmt", "error", "boom")
@@ -491,6 +565,16 @@ def test_record_init_checks_and_stores_as_the_generated_one(data: st.DataObject)
     try:
         expected = GeneratedRecord(event, columns=columns, outcome=outcome, **values)
     except (ValueError, TypeError) as error:
+        # Compiled, the arguments' declared types are checked first, by mypyc (a tuple for
+        # columns; text or None, a number or None: a bool passes for a number, to __init__).
+        mypyc_refuses = not isinstance(columns, tuple) or any(
+            not declared_type(k, v) and not (k in WHOLE_FIELDS and isinstance(v, bool))
+            for k, v in values.items()
+        )
+        if COMPILED and mypyc_refuses:
+            with pytest.raises(TypeError, match=" object expected; got "):
+                AuditRecord(event, columns=columns, outcome=outcome, **values)
+            return
         with pytest.raises(type(error), match=re.escape(str(error))):
             AuditRecord(event, columns=columns, outcome=outcome, **values)
         return
