@@ -95,44 +95,35 @@ class AuditRecord:
         outcome: str = "ok",
         error: str | None = None,
     ) -> None:
-        # What dataclass would generate, the checks first. Every field holds its declared
-        # type (text, a whole number, or null; never a bool, a float or an object), in both
-        # builds: a record is evidence, and chain() reuses the rendering of records whose
+        # What dataclass would generate, the checks first. Every field is stored as its
+        # declared type exactly (text, a whole number, or null; a subclass of str, int or
+        # tuple as the plain value it stands for; a bool, a float or an object refused), in
+        # both builds: a record is evidence, and chain() reuses the rendering of records whose
         # fields compare equal (_PARTS), which is only right when equal means written alike.
         # Written out (object.__setattr__, a direct slot store once compiled) because the data
         # path builds a record per key use. tests/unit/test_audit_chain.py checks it against
-        # the generated __init__ and the checks it replaces.
+        # the generated __init__ and the checks it replaces. (Compiled, mypyc checks the
+        # arguments' declared types before this runs, with its own message.)
+        event = _required_text("event", event)
+        tenant = _text_field("tenant", tenant)
+        key_id = _whole_field("key_id", key_id)
+        key_version = _whole_field("key_version", key_version)
+        kek = _text_field("kek", kek)
+        table = _text_field("table", table)
+        columns = _names_field(columns)
+        count = _whole_field("count", count)
+        db_user = _text_field("db_user", db_user)
+        database = _text_field("database", database)
+        application_name = _text_field("application_name", application_name)
+        client_addr = _text_field("client_addr", client_addr)
+        session = _text_field("session", session)
+        statement = _text_field("statement", statement)
+        outcome = _required_text("outcome", outcome)
+        error = _text_field("error", error)
         if event not in EVENTS:
             raise ValueError(f"unknown audit event {event!r}")
         if outcome not in OUTCOMES:
             raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {outcome!r}")
-        names = True
-        if columns.__class__ is tuple:
-            try:
-                "".join(columns)  # a TypeError unless every item is a str (or a subclass)
-            except TypeError:
-                names = False
-        else:
-            names = isinstance(columns, tuple) and all(isinstance(c, str) for c in columns)
-        if not names:  # (raised here, not in the handler: no context to carry)
-            raise TypeError("AuditRecord.columns: a tuple of column names")
-        if not (
-            _is_text(event) and _is_text(outcome)
-            and _is_text_or_none(tenant) and _is_text_or_none(kek)
-            and _is_text_or_none(table) and _is_text_or_none(db_user)
-            and _is_text_or_none(database) and _is_text_or_none(application_name)
-            and _is_text_or_none(client_addr) and _is_text_or_none(session)
-            and _is_text_or_none(statement) and _is_text_or_none(error)
-            and _is_whole_or_none(key_id) and _is_whole_or_none(key_version)
-            and _is_whole_or_none(count)
-        ):
-            raise TypeError(_wrong_type({
-                "event": event, "tenant": tenant, "key_id": key_id, "key_version": key_version,
-                "kek": kek, "table": table, "count": count, "db_user": db_user,
-                "database": database, "application_name": application_name,
-                "client_addr": client_addr, "session": session, "statement": statement,
-                "outcome": outcome, "error": error,
-            }))
         object.__setattr__(self, "event", event)
         object.__setattr__(self, "tenant", tenant)
         object.__setattr__(self, "key_id", key_id)
@@ -162,39 +153,41 @@ class AuditRecord:
         }
 
 
-def _is_text(value: object) -> bool:
-    return isinstance(value, str)
+# AuditRecord's field checks: each returns the value as its exact type, or raises TypeError
+# naming the field. `type(value) is str`, not `value.__class__`: compiled, an isinstance()
+# narrows the value and mypyc then reads __class__ as the narrowed type.
 
 
-def _is_text_or_none(value: object) -> bool:
-    return value is None or isinstance(value, str)
+def _text_field(name: str, value: object) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)  # its text, whatever its __str__, __eq__ or __hash__ say
+    raise TypeError(f"AuditRecord.{name}: text or None, got {type(value).__name__}")
 
 
-def _is_whole_or_none(value: object) -> bool:
-    # (not `value.__class__ is not bool`: once compiled, isinstance narrows value to int and
-    # mypyc reads __class__ as int.)
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+def _required_text(name: str, value: object) -> str:
+    if type(value) is str:
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    raise TypeError(f"AuditRecord.{name}: text, got {type(value).__name__}")
 
 
-_TEXT_FIELDS = ("event", "outcome")
-_WHOLE_FIELDS = ("key_id", "key_version", "count")
+def _whole_field(name: str, value: object) -> int | None:
+    if value is None or type(value) is int:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int.__index__(value)  # an IntEnum member as its number
+    raise TypeError(f"AuditRecord.{name}: a whole number or None, got {type(value).__name__}")
 
 
-def _wrong_type(values: Mapping[str, object]) -> str:
-    """The TypeError message for the first field AuditRecord.__init__ found of the wrong type."""
-    for name in FIELDS:
-        if name not in values or name == "columns":
-            continue
-        value = values[name]
-        if name in _WHOLE_FIELDS:
-            ok, want = _is_whole_or_none(value), "a whole number or None"
-        elif name in _TEXT_FIELDS:
-            ok, want = _is_text(value), "text"
-        else:
-            ok, want = _is_text_or_none(value), "text or None"
-        if not ok:
-            return f"AuditRecord.{name}: {want}, got {type(value).__name__}"
-    return "AuditRecord: a field of the wrong type"  # pragma: no cover - one always is
+def _names_field(value: object) -> tuple[str, ...]:
+    if type(value) is tuple and all(type(name) is str for name in value):
+        return value
+    if isinstance(value, tuple) and all(isinstance(name, str) for name in value):
+        return tuple(str.__str__(name) for name in tuple.__iter__(value))
+    raise TypeError("AuditRecord.columns: a tuple of column names")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,11 +223,11 @@ class SealedLine:
     line: str
 
 
-# Strings _parts() escaped before, and how (a str subclass escapes as its text, like the equal
-# str): a trail repeats a few strings in nearly every record (statement fingerprints, tables,
-# tenants, users, databases, sessions), and escaping a statement costs more than a lookup. Bounded: emptied when full, and
-# long strings are not kept. (The writer thread may chain too: each dict operation is atomic,
-# and a lost race only escapes a string again.)
+# Strings _parts() escaped before, and how (exact str only: AuditRecord stores no other): a
+# trail repeats a few strings in nearly every record (statement fingerprints, tables, tenants,
+# users, databases, sessions), and escaping a statement costs more than a lookup. Bounded:
+# emptied when full, and long strings are not kept. (The writer thread may chain too: each
+# dict operation is atomic, and a lost race only escapes a string again.)
 _ESCAPED: dict[str, str] = {}
 _ESCAPED_MAX = 2048
 _ESCAPED_TEXT_MAX = 1024
@@ -274,11 +267,14 @@ _NO_TS = object()
 # The rendered fixed parts of a record's line (see _parts), by the record's fields but count:
 # the data path writes the same few records over and over (one per statement, key and
 # operation on each connection), differing only in count, seq, prev and ts. Keys compare by
-# value, which is right only because AuditRecord.__init__ allows one JSON type per field (a
-# str subclass is written as its text, like a str). Bounded like _ESCAPED. (The writer thread
-# may chain too: each dict operation is atomic, and a lost race only renders a record again.)
+# value, which is right only because AuditRecord.__init__ stores exact str, int and tuple
+# values (equal means written alike). Bounded: emptied when full, and a record whose parts
+# are long (an error message quoting a client's long name, say) is not kept. (The writer
+# thread may chain too: each dict operation is atomic, and a lost race only renders a record
+# again.)
 _PARTS: dict[tuple[object, ...], tuple[str, str, str, str]] = {}
 _PARTS_MAX = 4096
+_PARTS_TEXT_MAX = 4096  # characters in the four parts together
 
 
 def _text(value: str | None) -> str:
@@ -351,9 +347,10 @@ def _chain(
         parts = known.get(key)
         if parts is None:
             parts = _parts(record)
-            if len(known) >= _PARTS_MAX:
-                known.clear()
-            known[key] = parts
+            if sum(map(len, parts)) <= _PARTS_TEXT_MAX:
+                if len(known) >= _PARTS_MAX:
+                    known.clear()
+                known[key] = parts
         a, b, c, d = parts
         count = _whole(record.count)
         if ts is not last_ts:

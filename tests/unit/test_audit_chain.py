@@ -201,7 +201,17 @@ texts = st.lists(st.one_of(st.sampled_from(TRICKY), st.text(max_size=6)), max_si
     "".join
 )
 maybe_texts = st.none() | texts
-maybe_ints = st.none() | st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
+class Number(int):
+    """An int subclass (json writes the number, whatever __repr__ says)."""
+
+    def __repr__(self) -> str:
+        return "not this"
+
+
+maybe_ints = (
+    st.none() | st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.integers().map(Number)
+)
 records = st.builds(
     AuditRecord,
     event=st.sampled_from(sorted(EVENTS)),
@@ -498,24 +508,38 @@ class GeneratedRecord:
     error: str | None = None
 
     def __post_init__(self) -> None:
-        if self.event not in EVENTS:
-            raise ValueError(f"unknown audit event {self.event!r}")
-        if self.outcome not in OUTCOMES:
-            raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {self.outcome!r}")
-        if not isinstance(self.columns, tuple) or not all(isinstance(c, str) for c in self.columns):
-            raise TypeError("AuditRecord.columns: a tuple of column names")
+        # The checks AuditRecord makes, in its order: each field's type, in field order, then
+        # the event and the outcome (a subclass of str stands for its text).
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int | None":
+            got = type(value).__name__
+            if f.type == "tuple[str, ...]":
+                if not isinstance(value, tuple) or not all(isinstance(c, str) for c in value):
+                    raise TypeError("AuditRecord.columns: a tuple of column names")
+            elif f.type == "int | None":
                 if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-                    raise TypeError(f"AuditRecord.{f.name}: a whole number or None, got "
-                                    f"{type(value).__name__}")
+                    raise TypeError(f"AuditRecord.{f.name}: a whole number or None, got {got}")
             elif f.type == "str | None":
                 if value is not None and not isinstance(value, str):
-                    raise TypeError(f"AuditRecord.{f.name}: text or None, got "
-                                    f"{type(value).__name__}")
+                    raise TypeError(f"AuditRecord.{f.name}: text or None, got {got}")
             elif f.type == "str" and not isinstance(value, str):
-                raise TypeError(f"AuditRecord.{f.name}: text, got {type(value).__name__}")
+                raise TypeError(f"AuditRecord.{f.name}: text, got {got}")
+        event, outcome = str.__str__(self.event), str.__str__(self.outcome)
+        if event not in EVENTS:
+            raise ValueError(f"unknown audit event {event!r}")
+        if outcome not in OUTCOMES:
+            raise ValueError(f"audit outcome: one of {sorted(OUTCOMES)}, got {outcome!r}")
+
+
+def exact(value: object) -> object:
+    """What AuditRecord stores for a value it accepts: the plain str, int or tuple of str."""
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__index__(value)
+    if isinstance(value, tuple):
+        return tuple(str.__str__(c) for c in tuple.__iter__(value))
+    return value
 
 
 def test_record_init_has_the_generated_signature() -> None:
@@ -526,6 +550,8 @@ def test_record_init_has_the_generated_signature() -> None:
 
     assert shape(AuditRecord) == shape(GeneratedRecord)
     parameters = inspect.signature(AuditRecord).parameters
+    if not COMPILED:
+        assert parameters == inspect.signature(GeneratedRecord).parameters  # annotations too
     assert [f.name for f in dataclasses.fields(AuditRecord)] == list(parameters)
     record = AuditRecord("key.create", "acme", 1, 2, "k", "t", ("a",), 3, "u", "d", "app",
                          "addr", "s", "stmt", "error", "boom")
@@ -579,10 +605,12 @@ def test_record_init_checks_and_stores_as_the_generated_one(data: st.DataObject)
             AuditRecord(event, columns=columns, outcome=outcome, **values)
         return
     record = AuditRecord(event, columns=columns, outcome=outcome, **values)
-    assert dataclasses.astuple(record) == dataclasses.astuple(expected)
-    assert all(
-        getattr(record, f.name) is getattr(expected, f.name) for f in dataclasses.fields(record)
-    )
+    for f in dataclasses.fields(record):
+        given_value, stored = getattr(expected, f.name), getattr(record, f.name)
+        assert type(stored) is type(exact(given_value))
+        assert stored == exact(given_value)
+        if given_value is exact(given_value):  # already plain: kept as it is, not copied
+            assert stored is given_value
 
 
 @settings(max_examples=200, deadline=None)
@@ -599,18 +627,114 @@ def test_escape_memo_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     batch = first + second
     expected = oracle_chain(batch, ChainHead())
     records_module._ESCAPED.clear()
+    records_module._PARTS.clear()  # (else every record's parts come from there)
     assert chain(batch, ChainHead()) == expected  # every string escaped, then remembered
+    assert records_module._ESCAPED
+    records_module._PARTS.clear()
     assert chain(batch, ChainHead()) == expected  # every string from the memo
     # A full memo is emptied, and long strings are not kept.
     monkeypatch.setattr(records_module, "_ESCAPED_MAX", 3)
     monkeypatch.setattr(records_module, "_ESCAPED_TEXT_MAX", 8)
     records_module._ESCAPED.clear()
     for _ in range(3):
+        records_module._PARTS.clear()
         assert chain(batch, ChainHead()) == expected
-        assert len(records_module._ESCAPED) <= 3
+        assert 0 < len(records_module._ESCAPED) <= 3
         assert all(len(text) <= 8 for text in records_module._ESCAPED)
-    # A str subclass equal to a remembered str is written as json writes it (its own text).
+    # A str subclass is stored, remembered and written as its own text.
     records_module._ESCAPED.clear()
+    records_module._PARTS.clear()
     odd = [(AuditRecord("data.encrypt", tenant=Name("acme"), table="acme"), "t")] * 2
     assert chain(odd, ChainHead()) == oracle_chain(odd, ChainHead())
     assert all(type(text) is str for text in records_module._ESCAPED)
+
+
+KEY_FIELDS = (  # every field but count: what _PARTS keys on
+    "event", "tenant", "key_id", "key_version", "kek", "table", "columns", "db_user",
+    "database", "application_name", "client_addr", "session", "statement", "outcome", "error",
+)
+OTHER_VALUE = {
+    "event": "data.decrypt", "key_id": 8, "key_version": 3, "columns": ("b",),
+    "outcome": "denied",
+}
+
+
+@pytest.mark.parametrize("name", KEY_FIELDS)
+def test_records_differing_in_one_field_are_written_apart(name: str) -> None:
+    from proxy.audit import records as records_module
+
+    base: dict[str, Any] = {
+        "event": "data.encrypt", "tenant": "acme", "key_id": 7, "key_version": 2, "kek": "k",
+        "table": "public.t", "columns": ("a",), "count": 1, "db_user": "u", "database": "d",
+        "application_name": "app", "client_addr": "10.0.0.1", "session": "s",
+        "statement": "INSERT ...", "outcome": "ok", "error": "e",
+    }
+    assert set(KEY_FIELDS) == set(FIELDS) - {"count", "ts", "seq", "prev", "hash"}
+    other = {**base, name: OTHER_VALUE.get(name, f"other {name}")}
+    records_module._PARTS.clear()
+    batch = [(AuditRecord(**base), "t"), (AuditRecord(**other), "t"), (AuditRecord(**base), "t")]
+    sealed, _ = chain(batch, ChainHead())
+    assert (sealed, _) == oracle_chain(batch, ChainHead())
+    assert json.loads(sealed[1].line)[name] != json.loads(sealed[0].line)[name]
+
+
+class Folded(str):
+    """Equal to any text that differs only in case: a subclass the memo must not trust."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.lower() == other.lower()
+
+    def __hash__(self) -> int:
+        return hash(self.lower())
+
+
+class Anything(int):
+    def __eq__(self, other: object) -> bool:
+        return True
+
+    __hash__ = int.__hash__
+
+
+class Columns2(tuple):  # type: ignore[type-arg]
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(("not", "these"))
+
+
+class Unhashable(str):
+    def __eq__(self, other: object) -> bool:
+        return str.__eq__(self, other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def test_subclass_values_are_stored_and_written_as_their_plain_value() -> None:
+    from proxy.audit import records as records_module
+
+    records_module._PARTS.clear()
+    records_module._ESCAPED.clear()
+    batch = [
+        (AuditRecord("data.encrypt", tenant="acme", key_id=1, columns=("a",)), "t"),
+        (AuditRecord("data.encrypt", tenant=Folded("ACME"), key_id=Anything(2),
+                     columns=Columns2(("a",))), "t"),
+        (AuditRecord("data.encrypt", tenant=Unhashable("x"), error=Unhashable("y")), "t"),
+    ]
+    stored = batch[1][0]
+    assert (stored.tenant, stored.key_id, stored.columns) == ("ACME", 2, ("a",))
+    assert type(stored.tenant) is str and type(stored.key_id) is int
+    assert type(stored.columns) is tuple
+    lines = [json.loads(s.line) for s in chain(batch, ChainHead())[0]]
+    assert [(b["tenant"], b["key_id"], b["columns"]) for b in lines[:2]] == [
+        ("acme", 1, ["a"]), ("ACME", 2, ["a"])
+    ]
+    assert chain(batch, ChainHead()) == oracle_chain(batch, ChainHead())
+
+
+def test_long_parts_are_not_kept() -> None:
+    from proxy.audit import records as records_module
+
+    records_module._PARTS.clear()
+    long = AuditRecord("data.deny", error="x" * 100_000, outcome="denied")
+    short = AuditRecord("data.deny", error="short", outcome="denied")
+    batch = [(long, "t"), (short, "t"), (long, "t")]
+    assert chain(batch, ChainHead()) == oracle_chain(batch, ChainHead())
+    assert list(records_module._PARTS.values()) == [records_module._parts(short)]
