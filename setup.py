@@ -35,7 +35,9 @@ NATIVE = _native_module()
 
 
 def _remove_inplace_build() -> None:
-    """A pure build in the source tree leaves no earlier compiled build behind."""
+    """No earlier compiled build is left in the source tree: not by a pure build, nor by a
+    compiled one (the extension of a module no longer in COMPILED_MODULES would otherwise
+    stay, and proxy/_native.py would rightly refuse the whole build for it)."""
     (PACKAGE / NATIVE.BUILD_MANIFEST).unlink(missing_ok=True)
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         for extension in PACKAGE.rglob(f"*{suffix}"):
@@ -67,7 +69,7 @@ def ext_modules() -> list[object]:
 
     # mypycify type-checks and generates C right here: a failure from now on must leave
     # no manifest behind (BuildCompiledCore writes it once the extensions are built).
-    (PACKAGE / NATIVE.BUILD_MANIFEST).unlink(missing_ok=True)
+    _remove_inplace_build()
     sources = [
         str(NATIVE.source_path(name, PACKAGE).relative_to(HERE))
         for name in NATIVE.COMPILED_MODULES
