@@ -318,6 +318,28 @@ def hsm_init(config: Path, env: dict[str, str]) -> None:
         raise BenchError(f"pgseal hsm init failed: {result.stderr.strip()[-300:]}")
 
 
+def checkout_python(checkout: Path) -> str:
+    """The interpreter that runs pgseal from `checkout`: its own .venv's when it has one (its
+    own compiled build), else ours, run from that directory (`-m` imports from there)."""
+    python = checkout / ".venv" / "bin" / "python"
+    return str(python) if checkout != REPO and python.exists() else sys.executable
+
+
+def checkout_build(checkout: Path) -> str:
+    """Which build pgseal runs from `checkout`, as payload["build"] says it for this one: a
+    baseline that fell back to the pure build would make every comparison meaningless."""
+    probe = (
+        "import proxy, proxy._native as n; "
+        "print('compiled' if n.running_compiled() else "
+        "f'pure ({proxy.PURE_REASON or \"no compiled build\"})')"
+    )
+    result = subprocess.run(
+        [checkout_python(checkout), "-W", "ignore", "-c", probe],
+        capture_output=True, text=True, cwd=checkout, check=False, timeout=60,
+    )
+    return result.stdout.strip() or f"unknown ({result.stderr.strip()[-200:]})"
+
+
 def start_sealing_proxy(
     cleanup: Cleanup,
     work: Path,
@@ -326,14 +348,11 @@ def start_sealing_proxy(
     env: dict[str, str],
     checkout: Path = REPO,
 ) -> Server:
-    """`pgseal serve` from `checkout`: with its own .venv's interpreter when it has one
-    (its own compiled build), else with ours from that directory (`-m` imports from there)."""
+    """`pgseal serve` from `checkout` (see checkout_python)."""
     log_path = work / f"{config.stem}.log"
     log = log_path.open("wb")
-    python = checkout / ".venv" / "bin" / "python"
     proc = subprocess.Popen(
-        [str(python) if checkout != REPO and python.exists() else sys.executable,
-         "-m", "proxy", "serve", "--config", str(config)],
+        [checkout_python(checkout), "-m", "proxy", "serve", "--config", str(config)],
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=log,
@@ -813,7 +832,9 @@ def main(plan: EncPlan) -> int:
         proxy = start_sealing_proxy(cleanup, work, config, port, env)
         assert proxy.pid is not None
         pid = proxy.pid
-        payload["build"] = "compiled" if running_compiled() else f"pure ({PURE_REASON})"
+        payload["build"] = (
+            "compiled" if running_compiled() else f"pure ({PURE_REASON or 'no compiled build'})"
+        )
         print(f"bench: pgseal build: {payload['build']}", flush=True)
         pure_proxy = None
         if plan.pure:
@@ -828,7 +849,12 @@ def main(plan: EncPlan) -> int:
             base_proxy = start_sealing_proxy(
                 cleanup, work, base_config, base_port, env, Path(plan.baseline).resolve()
             )
-            print(f"bench: baseline pgseal from {plan.baseline}", flush=True)
+            payload["baseline_build"] = checkout_build(Path(plan.baseline).resolve())
+            print(
+                f"bench: baseline pgseal from {plan.baseline}, build: "
+                f"{payload['baseline_build']}",
+                flush=True,
+            )
         pg_pid = postmaster_pid(pg)
         print(
             f"bench: {plan.rows:,} rows x {plan.tenants} tenants into bench_secure (through "
