@@ -325,19 +325,37 @@ def checkout_python(checkout: Path) -> str:
     return str(python) if checkout != REPO and python.exists() else sys.executable
 
 
-def checkout_build(checkout: Path) -> str:
-    """Which build pgseal runs from `checkout`, as payload["build"] says it for this one: a
-    baseline that fell back to the pure build would make every comparison meaningless."""
-    probe = (
-        "import proxy, proxy._native as n; "
-        "print('compiled' if n.running_compiled() else "
-        "f'pure ({proxy.PURE_REASON or \"no compiled build\"})')"
-    )
+def _probe(checkout: Path, code: str) -> str:
     result = subprocess.run(
-        [checkout_python(checkout), "-W", "ignore", "-c", probe],
+        [checkout_python(checkout), "-W", "ignore", "-c", code],
         capture_output=True, text=True, cwd=checkout, check=False, timeout=60,
     )
     return result.stdout.strip() or f"unknown ({result.stderr.strip()[-200:]})"
+
+
+def checkout_build(checkout: Path) -> str:
+    """Which build pgseal runs from `checkout`, as payload["build"] says it for this one: a
+    baseline that fell back to the pure build would make every comparison meaningless."""
+    return _probe(
+        checkout,
+        "import proxy, proxy._native as n; "
+        "print('compiled' if n.running_compiled() else "
+        "f'pure ({proxy.PURE_REASON or \"no compiled build\"})')",
+    )
+
+
+def checkout_interpreter(checkout: Path) -> str:
+    """The Python that runs pgseal from `checkout`: its version, and whether libpython is a
+    shared library (a pyenv or source build, by default without PGO or LTO) or linked into
+    the executable (a distribution's build): the same code differs by 15-20% of the proxy's
+    CPU between the two (bench/README.md), more than most changes one would compare."""
+    return _probe(
+        checkout,
+        "import os, platform, sys; maps = open('/proc/self/maps').read(); "
+        "kind = 'shared' if 'libpython' in maps else 'linked in'; "
+        "print(f\"{platform.python_implementation()} {platform.python_version()}, "
+        "libpython {kind} ({os.path.realpath(sys.executable)})\")",
+    )
 
 
 def start_sealing_proxy(
@@ -835,7 +853,8 @@ def main(plan: EncPlan) -> int:
         payload["build"] = (
             "compiled" if running_compiled() else f"pure ({PURE_REASON or 'no compiled build'})"
         )
-        print(f"bench: pgseal build: {payload['build']}", flush=True)
+        payload["interpreter"] = checkout_interpreter(REPO)
+        print(f"bench: pgseal build: {payload['build']}, {payload['interpreter']}", flush=True)
         pure_proxy = None
         if plan.pure:
             pure_port = free_port()
@@ -850,9 +869,10 @@ def main(plan: EncPlan) -> int:
                 cleanup, work, base_config, base_port, env, Path(plan.baseline).resolve()
             )
             payload["baseline_build"] = checkout_build(Path(plan.baseline).resolve())
+            payload["baseline_interpreter"] = checkout_interpreter(Path(plan.baseline).resolve())
             print(
                 f"bench: baseline pgseal from {plan.baseline}, build: "
-                f"{payload['baseline_build']}",
+                f"{payload['baseline_build']}, {payload['baseline_interpreter']}",
                 flush=True,
             )
         pg_pid = postmaster_pid(pg)

@@ -29,9 +29,45 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-PY="${PYTHON:-python3}"
+# The interpreter for .venv; PYTHON overrides. What each candidate is, printed by itself:
+# "shared" or "linked" (is libpython a separate shared library?), or nothing when it cannot
+# hold pgseal's build (Python 3.11+, venv with pip, Python.h for the compiled modules).
+describe_python() {
+  "$1" - 2>/dev/null <<'PYEOF'
+import os, sys, sysconfig
+if sys.version_info >= (3, 11) and sys.implementation.name == "cpython":
+    import ensurepip, venv  # noqa: F401  (Debian ships ensurepip apart, in python3-venv)
+    if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        with open("/proc/self/maps") as maps:
+            print("shared" if "libpython" in maps.read() else "linked")
+PYEOF
+}
+# A distribution's python3 (Debian, Ubuntu, Fedora) is built with profile-guided and
+# link-time optimization into one executable. A pyenv or plain source build is, by default,
+# neither, and loads libpython as a shared library: calls into the interpreter then go
+# through the PLT, and the proxy's encrypted data path costs 15-20% more CPU per
+# transaction (bench/README.md). So a candidate with libpython linked in comes first.
+pick_python() {
+  local cand kind first=""
+  for cand in python3 /usr/bin/python3 python3.13 python3.12 python3.11; do
+    command -v "$cand" >/dev/null 2>&1 || continue
+    kind="$(describe_python "$cand" || true)"
+    [ -n "$kind" ] || continue
+    if [ "$kind" = linked ]; then echo "$cand"; return; fi
+    [ -n "$first" ] || first="$cand"
+  done
+  echo "${first:-python3}"
+}
 if [ ! -x .venv/bin/python ]; then
+  PY="${PYTHON:-$(pick_python)}"
+  echo "pgseal: creating .venv with $PY ($(command -v "$PY"))" >&2
   "$PY" -m venv .venv
+elif [ -z "${PYTHON:-}" ] && [ "$(describe_python .venv/bin/python || true)" = shared ]; then
+  better="$(pick_python)"
+  if [ "$(describe_python "$better" || true)" = linked ]; then
+    echo "pgseal: .venv runs on a Python with a shared libpython; $better has it linked in" \
+      "and runs the proxy faster: rm -rf .venv && make bootstrap" >&2
+  fi
 fi
 stamp=.venv/.pgseal-installed
 # Reinstalled when the project changed, or when the compiled build no longer matches its
