@@ -31,6 +31,7 @@ ciphers are cached per column), and `close()` it when the DEK is evicted.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -56,6 +57,7 @@ __all__ = [
     "CellHeader",
     "CellKey",
     "cell_key_id",
+    "random_nonce",
     "read_cell_header",
     "wipe",
 ]
@@ -72,6 +74,50 @@ DEK_LEN: Final = 32
 
 AAD_LABEL: Final = b"pgseal/v1"
 HKDF_SALT: Final = b"pgseal/v1/hkdf"
+
+# GCM nonces are read from the kernel's CSPRNG a block at a time: one getrandom() per
+# 341 nonces instead of one per sealed value (each a system call, and a release of the
+# GIL that wakes any thread waiting for it). What makes a random nonce safe is that the
+# same bytes are never used twice under one key, so every byte of a block is handed out
+# once: under a lock (a caller on another thread), and a forked child drops the block it
+# inherited, whose next bytes its parent hands out too. OpenSSL's RAND_bytes works the
+# same way (a DRBG in the process, reseeded on fork). The block holds only future
+# nonces, which every cell stores in the clear anyway.
+NONCE_BLOCK: Final = 4092
+
+
+class _NonceBlock:
+    __slots__ = ("at", "block", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.block = b""
+        self.at = 0
+
+    def take(self, n: int) -> bytes:
+        with self.lock:
+            at = self.at
+            end = at + n
+            if end > len(self.block):
+                self.block = os.urandom(max(NONCE_BLOCK, n))
+                at, end = 0, n
+            self.at = end
+            return self.block[at:end]
+
+    def forget(self) -> None:
+        # A new lock too: a thread of the parent may have held the old one at the fork.
+        self.lock = threading.Lock()
+        self.block = b""
+        self.at = 0
+
+
+_NONCES = _NonceBlock()
+os.register_at_fork(after_in_child=_NONCES.forget)
+
+
+def random_nonce(n: int) -> bytes:
+    """`n` unpredictable bytes from the kernel's CSPRNG, never handed out twice (see above)."""
+    return _NONCES.take(n)
 
 MAX_KEY_ID: Final = 0xFFFF_FFFF
 # Both length prefixes in the associated data are u16.
@@ -194,7 +240,7 @@ class CellKey:
         tenant: str,
         dek: bytes | bytearray,
         *,
-        random_nonce: Callable[[int], bytes] = os.urandom,
+        random_nonce: Callable[[int], bytes] = random_nonce,
     ) -> None:
         if not 0 <= key_id <= MAX_KEY_ID:
             raise ValueError("key_id must fit in an unsigned 32-bit integer")

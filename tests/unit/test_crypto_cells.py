@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -14,12 +16,14 @@ from hypothesis import strategies as st
 
 from proxy.crypto import deterministic
 from proxy.crypto.cells import (
+    NONCE_BLOCK,
     SUITE_DETERMINISTIC,
     SUITE_RANDOMIZED,
     CellError,
     CellHeader,
     CellKey,
     cell_key_id,
+    random_nonce,
     read_cell_header,
     wipe,
 )
@@ -520,9 +524,9 @@ def test_open_fails_opaquely_before_reading_a_header() -> None:
             assert_opaque(read_cell_header, form(cell))
 
 
-def test_nonce_source_default_is_os_urandom_and_injected_ones_are_checked() -> None:
+def test_nonce_source_default_is_the_block_reader_and_injected_ones_are_checked() -> None:
     # The key's own nonce source (a compiled CellKey has no signature to read the default from).
-    assert CellKey(1, "t", DEK)._random_nonce is os.urandom
+    assert CellKey(1, "t", DEK)._random_nonce is random_nonce
     for bad in (b"", bytes(11), bytes(13), bytes(16)):
         k = CellKey(1, "t", DEK, random_nonce=constant_nonce(bad))
         with pytest.raises(ValueError, match=r"^random_nonce returned the wrong number of bytes$"):
@@ -532,3 +536,58 @@ def test_nonce_source_default_is_os_urandom_and_injected_ones_are_checked() -> N
     k = key()
     nonces = {k.seal(COLUMN, b"same", deterministic=False)[6:18] for _ in range(200)}
     assert len(nonces) == 200
+
+
+def test_random_nonce_never_hands_out_the_same_bytes_twice() -> None:
+    # Across several blocks, and for lengths that do not divide one (a block's tail too
+    # short for the next nonce is skipped, never reused).
+    seen: set[bytes] = set()
+    drawn = 0
+    for n in (12, 12, 7, 12, 64, 12) * (3 * NONCE_BLOCK // 100):
+        nonce = random_nonce(n)
+        assert len(nonce) == n
+        seen.add(nonce)
+        drawn += 1
+    assert len(seen) == drawn
+    big = random_nonce(NONCE_BLOCK + 5)  # more than a block at once
+    assert len(big) == NONCE_BLOCK + 5 and big not in seen
+
+
+def test_random_nonce_from_many_threads_are_all_different() -> None:
+    per_thread, results = 3000, []
+
+    def draw() -> None:
+        results.append([random_nonce(12) for _ in range(per_thread)])
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=draw) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    nonces = [n for batch in results for n in batch]
+    assert len(nonces) == 8 * per_thread == len(set(nonces))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_never_repeats_its_parents_next_nonces() -> None:
+    random_nonce(12)  # a block is in use when the process forks
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first nonces, to the parent
+        try:
+            os.write(write_end, b"".join(random_nonce(12) for _ in range(4)))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    parents = {random_nonce(12) for _ in range(4)}
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    childs = {data[i : i + 12] for i in range(0, len(data), 12)}
+    assert len(childs) == 4
+    assert not parents & childs
