@@ -29,9 +29,12 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# The interpreter for .venv; PYTHON overrides. What each candidate is, printed by itself:
-# "shared" or "linked" (is libpython a separate shared library?), or nothing when it cannot
-# hold pgseal's build (Python 3.11+, venv with pip, Python.h for the compiled modules).
+# The interpreter .venv is created with (PYTHON= chooses it; it only counts when .venv is
+# created). Candidates, in order:
+PGSEAL_PYTHONS="${PGSEAL_PYTHONS:-python3 /usr/bin/python3 python3.13 python3.12 python3.11}"
+# What a candidate is, printed by itself: "shared X.Y" or "linked X.Y" (is libpython a
+# separate shared library?), or nothing when it cannot hold pgseal's build (CPython 3.11+,
+# venv with pip, Python.h for the compiled modules).
 describe_python() {
   "$1" - 2>/dev/null <<'PYEOF'
 import os, sys, sysconfig
@@ -39,34 +42,48 @@ if sys.version_info >= (3, 11) and sys.implementation.name == "cpython":
     import ensurepip, venv  # noqa: F401  (Debian ships ensurepip apart, in python3-venv)
     if os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
         with open("/proc/self/maps") as maps:
-            print("shared" if "libpython" in maps.read() else "linked")
+            kind = "shared" if "libpython" in maps.read() else "linked"
+        print(kind, "%d.%d" % sys.version_info[:2])
 PYEOF
 }
-# A distribution's python3 (Debian, Ubuntu, Fedora) is built with profile-guided and
-# link-time optimization into one executable. A pyenv or plain source build is, by default,
-# neither, and loads libpython as a shared library: calls into the interpreter then go
-# through the PLT, and the proxy's encrypted data path costs 15-20% more CPU per
-# transaction (bench/README.md). So a candidate with libpython linked in comes first.
+# Debian's and Ubuntu's python3 is built with profile-guided and link-time optimization
+# into one executable. A pyenv build is, by default, neither, and loads libpython as a
+# shared library: the proxy's encrypted data path then costs 15-20% more CPU per
+# transaction (bench/README.md). A libpython linked in is only a sign of the first kind
+# (a plain source build has it too, Fedora's optimized python3 has it shared), so it
+# decides only between candidates of the same version as the first usable one, which
+# stays the choice otherwise: a newer Python is never picked for it.
 pick_python() {
-  local cand kind first=""
-  for cand in python3 /usr/bin/python3 python3.13 python3.12 python3.11; do
+  local cand kind first="" first_version=""
+  for cand in $PGSEAL_PYTHONS; do
     command -v "$cand" >/dev/null 2>&1 || continue
     kind="$(describe_python "$cand" || true)"
     [ -n "$kind" ] || continue
-    if [ "$kind" = linked ]; then echo "$cand"; return; fi
-    [ -n "$first" ] || first="$cand"
+    if [ -z "$first" ]; then
+      first="$cand" first_version="${kind#* }"
+    fi
+    if [ "$kind" = "linked $first_version" ]; then echo "$cand"; return; fi
   done
   echo "${first:-python3}"
 }
+python_identity() {
+  "$1" -c 'import os, platform, sys; print(platform.python_version(), os.path.realpath(sys.executable))' 2>/dev/null || true
+}
 if [ ! -x .venv/bin/python ]; then
   PY="${PYTHON:-$(pick_python)}"
-  echo "pgseal: creating .venv with $PY ($(command -v "$PY"))" >&2
+  echo "pgseal: creating .venv with Python $(python_identity "$PY")" >&2
   "$PY" -m venv .venv
-elif [ -z "${PYTHON:-}" ] && [ "$(describe_python .venv/bin/python || true)" = shared ]; then
+elif [ -n "${PYTHON:-}" ]; then
+  if [ "$(python_identity .venv/bin/python)" != "$(python_identity "$PYTHON")" ]; then
+    echo "pgseal: .venv exists with Python $(python_identity .venv/bin/python); PYTHON=$PYTHON" \
+      "counts only when .venv is created: rm -rf .venv first" >&2
+  fi
+else
+  mine="$(describe_python .venv/bin/python || true)"
   better="$(pick_python)"
-  if [ "$(describe_python "$better" || true)" = linked ]; then
+  if [ "${mine%% *}" = shared ] && [ "$(describe_python "$better" || true)" = "linked ${mine#* }" ]; then
     echo "pgseal: .venv runs on a Python with a shared libpython; $better has it linked in" \
-      "and runs the proxy faster: rm -rf .venv && make bootstrap" >&2
+      "and may run the proxy faster: rm -rf .venv && make bootstrap" >&2
   fi
 fi
 stamp=.venv/.pgseal-installed

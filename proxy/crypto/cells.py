@@ -79,10 +79,15 @@ HKDF_SALT: Final = b"pgseal/v1/hkdf"
 # 341 nonces instead of one per sealed value (each a system call, and a release of the
 # GIL that wakes any thread waiting for it). What makes a random nonce safe is that the
 # same bytes are never used twice under one key, so every byte of a block is handed out
-# once: under a lock (a caller on another thread), and a forked child drops the block it
-# inherited, whose next bytes its parent hands out too. OpenSSL's RAND_bytes works the
-# same way (a DRBG in the process, reseeded on fork). The block holds only future
-# nonces, which every cell stores in the clear anyway.
+# once: under a lock, for callers on other threads (a plain Lock: a signal handler that
+# sealed while this thread held it would deadlock, where an RLock would let it take the
+# same bytes), and a child made by os.fork (directly or through multiprocessing) drops
+# the block it inherited, whose next bytes its parent hands out too. That relies on the
+# fork going through os.fork, which runs the at-fork hooks: nothing in pgseal forks
+# otherwise and goes on running Python (workers are forked before any key exists;
+# subprocesses exec). OpenSSL's RAND_bytes instead compares getpid() on every call, a
+# system call per nonce here. The block holds only future nonces, which every cell
+# stores in the clear anyway.
 NONCE_BLOCK: Final = 4092
 
 
@@ -105,10 +110,11 @@ class _NonceBlock:
             return self.block[at:end]
 
     def forget(self) -> None:
-        # A new lock too: a thread of the parent may have held the old one at the fork.
-        self.lock = threading.Lock()
+        # The inherited bytes go first, so nothing can leave them in place; then a new
+        # lock, as a thread of the parent may have held the old one at the fork.
         self.block = b""
         self.at = 0
+        self.lock = threading.Lock()
 
 
 _NONCES = _NonceBlock()

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.crypto import deterministic
+from proxy.crypto import cells, deterministic
 from proxy.crypto.cells import (
     NONCE_BLOCK,
     SUITE_DETERMINISTIC,
@@ -551,6 +551,20 @@ def test_random_nonce_never_hands_out_the_same_bytes_twice() -> None:
     assert len(seen) == drawn
     big = random_nonce(NONCE_BLOCK + 5)  # more than a block at once
     assert len(big) == NONCE_BLOCK + 5 and big not in seen
+
+
+def test_random_nonce_takes_the_lock() -> None:
+    # Between reading and moving the offset nothing lets another thread in today (compiled,
+    # or in 3.11's interpreter): the lock is for builds where something would (free
+    # threading, a tracer). So: a caller waits while another holds it.
+    taken: list[bytes] = []
+    waiter = threading.Thread(target=lambda: taken.append(random_nonce(12)))
+    with cells._NONCES.lock:
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive() and not taken
+    waiter.join(5)
+    assert len(taken) == 1 and len(taken[0]) == 12
 
 
 def test_random_nonce_from_many_threads_are_all_different() -> None:
