@@ -863,13 +863,14 @@ def main(plan: EncPlan) -> int:
             pure_proxy = start_sealing_proxy(cleanup, work, pure_config, pure_port, pure_env)
         base_proxy = None
         if plan.baseline:
+            baseline = Path(plan.baseline).resolve()
             base_port = free_port()
             base_config = write_config(work, pg, base_port, plan.workers, name="pgseal-base")
             base_proxy = start_sealing_proxy(
-                cleanup, work, base_config, base_port, env, Path(plan.baseline).resolve()
+                cleanup, work, base_config, base_port, env, baseline
             )
-            payload["baseline_build"] = checkout_build(Path(plan.baseline).resolve())
-            payload["baseline_interpreter"] = checkout_interpreter(Path(plan.baseline).resolve())
+            payload["baseline_build"] = checkout_build(baseline)
+            payload["baseline_interpreter"] = checkout_interpreter(baseline)
             print(
                 f"bench: baseline pgseal from {plan.baseline}, build: "
                 f"{payload['baseline_build']}, {payload['baseline_interpreter']}",

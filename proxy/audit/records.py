@@ -355,11 +355,11 @@ def _chain(
         count = _whole(record.count)
         if ts is not last_ts:
             last_ts, ts_text = ts, q(ts)
-        seq_text = int.__repr__(seq)
-        digest = sha256(
-            f'{a}{count}{b},{c}{prev_text},"seq":{seq_text}{d}{ts_text}}}'.encode()
-        ).hexdigest()
-        line = f'{a}{count}{b},"hash":"{digest}",{c}{prev_text},"seq":{seq_text}{d}{ts_text}}}'
+        # Every field before "hash", and every one after it: built once, joined twice.
+        front = f"{a}{count}{b}"
+        back = f'{c}{prev_text},"seq":{int.__repr__(seq)}{d}{ts_text}}}'
+        digest = sha256(f"{front},{back}".encode()).hexdigest()
+        line = f'{front},"hash":"{digest}",{back}'
         prev_text = f'"{digest}"'
         event = record.event
         put(line if lines else SealedLine(seq, digest, line))
