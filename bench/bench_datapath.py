@@ -33,10 +33,9 @@ from proxy.crypto.values import SessionFormat, to_canonical
 from proxy.errors import PgsealError
 from proxy.policy.loader import load_policies
 from proxy.policy.model import PolicySet
-from proxy.server.datapath_shell import ConnectionFacts, audit_records
 from proxy.session import datapath
 from proxy.session.connection import ProxySession, WriteAudit
-from proxy.session.datapath import AuditNote, DataPath, SessionInfo
+from proxy.session.datapath import AuditNote, ConnectionFacts, DataPath, SessionInfo, audit_records
 from proxy.wire import messages as m
 
 SECURE_OID = 40001

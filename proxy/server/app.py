@@ -249,7 +249,7 @@ class Pump:
             self._flush()
 
     def connection_facts(self) -> Any:
-        from proxy.server.datapath_shell import ConnectionFacts
+        from proxy.session.datapath import ConnectionFacts
 
         startup = self.session.startup
         peer = self.client_transport.get_extra_info("peername") if self.client_transport else None

@@ -1,18 +1,23 @@
 """What the shell gives the data path: the key cache as a synchronous KeyRing,
-key fetching on a miss, and audit records for data-path key uses."""
+key fetching on a miss, and the data path's audit records queued and written in batches."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from proxy.audit.records import AuditRecord
 from proxy.crypto.cells import CellKey
 from proxy.errors import KeyServiceUnavailable, PgsealError
 from proxy.policy.model import PolicySet
-from proxy.session.datapath import AuditNote, DataPath, SessionInfo
+from proxy.session.datapath import (
+    AuditNote,
+    ConnectionFacts,
+    DataPath,
+    SessionInfo,
+    audit_records,
+)
 
 if TYPE_CHECKING:
     from proxy.audit.trail import AuditTrail
@@ -107,37 +112,6 @@ class CacheKeyRing:
             if key_id is not None and self.destroyed(key_id) is not None:
                 continue
             raise result
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionFacts:
-    """Who is on a connection, for audit records."""
-
-    db_user: str
-    database: str
-    application_name: str | None
-    client_addr: str | None
-    session: str
-
-
-def audit_records(notes: tuple[AuditNote, ...], facts: ConnectionFacts) -> list[AuditRecord]:
-    # Positional, in AuditRecord's field order (keyword matching of its 16 parameters was
-    # a fifth of the cost; this runs on the event loop). Validation is AuditRecord.__init__'s,
-    # as for every record. tests/unit/test_audit_chain.py checks the order against keyword
-    # construction.
-    user, database, app = facts.db_user, facts.database, facts.application_name
-    addr, session = facts.client_addr, facts.session
-    return [
-        AuditRecord(
-            # event, tenant, key_id, key_version, kek, table, columns, count,
-            note.event, note.tenant, note.key_id, None, None, note.table, note.columns, note.count,
-            # db_user, database, application_name, client_addr, session,
-            user, database, app, addr, session,
-            # statement, outcome, error
-            note.statement, note.outcome, note.error,
-        )
-        for note in notes
-    ]
 
 
 class DataPathRuntime:

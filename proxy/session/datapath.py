@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from proxy.audit.records import AuditRecord
 from proxy.crypto.cells import CellError, CellKey, cell_key_id
 from proxy.crypto.values import (
     TYPE_INFO,
@@ -204,6 +205,42 @@ class AuditNote:
         object.__setattr__(self, "statement", statement)
         object.__setattr__(self, "outcome", outcome)
         object.__setattr__(self, "error", error)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFacts:
+    """Who is on a connection, for audit records (the shell knows it; see audit_records)."""
+
+    db_user: str
+    database: str
+    application_name: str | None
+    client_addr: str | None
+    session: str
+
+
+def audit_records(notes: Sequence[AuditNote], facts: ConnectionFacts) -> list[AuditRecord]:
+    """The audit records of a connection's notes. Here rather than in the shell because it
+    runs on the event loop for every statement that used a key: compiled, each record is a
+    direct call of AuditRecord's constructor, without matching 16 arguments at run time.
+    Validation is AuditRecord.__init__'s, as for every record; the arguments are positional,
+    in its field order (tests/unit/test_audit_chain.py checks the order against keyword
+    construction)."""
+    user, database, app = facts.db_user, facts.database, facts.application_name
+    addr, session = facts.client_addr, facts.session
+    records: list[AuditRecord] = []
+    for note in notes:
+        records.append(
+            AuditRecord(
+                # event, tenant, key_id, key_version, kek, table, columns, count,
+                note.event, note.tenant, note.key_id, None, None, note.table, note.columns,
+                note.count,
+                # db_user, database, application_name, client_addr, session,
+                user, database, app, addr, session,
+                # statement, outcome, error
+                note.statement, note.outcome, note.error,
+            )
+        )
+    return records
 
 
 class Refused(PgsealError):

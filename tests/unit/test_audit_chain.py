@@ -29,8 +29,7 @@ from proxy.audit.records import (
     record_hash,
     verify_lines,
 )
-from proxy.server.datapath_shell import ConnectionFacts, audit_records
-from proxy.session.datapath import AuditNote
+from proxy.session.datapath import AuditNote, ConnectionFacts, audit_records
 from tests.support.build import COMPILED
 
 
