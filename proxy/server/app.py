@@ -25,7 +25,7 @@ import socket
 import ssl
 import sys
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from proxy._native import build_name
 from proxy.config import Config, HostPort
@@ -42,6 +42,9 @@ from proxy.session.connection import (
 )
 from proxy.session.connection import fatal as fatal_error
 from proxy.wire import messages as m
+
+if TYPE_CHECKING:  # the data path (and sqlglot) loads only when a policy is in force
+    from proxy.session.datapath import ConnectionFacts
 
 log = logging.getLogger("pgseal.server")
 
@@ -145,7 +148,7 @@ class Pump:
         self.upstream_transport: asyncio.Transport | None = None
         self.closed = False
         self.draining = False  # shutdown asked us to end when idle
-        self._facts: Any = None  # who is on this connection, for audit records (computed once)
+        self._facts: ConnectionFacts | None = None  # who is on it, for audit records (once)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- plumbing ------------------------------------------------------------------
@@ -248,7 +251,7 @@ class Pump:
         if not self.closed:
             self._flush()
 
-    def connection_facts(self) -> Any:
+    def connection_facts(self) -> ConnectionFacts:
         from proxy.session.datapath import ConnectionFacts
 
         startup = self.session.startup
@@ -256,7 +259,10 @@ class Pump:
         key = self.session.backend_key
         return ConnectionFacts(
             db_user=(startup.get("user") if startup else None) or "",
-            database=(startup.get("database") if startup else None) or "",
+            # As PostgreSQL does (and SessionInfo): no database named means the user's.
+            database=(
+                (startup.get("database") or startup.get("user") if startup else None) or ""
+            ),
             application_name=self.session.parameters.get("application_name"),
             client_addr=f"{peer[0]}:{peer[1]}" if peer else None,
             session=f"{key.pid}" if key else "",

@@ -63,6 +63,36 @@ def test_pure_modules_in_shell_packages(module: str) -> None:
     assert not bad, f"{module} imports I/O or shell code: {', '.join(bad)}"
 
 
+# What importing the pure core may not load, even indirectly (a package's __init__, say):
+# event loops, drivers, the HSM, and the shell's own modules. (Not socket or ssl: the standard
+# library loads them for its own ends, e.g. email.utils under importlib.metadata.)
+NOT_LOADED_BY_PURE = ("asyncio", "asyncpg", "aiocache", "pkcs11", "psycopg", "uvloop")
+
+
+def test_importing_the_pure_core_loads_no_io() -> None:
+    modules = [
+        "proxy.wire.messages", "proxy.session.datapath", "proxy.session.connection",
+        "proxy.rewrite.analyzer", "proxy.crypto.values", "proxy.policy.loader",
+        *PURE_IN_SHELL,
+    ]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    loaded = set(result.stdout.split())
+    bad = sorted(
+        m
+        for m in loaded
+        if m.split(".")[0] in NOT_LOADED_BY_PURE
+        or (m.startswith(("proxy.server", "proxy.keys", "proxy.audit.")) and m not in PURE_IN_SHELL)
+    )
+    assert not bad, f"importing the pure core loads: {', '.join(bad)}"
+
+
 def _tool(name: str) -> str:
     exe = Path(sys.executable).parent / name
     if exe.exists():
