@@ -39,6 +39,7 @@ from proxy.session.connection import (
     ProxySession,
     StartClientTls,
     WriteAudit,
+    startup_database,
 )
 from proxy.session.connection import fatal as fatal_error
 from proxy.wire import messages as m
@@ -259,10 +260,7 @@ class Pump:
         key = self.session.backend_key
         return ConnectionFacts(
             db_user=(startup.get("user") if startup else None) or "",
-            # As PostgreSQL does (and SessionInfo): no database named means the user's.
-            database=(
-                (startup.get("database") or startup.get("user") if startup else None) or ""
-            ),
+            database=startup_database(startup) if startup else "",
             application_name=self.session.parameters.get("application_name"),
             client_addr=f"{peer[0]}:{peer[1]}" if peer else None,
             session=f"{key.pid}" if key else "",

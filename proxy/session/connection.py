@@ -146,6 +146,11 @@ Effect = StartClientTls | ConnectUpstream | ForwardCancel | FetchKeys | WriteAud
 DataPathFactory = Callable[["SessionInfo", dict[str, str]], "DataPath"]
 
 
+def startup_database(startup: m.StartupMessage) -> str:
+    """The database PostgreSQL connects to: the one named, or else the user's."""
+    return startup.get("database") or startup.get("user") or ""
+
+
 def startup_tenant(startup: m.StartupMessage) -> str | None:
     """pgseal.tenant from the startup packet: a parameter of its own, or `-c` in options."""
     direct = startup.get("pgseal.tenant")
@@ -594,7 +599,7 @@ class ProxySession:
 
                 info = SessionInfo(
                     user=self.startup.get("user") or "",
-                    database=self.startup.get("database") or self.startup.get("user") or "",
+                    database=startup_database(self.startup),
                     startup_tenant=startup_tenant(self.startup),
                     extra_float_digits=int(digits) if digits.lstrip("-").isdigit() else 1,
                     bytea_output=self.startup.get("bytea_output") or "hex",
