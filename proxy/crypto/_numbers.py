@@ -426,6 +426,12 @@ _SIGNED_GROUPS: Final = tuple(struct.Struct(f">{n}h") for n in range(_SHORT_GROU
 # _SHORT_GROUPS groups, and int() of it is far below Python's digit limit.
 _SHORT_DIGITS: Final = 4 * _SHORT_GROUPS - 3
 _ALIGN: Final = (1, 10, 100, 1000)
+# numeric_text's integer path: values of up to _FAST_GROUPS groups whose last
+# stored digit is within _FAST_SHIFT decimal places of the display scale, so
+# the integer it prints stays short (far from int-to-str's quadratic sizes).
+_FAST_GROUPS: Final = 8
+_FAST_SHIFT: Final = 64
+_POW10: Final = tuple(10**i for i in range(_FAST_SHIFT))
 
 _NUMERIC_RE: Final = re.compile(
     r"[ \t\n\r\v\f]*([+-]?)(?:([0-9]+)(?:\.([0-9]*))?|\.([0-9]+))(?:[eE]([+-]?[0-9]+))?"
@@ -472,23 +478,40 @@ def _numeric_pack(negative: bool, digits: str, dexp: int, dscale: int) -> bytes:
         raise _numeric_overflow()
     if len(digits) <= _SHORT_DIGITS:
         # The usual, short case. Read the digits as one integer, align its last
-        # digit to a base-10000 boundary (multiply by 10**(dexp % 4)) and divide
-        # it into base-10000 digits, dropping the zero ones at the end: one int()
-        # and a few divmods are cheaper than stripping, padding and slicing.
-        value = int(digits) if digits else 0
+        # digit to a base-10000 boundary (multiply by 10**(dexp % 4)), drop the
+        # zero base-10000 digits at the end and divide the rest into base-10000
+        # digits: one int() and a few divisions are cheaper than stripping,
+        # padding and slicing.
+        value: int = int(digits) if digits else 0
         if not value:
             return _NUMERIC_HEAD.pack(0, 0, NUMERIC_POS, dscale)
         shift = dexp % 4
         value *= _ALIGN[shift]
         dexp -= shift
-        value, group = divmod(value, 10000)
-        while not group:
-            value, group = divmod(value, 10000)
+        while not value % 10000:
+            value //= 10000
             dexp += 4
-        groups = [group]
+        if value < 1000000000000:
+            # Up to three groups, the usual sizes: packed with no list and no *args.
+            ndigits = 1 if value < 10000 else 2 if value < 100000000 else 3
+            weight = dexp // 4 + ndigits - 1
+            if weight > NUMERIC_WEIGHT_MAX or weight < NUMERIC_WEIGHT_MIN:
+                raise _numeric_overflow()
+            sign = NUMERIC_NEG if negative else NUMERIC_POS
+            if ndigits == 1:
+                return _NUMERIC_STRUCTS[1].pack(1, weight, sign, dscale, value)
+            if ndigits == 2:
+                return _NUMERIC_STRUCTS[2].pack(
+                    2, weight, sign, dscale, value // 10000, value % 10000
+                )
+            return _NUMERIC_STRUCTS[3].pack(
+                3, weight, sign, dscale, value // 100000000, value // 10000 % 10000,
+                value % 10000,
+            )
+        groups: list[int] = []
         while value > 0:  # not `while value`: it would never end for a negative one
-            value, group = divmod(value, 10000)
-            groups.append(group)
+            groups.append(value % 10000)
+            value //= 10000
         groups.reverse()
     else:
         # Up to 131072 digits (past int()'s digit limit): strip, pad and slice.
@@ -521,6 +544,19 @@ def numeric_from_text(text: str) -> bytes:
     The display scale is kept ('1.50' stays 1.50), the exponent applied
     ('1.5e3' is 1500 with scale 0), '-0' becomes 0.
     """
+    if text.isascii():
+        # The usual spelling, '-123.45': an optional '-', then digits around at
+        # most one point. On ASCII, isdigit() is [0-9]+, so it holds exactly when
+        # both parts are digits or empty and not both empty, as the regex wants;
+        # the call below is then the one the regex path makes. Anything else
+        # (spaces, '+', an exponent, a special) takes the regex.
+        negative = text.startswith("-")
+        # (Names of their own: mypyc types a local by its first assignment, and the
+        # regex path below assigns None to its whole and frac.)
+        int_part, _point, frac_part = (text[1:] if negative else text).partition(".")
+        all_digits = int_part + frac_part
+        if all_digits.isdigit():
+            return _numeric_pack(negative, all_digits, -len(frac_part), len(frac_part))
     m = _NUMERIC_RE.fullmatch(text)
     if m is None:
         special = _NUMERIC_SPECIALS.get(text.strip(PG_SPACE).lower())
@@ -588,14 +624,43 @@ def numeric_check(data: bytes) -> None:
 
 def numeric_text(data: bytes) -> str:
     """numeric_out for a normalized binary numeric: e.g. '1.50', '-0.001', 'NaN'."""
+    # Declared int so that mypyc does the arithmetic below on native ints.
+    ndigits: int
+    weight: int
+    sign: int
+    dscale: int
     ndigits, weight, sign, dscale = _NUMERIC_HEAD.unpack_from(data)
     if sign in _NUMERIC_SPECIAL_TEXT:
         return _NUMERIC_SPECIAL_TEXT[sign]
+    groups: tuple[int, ...]
     if ndigits <= _SHORT_GROUPS:
         groups = _UNSIGNED_GROUPS[ndigits].unpack_from(data, _NUMERIC_HEAD.size)
     else:
         groups = struct.unpack_from(f">{ndigits}H", data, _NUMERIC_HEAD.size)
-    # Base-10000 digits at positions weight, weight-1, ...; integer part is
+    # Decimal places from the last stored digit to the last displayed one.
+    shift: int = dscale - 4 * (ndigits - 1 - weight)
+    if ndigits <= _FAST_GROUPS and -_FAST_SHIFT < shift < _FAST_SHIFT:
+        # The usual case: the value as one integer in units of 10**-dscale (the
+        # stored digits past dscale cut off, as the slicing below does), printed
+        # once, zero-padded to one digit before the point.
+        value: int = 0
+        for group in groups:
+            if group > 9999:
+                break  # not a base-10000 digit: printed as it always was, below
+            value = value * 10000 + group
+        else:
+            value = value * _POW10[shift] if shift >= 0 else value // _POW10[-shift]
+            if not dscale:
+                text = str(value)
+            elif weight < 0:
+                # Below 1, so value < 10**dscale: all of it goes after the point.
+                text = "0." + str(value).zfill(dscale)
+            else:
+                text = str(value).zfill(dscale + 1)
+                text = f"{text[:-dscale]}.{text[-dscale:]}"
+            return "-" + text if sign == NUMERIC_NEG else text
+    # The rest (more groups, digits far from the point, a group above 9999):
+    # base-10000 digits at positions weight, weight-1, ...; integer part is
     # positions >= 0, padded with zero groups up to position 0. One %-format
     # prints every group as (at least) 4 digits, like f"{g:04d}" each.
     digits = ("%04d" * ndigits) % groups

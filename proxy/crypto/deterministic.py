@@ -19,13 +19,15 @@ callers go through.
 
 from __future__ import annotations
 
+from typing import Final
+
 from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 
 #: AES-256-SIV takes two AES-256 keys (CMAC and CTR): 512 bits in all.
-SIV_KEY_LEN = 64
+SIV_KEY_LEN: Final = 64
 
 #: The synthetic IV that starts every SIV ciphertext; it is also the tag.
-SIV_TAG_LEN = 16
+SIV_TAG_LEN: Final = 16
 
 
 class SivCipher:

@@ -32,7 +32,7 @@ import shlex
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.errors import PgsealError
 from proxy.wire import messages as m
@@ -59,7 +59,7 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+_TRANSITIONS: Final[dict[Phase, frozenset[Phase]]] = {
     Phase.STARTUP: frozenset({Phase.STARTUP, Phase.CONNECTING, Phase.CLOSED}),
     Phase.CONNECTING: frozenset({Phase.AUTHENTICATING, Phase.CLOSED}),
     Phase.AUTHENTICATING: frozenset({Phase.READY, Phase.CLOSED}),
@@ -68,34 +68,38 @@ _TRANSITIONS: dict[Phase, frozenset[Phase]] = {
 }
 
 # Server messages looked at, per phase. Everything else passes through as slices.
-_SERVER_HELD_AUTH = held_table(b"RSKE")
-_SERVER_HELD_READY = held_table(b"SK")
-_SERVER_WATCHED = held_table(b"Z")
-_CLIENT_HELD_AUTH = held_table(b"p")
+_SERVER_HELD_AUTH: Final = held_table(b"RSKE")
+_SERVER_HELD_READY: Final = held_table(b"SK")
+_SERVER_WATCHED: Final = held_table(b"Z")
+_CLIENT_HELD_AUTH: Final = held_table(b"p")
 # With a policy loaded, nothing but password messages may pass before the data path is
 # ready (startup answered, catalog query answered): a Query pipelined behind the
 # StartupMessage would otherwise reach PostgreSQL unexamined, or be judged before the
 # proxy knows the role and tenant PostgreSQL started the session with.
-_CLIENT_HELD_ALL = held_table(bytes(sorted(FRONTEND_TYPES)))
-_CLIENT_HELD_READY = held_table(b"X")
-_CLIENT_WATCHED = held_table(b"SQE")
+_CLIENT_HELD_ALL: Final = held_table(bytes(sorted(FRONTEND_TYPES)))
+_CLIENT_HELD_READY: Final = held_table(b"X")
+_CLIENT_WATCHED: Final = held_table(b"SQE")
 # With a policy loaded every statement, bind and result message is looked at, and
 # CopyDone / CopyFail (they tell which Syncs PostgreSQL answers: _drop_ignored_syncs);
 # CopyData, Flush, notices and notifications still pass as slices.
-_CLIENT_HELD_DATAPATH = held_table(b"PBDESQCFXcf")
+_CLIENT_HELD_DATAPATH: Final = held_table(b"PBDESQCFXcf")
 # ... and the client's COPY stream while a COPY FROM STDIN of a protected table runs.
-_CLIENT_HELD_DATAPATH_COPY = held_table(b"PBDESQCFXdcf")
+_CLIENT_HELD_DATAPATH_COPY: Final = held_table(b"PBDESQCFXdcf")
 # + D while a result has cells; + d, c while a COPY TO STDOUT stream has cells
-_SERVER_HELD_DATAPATH = held_table(b"123tTnCsIEZSKGH")
-_COPY_DATA, _COPY_DONE = 0x64, 0x63
-_SYNC, _QUERY, _READY, _DATA_ROW = 0x53, 0x51, 0x5A, 0x44
-_EXECUTE = 0x45
-_ERROR = 0x45  # ErrorResponse (server)
+_SERVER_HELD_DATAPATH: Final = held_table(b"123tTnCsIEZSKGH")
+_COPY_DATA: Final = 0x64
+_COPY_DONE: Final = 0x63
+_SYNC: Final = 0x53
+_QUERY: Final = 0x51
+_READY: Final = 0x5A
+_DATA_ROW: Final = 0x44
+_EXECUTE: Final = 0x45
+_ERROR: Final = 0x45  # ErrorResponse (server)
 # The hot path compares against a plain global: `Phase.READY` is an attribute lookup
 # through EnumType.__getattr__ on every message.
-_PHASE_READY = Phase.READY
+_PHASE_READY: Final = Phase.READY
 
-SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+SCRAM_PLUS: Final = "SCRAM-SHA-256-PLUS"
 
 
 # --- effects: what only the I/O shell can do -----------------------------------------

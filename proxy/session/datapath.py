@@ -39,10 +39,11 @@ import binascii
 import enum
 import re
 import struct
+from binascii import a2b_hex
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from proxy.audit.records import AuditRecord
 from proxy.crypto.cells import CellError, CellKey, cell_key_id
@@ -79,36 +80,37 @@ from proxy.session.tenant import TenantTracker, TrackerSnapshot
 from proxy.wire import messages as m
 from proxy.wire.framing import Frame, ProtocolViolation
 
-BYTEA_OID = 17
-BYTEA_ARRAY_OID = 1001
-TEXT_OIDS = frozenset({25, 1043, 19, 18, 1042, 0})  # text, varchar, name, char, bpchar, unknown
-OID_TO_TYPE = {info.oid: name for name, info in TYPE_INFO.items()}
+BYTEA_OID: Final = 17
+BYTEA_ARRAY_OID: Final = 1001
+# text, varchar, name, char, bpchar, unknown
+TEXT_OIDS: Final = frozenset({25, 1043, 19, 18, 1042, 0})
+OID_TO_TYPE: Final = {info.oid: name for name, info in TYPE_INFO.items()}
 
 # Settings that change how values print and that PostgreSQL does not report in
 # ParameterStatus: the proxy tracks them itself (see DataPath.output_settings).
-_OUTPUT_SETTINGS = ("extra_float_digits", "bytea_output")
+_OUTPUT_SETTINGS: Final = ("extra_float_digits", "bytea_output")
 # COMMIT / ROLLBACK AND CHAIN: a new block starts at once ("AND NO CHAIN" does not match).
 # The functions libpq's lo_* calls through FunctionCall (fixed OIDs of pg_proc): they change
 # no setting. Any other FunctionCall leaves the tracked tenant and role uncertain.
-_LARGE_OBJECT_FUNCTIONS = frozenset(
+_LARGE_OBJECT_FUNCTIONS: Final = frozenset(
     (715, 764, 765, 952, 953, 954, 955, 956, 957, 958, 964, 1004, 3170, 3171, 3172)
 )
-_PREPARE_TRANSACTION_RE = re.compile(r"\s*PREPARE\s+TRANSACTION\b", re.IGNORECASE)
-_AND_CHAIN_RE = re.compile(r"\bAND\s+CHAIN\b", re.IGNORECASE)
-_OUTPUT_SETTING_RE = re.compile(
+_PREPARE_TRANSACTION_RE: Final = re.compile(r"\s*PREPARE\s+TRANSACTION\b", re.IGNORECASE)
+_AND_CHAIN_RE: Final = re.compile(r"\bAND\s+CHAIN\b", re.IGNORECASE)
+_OUTPUT_SETTING_RE: Final = re.compile(
     r"(?is)\s*(?:SET\s+(?:(SESSION|LOCAL)\s+)?(extra_float_digits|bytea_output)\s*(?:=|\sTO\s)\s*"
     r"(?:'([^']*)'|([-+\w]+))\s*|RESET\s+(extra_float_digits|bytea_output)\s*)"
 )
 
 # What a refused statement is replaced with: fails at parse time, carries no value.
-_REFUSED_SQL = "pgseal_refused_statement"
-_REFUSED_STATEMENT = "pgseal.refused"
+_REFUSED_SQL: Final = "pgseal_refused_statement"
+_REFUSED_STATEMENT: Final = "pgseal.refused"
 
 # CopyInResponse, CopyOutResponse, CopyData, CopyDone from the server.
-_COPY_SERVER_TYPES = frozenset(b"GHdc")
+_COPY_SERVER_TYPES: Final = frozenset(b"GHdc")
 
-_I16 = struct.Struct("!h")
-_I32 = struct.Struct("!i")
+_I16: Final = struct.Struct("!h")
+_I32: Final = struct.Struct("!i")
 
 
 class NeedKeys(Exception):
@@ -253,10 +255,10 @@ class Refused(PgsealError):
 
 # --- fingerprints for the audit trail -------------------------------------------------
 
-_LITERAL_RE = re.compile(
+_LITERAL_RE: Final = re.compile(
     r"(?s)E?'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$|\b\d+(?:\.\d+)?(?:[eE][-+]?\d+)?\b"
 )
-_SPACE_RE = re.compile(r"\s+")
+_SPACE_RE: Final = re.compile(r"\s+")
 
 
 def fingerprint(sql: str) -> str:
@@ -420,9 +422,9 @@ class _Compiled:
 # answers and result-format variants. Count limits; a Parse over _COMPILED_MAX_BYTES (bulk
 # INSERTs with inline values, never sent twice) is not remembered at all: the cache must
 # not pin megabytes, nor the plaintext constants in them, after the statement is gone.
-_COMPILED_LIMIT = 128
-_COMPILED_VARIANTS = 16
-_COMPILED_MAX_BYTES = 16 * 1024
+_COMPILED_LIMIT: Final = 128
+_COMPILED_VARIANTS: Final = 16
+_COMPILED_MAX_BYTES: Final = 16 * 1024
 
 
 @dataclass(slots=True)
@@ -462,7 +464,7 @@ class _Kind(enum.Enum):
     CATALOG = "catalog"  # the proxy's own catalog lookup after startup
 
 
-_ENDS_WITH_READY = (_Kind.SYNC, _Kind.QUERY, _Kind.FUNCTION, _Kind.CATALOG)
+_ENDS_WITH_READY: Final = (_Kind.SYNC, _Kind.QUERY, _Kind.FUNCTION, _Kind.CATALOG)
 
 
 @dataclass(frozen=True, slots=True)
@@ -2835,15 +2837,16 @@ def _cell_bytes(value: bytes, fmt: int) -> bytes:
     bytea_output=escape, in escape format: a backslash there is always doubled)."""
     if fmt == 1:
         return value
-    if value[:2] != b"\\x":
+    if len(value) < 2 or value[0] != 0x5C or value[1] != 0x78:  # not b"\\x": escape format
         return _unescape_bytea(value)
     try:
-        return binascii.a2b_hex(memoryview(value)[2:])
+        # A slice (one small copy) costs less than a memoryview and its slice object.
+        return a2b_hex(value[2:])
     except (binascii.Error, ValueError):
         raise without_context(CellError()) from None
 
 
-_ESCAPED_BYTE = re.compile(rb"\\(\\|[0-3][0-7]{2})")
+_ESCAPED_BYTE: Final = re.compile(rb"\\(\\|[0-3][0-7]{2})")
 
 
 def _unescape_bytea(value: bytes) -> bytes:

@@ -29,21 +29,22 @@ byte: length + code) is read with `next_startup_packet`.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 # PostgreSQL's own limit for a frontend message is 1 GiB - 1 (PQ_LARGE_MESSAGE_LIMIT).
-MAX_MESSAGE = (1 << 30) - 1
+MAX_MESSAGE: Final = (1 << 30) - 1
 # Startup packets are small; PostgreSQL refuses ones over 10000 bytes (MAX_STARTUP_PACKET_LENGTH).
-MAX_STARTUP_PACKET = 10000
-STREAM_THRESHOLD = 64 * 1024
+MAX_STARTUP_PACKET: Final = 10000
+STREAM_THRESHOLD: Final = 64 * 1024
 
-_read_u32 = struct.Struct("!I").unpack_from
-_read_head = struct.Struct("!BI").unpack_from  # type and length in one call
+_read_u32: Final = struct.Struct("!I").unpack_from
+_read_head: Final = struct.Struct("!BI").unpack_from  # type and length in one call
 
 # passes_whole's per-type table (a list: CPython indexes lists faster than bytearrays).
 _PASS, _WATCH, _STOP = 0, 1, 2
 
 # Every frontend message type PostgreSQL knows after startup.
-FRONTEND_TYPES = frozenset(b"BCdcfDEHFPpQSX")
+FRONTEND_TYPES: Final = frozenset(b"BCdcfDEHFPpQSX")
 
 
 class ProtocolViolation(Exception):
@@ -291,12 +292,17 @@ class FrameBuffer:
 
     def _length_of(self, buf: bytes | bytearray, pos: int, mtype: int) -> int:
         """The length field of the message at `pos`, after checking it and its type."""
-        (length,) = _read_u32(buf, pos + 1)
+        if isinstance(buf, bytes):
+            # Compiled, four byte reads are ~5x cheaper than a struct call and its tuple
+            # (once per held message: every Bind and DataRow of a protected statement).
+            length = buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
+        else:
+            length = int(_read_u32(buf, pos + 1)[0])
         if length < 4 or length > self.max_message:
             raise ProtocolViolation(self.who, f"invalid message length {length}")
         if self.valid_types is not None and mtype not in self.valid_types:
             raise ProtocolViolation(self.who, f"invalid message type {mtype!r}")
-        return int(length)
+        return length
 
     def _watch(self, mtype: int, pos: int) -> None:
         self.seen[mtype] += 1
@@ -336,10 +342,10 @@ class FrameBuffer:
 
 # --- startup phase -------------------------------------------------------------
 
-PROTOCOL_3_0 = 196608
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
+PROTOCOL_3_0: Final = 196608
+SSL_REQUEST_CODE: Final = 80877103
+GSSENC_REQUEST_CODE: Final = 80877104
+CANCEL_REQUEST_CODE: Final = 80877102
 
 
 def next_startup_packet(buf: bytearray) -> bytes | None:
