@@ -9,12 +9,23 @@ the cost of turning that transaction's audit notes into chained JSON lines.
 
 Deterministic and quiet next to a pgbench run: use it to see what a change to the data
 path saves; the pgbench benchmark (`python -m bench encrypted`) says what it is worth.
+
+`--instructions` counts instead of timing: each transaction runs under valgrind's
+callgrind, and the machine instructions per transaction are the difference between a
+run of 20 and one of 220 transactions, over 200 (start-up, imports and the first,
+cold analysis of each statement cancel out). The count is the same from run to run,
+whatever the host is doing: the measure to compare two builds on a noisy machine
+(`apt-get install valgrind`; about a minute per run).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -303,16 +314,72 @@ def audit_notes(session: ProxySession, script: list[tuple[bytes, bytes]]) -> lis
     return notes
 
 
+def load_bench_policies() -> PolicySet:
+    with tempfile.TemporaryDirectory() as scratch:
+        policy_file = Path(scratch) / "bench-policy.yaml"
+        policy_file.write_text(POLICY_YAML)
+        return load_policies([policy_file])
+
+
+def run_transactions(table: str, count: int) -> None:
+    """The --run mode: `count` transactions and nothing else (what callgrind counts)."""
+    keys = StaticKeyRing()
+    session = connected_session(load_bench_policies(), keys)
+    script = transaction(table == "encrypted", keys.key)
+    for _ in range(count):
+        one_transaction(session, script)
+
+
+INSTRUCTION_RUNS = (20, 220)
+
+
+def count_instructions(table: str) -> float:
+    """Machine instructions per transaction on `table` (see the module doc)."""
+    counts = []
+    for count in INSTRUCTION_RUNS:
+        result = subprocess.run(
+            [
+                "valgrind", "--tool=callgrind", "--callgrind-out-file=" + os.devnull,
+                sys.executable, str(Path(__file__).resolve()), "--run", table, str(count),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        found = re.search(r"Collected : (\d+)", result.stderr)
+        if result.returncode != 0 or found is None:
+            raise SystemExit(f"bench_datapath: valgrind failed:\n{result.stderr[-2000:]}")
+        counts.append(int(found.group(1)))
+    return (counts[1] - counts[0]) / (INSTRUCTION_RUNS[1] - INSTRUCTION_RUNS[0])
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
+    p.add_argument(
+        "--instructions", action="store_true",
+        help="count machine instructions per transaction under valgrind instead of timing",
+    )
+    p.add_argument("--run", nargs=2, metavar=("TABLE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as scratch:
-        policy_file = Path(scratch) / "bench-policy.yaml"
-        policy_file.write_text(POLICY_YAML)
-        policies = load_policies([policy_file])
+    if args.run:
+        run_transactions(args.run[0], int(args.run[1]))
+        return 0
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            print("bench_datapath: --instructions needs valgrind (apt-get install valgrind)")
+            return 1
+        counted = {table: count_instructions(table) for table in ("plain", "encrypted")}
+        print(
+            f"pure core ({build_name()} build) per pgbench transaction, machine instructions "
+            f"(callgrind, runs of {INSTRUCTION_RUNS[0]} and {INSTRUCTION_RUNS[1]}):"
+        )
+        for table, n in counted.items():
+            print(f"  {table + ' table':<17} {n:>10,.0f}")
+        return 0
+    policies = load_bench_policies()
     keys = StaticKeyRing()
     check_opens(connected_session(policies, keys), transaction(True, keys.key))
     per_tx: dict[str, float] = {}

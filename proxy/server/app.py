@@ -207,7 +207,13 @@ class Pump:
                 self._apply(effect)
 
     def _apply(self, effect: Any) -> None:
-        if isinstance(effect, StartClientTls):
+        if isinstance(effect, WriteAudit):  # first: one per statement that used a key
+            runtime = self.server.datapath
+            assert runtime is not None
+            if self._facts is None:
+                self._facts = self.connection_facts()
+            runtime.queue_audit(effect.notes, self._facts)
+        elif isinstance(effect, StartClientTls):
             assert self.client_transport is not None
             self.client_transport.pause_reading()
             self._spawn(self._start_client_tls())
@@ -217,12 +223,6 @@ class Pump:
             self.server.spawn_cancel(effect.request)
         elif isinstance(effect, FetchKeys):
             self._spawn(self._fetch_keys(effect))
-        elif isinstance(effect, WriteAudit):
-            runtime = self.server.datapath
-            assert runtime is not None
-            if self._facts is None:
-                self._facts = self.connection_facts()
-            runtime.queue_audit(effect.notes, self._facts)
         elif isinstance(effect, CloseConnection):
             if effect.reason.startswith("internal error"):
                 log.error("closing connection: %s", effect.reason)

@@ -584,6 +584,9 @@ class DataPath:
         parameters: dict[str, str],
     ) -> None:
         self.policies = policies
+        # A dict of its own: a MappingProxyType's get is a generic method call, and this
+        # runs for every protected column a statement touches.
+        self._tables: dict[TableKey, TablePolicy] = dict(policies.tables)
         self.keys = keys
         self.info = info
         self.observer: DataPathObserver | None = None
@@ -676,7 +679,7 @@ class DataPath:
         return cached[1]
 
     def _policy(self, table: TableKey) -> TablePolicy:
-        policy = self.policies.tables.get(table)
+        policy = self._tables.get(table)
         if policy is None:  # pragma: no cover - plans only name protected tables
             raise Refused("0A000", f"pgseal: no policy for {table[0]}.{table[1]}")
         return policy
@@ -2796,6 +2799,8 @@ def _same_plan(new: StatementPlan, old: StatementPlan) -> bool:
 def _bind_names(body: bytes) -> tuple[str, str] | None:
     """(portal, statement) of a Bind body without decoding the rest; None if malformed
     (the full decoder then reports it)."""
+    if len(body) > 1 and body[0] == 0 and body[1] == 0:
+        return "", ""  # both unnamed, the usual Bind: no find, no decode
     first = body.find(b"\0")
     second = body.find(b"\0", first + 1) if first >= 0 else -1
     if second < 0:
@@ -2860,20 +2865,22 @@ def _unescape_bytea(value: bytes) -> bytes:
 
 def _bytea_array(cells: Sequence[bytes | None]) -> bytes:
     """A one-dimensional bytea[] in binary array format."""
-    parts = [
-        _I32.pack(1),
-        _I32.pack(1 if any(c is None for c in cells) else 0),
-        _I32.pack(BYTEA_OID),
-        _I32.pack(len(cells)),
-        _I32.pack(1),
-    ]
+    # ndim 1, the has-null flag, the element type; then the length and lower bound 1.
+    head = _BYTEA_ARRAY_HEAD_NULL if any(c is None for c in cells) else _BYTEA_ARRAY_HEAD
+    parts = [head, _I32.pack(len(cells)), _ONE_I32]
     for c in cells:
         if c is None:
-            parts.append(_I32.pack(-1))
+            parts.append(_NULL_I32)
         else:
             parts.append(_I32.pack(len(c)))
             parts.append(c)
     return b"".join(parts)
+
+
+_ONE_I32: Final = _I32.pack(1)
+_NULL_I32: Final = _I32.pack(-1)
+_BYTEA_ARRAY_HEAD: Final = _ONE_I32 + _I32.pack(0) + _I32.pack(BYTEA_OID)
+_BYTEA_ARRAY_HEAD_NULL: Final = _ONE_I32 + _ONE_I32 + _I32.pack(BYTEA_OID)
 
 
 def _array_elements(

@@ -469,7 +469,8 @@ class TenantTracker:
             self._answered_since += 1
             self._answered = ends.popleft()[0] if ends else None
             return
-        ends.clear()
+        if ends:  # (usually empty: no method call then)
+            ends.clear()
         self._answered = None
         self._block_unknown = False  # the status below is PostgreSQL's block state
         s = self._s

@@ -231,9 +231,17 @@ class FrameBuffer:
         buf = self._buf
         end = len(buf)
         pos = self._pos
-        if end - pos >= 5 and self.held[buf[pos]] and not self._stream_left:
+        if end - pos >= 5 and not self._stream_left:
+            # Compiled, a byte of a `bytes` (the usual buffer) is read without boxing; the
+            # union type would make both reads generic.
+            if isinstance(buf, bytes):
+                mtype = buf[pos]
+            else:
+                mtype = buf[pos]
+        else:
+            mtype = -1
+        if mtype >= 0 and self.held[mtype]:
             # The common case with a data path: a held message first. Same checks as below.
-            mtype = buf[pos]
             length = self._length_of(buf, pos, mtype)
             stop = pos + length + 1
             if stop > end:

@@ -93,6 +93,8 @@ def _malformed(who: str, what: str) -> ProtocolViolation:
 
 def _two_cstrings(body: bytes) -> tuple[str, str, int]:
     """The two C strings a Parse or Bind body starts with, and where the second one's NUL is."""
+    if len(body) > 1 and body[0] == 0 and body[1] == 0:
+        return "", "", 1  # both unnamed (a Bind of the unnamed statement): nothing to decode
     end = body.find(b"\0")
     if end < 0:
         raise _malformed("client", "unterminated string")
