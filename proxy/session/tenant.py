@@ -469,8 +469,7 @@ class TenantTracker:
             self._answered_since += 1
             self._answered = ends.popleft()[0] if ends else None
             return
-        if ends:  # (usually empty: no method call then)
-            ends.clear()
+        ends.clear()
         self._answered = None
         self._block_unknown = False  # the status below is PostgreSQL's block state
         s = self._s

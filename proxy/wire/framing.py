@@ -38,7 +38,6 @@ MAX_STARTUP_PACKET: Final = 10000
 STREAM_THRESHOLD: Final = 64 * 1024
 
 _read_u32: Final = struct.Struct("!I").unpack_from
-_read_head: Final = struct.Struct("!BI").unpack_from  # type and length in one call
 
 # passes_whole's per-type table (a list: CPython indexes lists faster than bytearrays).
 _PASS, _WATCH, _STOP = 0, 1, 2
@@ -190,7 +189,11 @@ class FrameBuffer:
         hits: list[int] | None = None
         last = -1
         while end - pos >= 5:
-            mtype, length = _read_head(data, pos)
+            # Byte reads, not a struct call: see _length_of.
+            mtype = data[pos]
+            length = (
+                data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
+            )
             kind = kinds[mtype]
             if kind:
                 if kind == _STOP:
