@@ -2863,6 +2863,12 @@ def _unescape_bytea(value: bytes) -> bytes:
     )
 
 
+_ONE_I32: Final = _I32.pack(1)
+_NULL_I32: Final = _I32.pack(-1)
+_BYTEA_ARRAY_HEAD: Final = _ONE_I32 + _I32.pack(0) + _I32.pack(BYTEA_OID)
+_BYTEA_ARRAY_HEAD_NULL: Final = _ONE_I32 + _ONE_I32 + _I32.pack(BYTEA_OID)
+
+
 def _bytea_array(cells: Sequence[bytes | None]) -> bytes:
     """A one-dimensional bytea[] in binary array format."""
     # ndim 1, the has-null flag, the element type; then the length and lower bound 1.
@@ -2876,11 +2882,6 @@ def _bytea_array(cells: Sequence[bytes | None]) -> bytes:
             parts.append(c)
     return b"".join(parts)
 
-
-_ONE_I32: Final = _I32.pack(1)
-_NULL_I32: Final = _I32.pack(-1)
-_BYTEA_ARRAY_HEAD: Final = _ONE_I32 + _I32.pack(0) + _I32.pack(BYTEA_OID)
-_BYTEA_ARRAY_HEAD_NULL: Final = _ONE_I32 + _ONE_I32 + _I32.pack(BYTEA_OID)
 
 
 def _array_elements(

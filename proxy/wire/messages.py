@@ -30,22 +30,10 @@ _U32: Final = struct.Struct("!I")
 
 # The hot decoders and encoders (Parse, Bind, Describe, Execute, RowDescription, DataRow)
 # do not go through `Reader`: a method call per field cost more than all the rest. They
-# read with bound `unpack_from`s after explicit bounds checks, find C strings with
-# `bytes.find`, and raise what the `Reader` version raised, same message for the same
-# input (tests/unit/test_wire.py keeps that version as the oracle).
-
-
-# Big-endian signed integers at `pos` of a body whose length the caller has checked.
-# Compiled, a few byte reads cost a fraction of a struct call and the tuple it returns
-# (several per Bind and per DataRow).
-def _i16_at(body: bytes, pos: int) -> int:
-    value = body[pos] << 8 | body[pos + 1]
-    return value - 0x10000 if value & 0x8000 else value
-
-
-def _i32_at(body: bytes, pos: int) -> int:
-    value = body[pos] << 24 | body[pos + 1] << 16 | body[pos + 2] << 8 | body[pos + 3]
-    return value - 0x100000000 if value & 0x80000000 else value
+# read integers with `_i16_at`/`_i32_at` (arrays with bound `unpack_from`s) after explicit
+# bounds checks, find C strings with `bytes.find`, and raise what the `Reader` version
+# raised, same message for the same input (tests/unit/test_wire.py keeps that version as
+# the oracle).
 _pack_i16: Final = _I16.pack
 _pack_i32: Final = _I32.pack
 _NULL_SIZE: Final = _I32.pack(-1)
@@ -62,6 +50,19 @@ _pack_head: Final = struct.Struct("!ci").pack  # type byte and length
 _pack_head_16: Final = struct.Struct("!cih").pack  # type byte, length and an int16 count
 _FORMAT_CODES: Final = frozenset((0, 1))
 _CACHED: Final = 32  # Structs for arrays of up to this many elements are compiled once
+
+
+# Big-endian signed integers at `pos` of a body whose length the caller has checked.
+# Compiled, a few byte reads cost a fraction of a struct call and the tuple it returns
+# (several per Bind and per DataRow).
+def _i16_at(body: bytes, pos: int) -> int:
+    value = body[pos] << 8 | body[pos + 1]
+    return value - 0x10000 if value & 0x8000 else value
+
+
+def _i32_at(body: bytes, pos: int) -> int:
+    value = body[pos] << 24 | body[pos + 1] << 16 | body[pos + 2] << 8 | body[pos + 3]
+    return value - 0x100000000 if value & 0x80000000 else value
 
 
 def _i16_array(n: int) -> struct.Struct:
