@@ -365,6 +365,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--run", nargs=2, metavar=("TABLE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run:
+        if args.run[0] not in ("plain", "encrypted"):
+            p.error("--run: the table is plain or encrypted")
         run_transactions(args.run[0], int(args.run[1]))
         return 0
     if args.instructions:

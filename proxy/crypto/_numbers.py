@@ -491,23 +491,6 @@ def _numeric_pack(negative: bool, digits: str, dexp: int, dscale: int) -> bytes:
         while not value % 10000:
             value //= 10000
             dexp += 4
-        if value < 1000000000000:
-            # Up to three groups, the usual sizes: packed with no list and no *args.
-            ndigits = 1 if value < 10000 else 2 if value < 100000000 else 3
-            weight = dexp // 4 + ndigits - 1
-            if weight > NUMERIC_WEIGHT_MAX or weight < NUMERIC_WEIGHT_MIN:
-                raise _numeric_overflow()
-            sign = NUMERIC_NEG if negative else NUMERIC_POS
-            if ndigits == 1:
-                return _NUMERIC_STRUCTS[1].pack(1, weight, sign, dscale, value)
-            if ndigits == 2:
-                return _NUMERIC_STRUCTS[2].pack(
-                    2, weight, sign, dscale, value // 10000, value % 10000
-                )
-            return _NUMERIC_STRUCTS[3].pack(
-                3, weight, sign, dscale, value // 100000000, value // 10000 % 10000,
-                value % 10000,
-            )
         groups: list[int] = []
         while value > 0:  # not `while value`: it would never end for a negative one
             groups.append(value % 10000)
@@ -652,9 +635,6 @@ def numeric_text(data: bytes) -> str:
             value = value * _POW10[shift] if shift >= 0 else value // _POW10[-shift]
             if not dscale:
                 text = str(value)
-            elif weight < 0:
-                # Below 1, so value < 10**dscale: all of it goes after the point.
-                text = "0." + str(value).zfill(dscale)
             else:
                 text = str(value).zfill(dscale + 1)
                 text = f"{text[:-dscale]}.{text[-dscale:]}"

@@ -764,7 +764,7 @@ class DataPath:
                     return compiled.forwarded or frame.raw
             return self._parse(m.decode_parse(frame.body), frame)
         if t == 0x42:  # Bind
-            names = _bind_names(frame.body)
+            names = m.bind_names(frame.body)
             if names is not None and _REFUSED_STATEMENT not in names:
                 statement = self.statements.get(names[1])
                 if (
@@ -2796,21 +2796,6 @@ def _same_plan(new: StatementPlan, old: StatementPlan) -> bool:
     )
 
 
-def _bind_names(body: bytes) -> tuple[str, str] | None:
-    """(portal, statement) of a Bind body without decoding the rest; None if malformed
-    (the full decoder then reports it)."""
-    if len(body) > 1 and body[0] == 0 and body[1] == 0:
-        return "", ""  # both unnamed, the usual Bind: no find, no decode
-    first = body.find(b"\0")
-    second = body.find(b"\0", first + 1) if first >= 0 else -1
-    if second < 0:
-        return None
-    try:
-        return body[:first].decode(), body[first + 1 : second].decode()
-    except UnicodeDecodeError:
-        return None
-
-
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -2881,7 +2866,6 @@ def _bytea_array(cells: Sequence[bytes | None]) -> bytes:
             parts.append(_I32.pack(len(c)))
             parts.append(c)
     return b"".join(parts)
-
 
 
 def _array_elements(

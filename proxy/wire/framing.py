@@ -39,6 +39,14 @@ STREAM_THRESHOLD: Final = 64 * 1024
 
 _read_u32: Final = struct.Struct("!I").unpack_from
 
+
+def u32_at(data: bytes, pos: int) -> int:
+    """The big-endian unsigned 32-bit integer at `pos` (the caller checked the length).
+    Compiled, four byte reads cost a fraction of a struct call and the tuple it returns:
+    this runs for every message framed, and for every value of a Bind or DataRow."""
+    return data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
+
+
 # passes_whole's per-type table (a list: CPython indexes lists faster than bytearrays).
 _PASS, _WATCH, _STOP = 0, 1, 2
 
@@ -189,11 +197,8 @@ class FrameBuffer:
         hits: list[int] | None = None
         last = -1
         while end - pos >= 5:
-            # Byte reads, not a struct call: see _length_of.
             mtype = data[pos]
-            length = (
-                data[pos + 1] << 24 | data[pos + 2] << 16 | data[pos + 3] << 8 | data[pos + 4]
-            )
+            length = u32_at(data, pos + 1)
             kind = kinds[mtype]
             if kind:
                 if kind == _STOP:
@@ -304,9 +309,7 @@ class FrameBuffer:
     def _length_of(self, buf: bytes | bytearray, pos: int, mtype: int) -> int:
         """The length field of the message at `pos`, after checking it and its type."""
         if isinstance(buf, bytes):
-            # Compiled, four byte reads are ~5x cheaper than a struct call and its tuple
-            # (once per held message: every Bind and DataRow of a protected statement).
-            length = buf[pos + 1] << 24 | buf[pos + 2] << 16 | buf[pos + 3] << 8 | buf[pos + 4]
+            length = u32_at(buf, pos + 1)
         else:
             length = int(_read_u32(buf, pos + 1)[0])
         if length < 4 or length > self.max_message:

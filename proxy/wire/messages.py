@@ -21,6 +21,7 @@ from proxy.wire.framing import (
     PROTOCOL_3_0,
     SSL_REQUEST_CODE,
     ProtocolViolation,
+    u32_at,
 )
 
 _I16: Final = struct.Struct("!h")
@@ -52,16 +53,15 @@ _FORMAT_CODES: Final = frozenset((0, 1))
 _CACHED: Final = 32  # Structs for arrays of up to this many elements are compiled once
 
 
-# Big-endian signed integers at `pos` of a body whose length the caller has checked.
-# Compiled, a few byte reads cost a fraction of a struct call and the tuple it returns
-# (several per Bind and per DataRow).
+# Big-endian signed integers at `pos` of a body whose length the caller has checked
+# (byte reads, not struct calls: see framing.u32_at).
 def _i16_at(body: bytes, pos: int) -> int:
     value = body[pos] << 8 | body[pos + 1]
     return value - 0x10000 if value & 0x8000 else value
 
 
 def _i32_at(body: bytes, pos: int) -> int:
-    value = body[pos] << 24 | body[pos + 1] << 16 | body[pos + 2] << 8 | body[pos + 3]
+    value = u32_at(body, pos)
     return value - 0x100000000 if value & 0x80000000 else value
 
 
@@ -618,6 +618,16 @@ def encode_bind(
     parts.append(results_array.pack(nr, *results))
     parts[0] = _pack_head(b"B", length)
     return b"".join(parts)
+
+
+def bind_names(body: bytes) -> tuple[str, str] | None:
+    """(portal, statement) of a Bind body without decoding the rest; None if malformed
+    (decode_bind then says how)."""
+    try:
+        portal, statement, _ = _two_cstrings(body)
+    except ProtocolViolation:
+        return None
+    return portal, statement
 
 
 def decode_bind(body: bytes) -> Bind:
