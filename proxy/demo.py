@@ -3,8 +3,12 @@
 A throwaway PostgreSQL (local server binaries), a SoftHSM2 token with a master
 key, the keystore and audit trail, the example policy and schema, and the
 proxy in front. Everything lives under `--dir` (default ./.pgseal/) and is
-removed on Ctrl-C. The HSM PINs are random per run and stay in this process's
-environment only.
+removed on Ctrl-C, after the demo has verified its audit trail. The HSM PINs are
+random per run and stay in this process's environment only.
+
+The demo empties its folder when it starts and when it stops, so it only takes a
+folder that is new, empty, or marked as an earlier demo's (MARKER): pointed at a
+folder of the user's, it refuses instead of deleting what is there.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from proxy.audit.verify import verify_jsonl
 from proxy.config import (
     AuditConfig,
     AuditSinkConfig,
@@ -38,6 +43,58 @@ ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "policies" / "example.yaml"
 SCHEMA = ROOT / "examples" / "schema.sql"
 APP = ROOT / "examples" / "demo_app.py"
+# Written into the demo's folder: only a folder holding it may be emptied. Its text says
+# whether the demo created the folder (then it removes the folder too when it stops).
+MARKER = ".pgseal-demo"
+_CREATED = "pgseal demo folder, removed when the demo stops\n"
+_GIVEN = "pgseal demo folder, emptied when the demo stops\n"
+
+
+def claim_dir(base: Path) -> bool:
+    """Make `base` the demo's folder; return whether the demo created it.
+
+    An earlier demo's leftovers (it was killed) are cleared away, its PostgreSQL stopped.
+    A folder holding anything else is refused (PgsealError): the demo would delete it.
+    """
+    created = not base.exists()
+    if not created:
+        if not base.is_dir():
+            raise PgsealError(f"demo --dir {base}: not a folder")
+        marker = base / MARKER
+        if marker.is_file():
+            created = marker.read_text() == _CREATED
+            if (base / "pg" / "data" / "postmaster.pid").exists():
+                with contextlib.suppress(LocalPostgresError):
+                    LocalPostgres(base / "pg").stop("immediate")
+            _empty(base)
+        elif any(base.iterdir()):
+            raise PgsealError(
+                f"demo --dir {base} is not empty and no earlier demo's folder: the demo "
+                "deletes everything in its folder when it stops (give it a new or empty one)"
+            )
+    base.mkdir(parents=True, exist_ok=True)
+    (base / MARKER).write_text(_CREATED if created else _GIVEN)
+    return created
+
+
+def release_dir(base: Path, created: bool) -> None:
+    """Remove what the demo put in `base` (all of it: the folder was empty or the
+    demo's), and `base` itself if the demo created it."""
+    if not (base / MARKER).is_file():
+        return  # not ours (claim_dir refused it, or someone swapped it): leave it alone
+    _empty(base)
+    if created:
+        with contextlib.suppress(OSError):
+            base.rmdir()
+
+
+def _empty(base: Path) -> None:
+    for entry in base.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
 
 
 def demo_config(config: Config, pg: LocalPostgres, base: Path) -> Config:
@@ -89,25 +146,31 @@ async def _serve(config: Config, pg: LocalPostgres) -> None:
     print(f'    psql "{dsn}?options=-c%20pgseal.tenant%3Dacme"')
     print("    then e.g.: SELECT ssn, name, dob FROM patients;")
     print(f'PostgreSQL itself (to see what is stored): psql "{direct}"')
-    print(f"Audit trail: {config.base_dir}/audit.jsonl  (pgseal audit verify FILE)")
+    print(
+        f"Audit trail: {config.base_dir}/audit.jsonl (the demo verifies it as `pgseal audit "
+        "verify FILE` does when it stops; until then its last record is not audit.stop)"
+    )
     print("Ctrl-C stops everything and removes the demo's files.", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    await server.shutdown(grace=2.0)
+    await server.shutdown(grace=2.0)  # writes audit.stop
+    trail = Path(config.base_dir) / "audit.jsonl"
+    if trail.exists():
+        report = verify_jsonl(trail)
+        print(f"pgseal audit verify: {report.summary()}", flush=True)
 
 
 def cmd_demo(args: Any, config: Config) -> int:
     logging.config.dictConfig({**LOGGING, "root": {"level": "WARNING", "handlers": ["stderr"]}})
     base = Path(args.dir).resolve()
-    if (base / "pg" / "data" / "postmaster.pid").exists():
-        # A previous demo died without cleaning up: stop its server before starting over.
-        with contextlib.suppress(LocalPostgresError):
-            LocalPostgres(base / "pg").stop("immediate")
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        created = claim_dir(base)
+    except PgsealError as exc:
+        print(f"pgseal: {exc}", file=sys.stderr)
+        return 1
     pg = LocalPostgres(base / "pg", settings={"log_statement": "'all'"})
     try:
         print(f"pgseal demo: starting PostgreSQL under {base}/pg ...", flush=True)
@@ -124,6 +187,6 @@ def cmd_demo(args: Any, config: Config) -> int:
         return 1
     finally:
         pg.destroy()
-        shutil.rmtree(base, ignore_errors=True)
+        release_dir(base, created)
         print("pgseal demo: stopped and cleaned up.", flush=True)
     return 0

@@ -10,6 +10,7 @@ import asyncpg
 
 from proxy.config import Config
 from proxy.errors import PgsealError
+from proxy.keys.keystore import describe_dsn
 from proxy.policy.check import check_policy
 from proxy.policy.loader import load_policies
 from proxy.policy.model import PolicySet
@@ -23,13 +24,16 @@ WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')
   AND (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
-# Columns that lead some index (a search: equality column wants one to be searchable fast).
+# Key columns of some index (a search: equality column wants one to be searchable fast).
+# Any position counts: (tenant_id, ssn) serves a tenant's searches on ssn. INCLUDE columns
+# do not (indkey lists them after the indnkeyatts key columns): they cannot be searched.
 _INDEXED_SQL = """
 SELECT n.nspname, c.relname, a.attname
 FROM pg_catalog.pg_index i
 JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = ANY(i.indkey::int2[])
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+  AND a.attnum = ANY((i.indkey::int2[])[0:i.indnkeyatts - 1])
 WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
@@ -59,8 +63,13 @@ def cmd_policy_check(args: argparse.Namespace, config: Config) -> int:
     dsn = args.dsn or config.keystore.dsn
     try:
         columns, indexed = asyncio.run(_live_schema(dsn, policies))
-    except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-        raise PgsealError(f"cannot read the schema at {dsn.rpartition('@')[2]}: {exc}") from None
+    except (
+        TimeoutError, OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError
+    ) as exc:
+        # ValueError / InterfaceError: a DSN asyncpg cannot parse. Named by describe_dsn,
+        # which never repeats a password (user part, query string or keyword form).
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise PgsealError(f"cannot read the schema at {describe_dsn(dsn)}: {reason}") from None
     problems = check_policy(policies, columns, indexed)
     for line in problems:
         print(line)

@@ -128,7 +128,10 @@ KEY_COLUMNS = (
 
 
 def describe_dsn(dsn: str) -> str:
-    """host:port/database of a DSN, for messages: never the user's password."""
+    """host:port/database of a DSN, for messages: never the user's password (neither in
+    the user part nor in the query string, and a DSN that is no URL is not repeated)."""
+    if "://" not in dsn:  # `host=... password=...`: asyncpg takes URLs only anyway
+        return "the configured DSN"
     try:
         parts = urlsplit(dsn)
         host = parts.hostname or "localhost"

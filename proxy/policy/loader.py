@@ -35,6 +35,7 @@ from typing import NoReturn
 
 import yaml
 
+from proxy.errors import PgsealError
 from proxy.policy.model import COLUMN_TYPES, ColumnPolicy, ColumnType, PolicySet, TablePolicy
 
 _NULL_TAG = "tag:yaml.org,2002:null"
@@ -47,8 +48,14 @@ _TENANT_KEYS = ("column", "session")
 _COLUMN_KEYS = ("type", "search")
 
 
-class PolicyError(ValueError):
-    """A policy problem, one line, starting with `file:line:` where there is one."""
+class PolicyError(PgsealError, ValueError):
+    """A policy problem, one line, starting with `file:line:` where there is one.
+
+    A PgsealError, so every command that loads policies (serve, policy check, migrate,
+    explain) prints it as `pgseal: <line>` and exits 1, as DESIGN.md 3 says, never as a
+    traceback; still a ValueError for callers that catch that."""
+
+    sqlstate = "F0000"  # config_file_error
 
 
 class _File:
