@@ -18,6 +18,7 @@ import contextlib
 import logging.config
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "policies" / "example.yaml"
 SCHEMA = ROOT / "examples" / "schema.sql"
 APP = ROOT / "examples" / "demo_app.py"
+EXPLAIN_EXAMPLE = "SELECT name FROM patients WHERE ssn = $1"
 # Written into the demo's folder: only a folder holding it may be emptied. Its text says
 # whether the demo created the folder (then it removes the folder too when it stops).
 MARKER = ".pgseal-demo"
@@ -146,6 +148,12 @@ async def _serve(config: Config, pg: LocalPostgres) -> None:
     print(f'    psql "{dsn}?options=-c%20pgseal.tenant%3Dacme"')
     print("    then e.g.: SELECT ssn, name, dob FROM patients;")
     print(f'PostgreSQL itself (to see what is stored): psql "{direct}"')
+    if config.policies:
+        # The demo's token PIN lives in this process only; these two need no key.
+        policy, example = shlex.quote(config.policies[0]), shlex.quote(EXPLAIN_EXAMPLE)
+        print("What the proxy does with a statement, and the policy against the schema:")
+        print(f"    pgseal explain --policies {policy} {example}")
+        print(f"    pgseal policy check --policies {policy} --dsn {shlex.quote(direct)}")
     print(
         f"Audit trail: {config.base_dir}/audit.jsonl (the demo verifies it as `pgseal audit "
         "verify FILE` does when it stops; until then its last record is not audit.stop)"
@@ -164,13 +172,16 @@ async def _serve(config: Config, pg: LocalPostgres) -> None:
 
 
 def cmd_demo(args: Any, config: Config) -> int:
-    logging.config.dictConfig({**LOGGING, "root": {"level": "WARNING", "handlers": ["stderr"]}})
     base = Path(args.dir).resolve()
     try:
         created = claim_dir(base)
     except PgsealError as exc:
         print(f"pgseal: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # cannot create or write it
+        print(f"pgseal: demo --dir {base}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    logging.config.dictConfig({**LOGGING, "root": {"level": "WARNING", "handlers": ["stderr"]}})
     pg = LocalPostgres(base / "pg", settings={"log_statement": "'all'"})
     try:
         print(f"pgseal demo: starting PostgreSQL under {base}/pg ...", flush=True)

@@ -72,3 +72,18 @@ def test_an_earlier_demos_leftovers_are_cleared_and_its_origin_kept(tmp_path: Pa
     assert claim_dir(given) is False  # the user's folder: emptied, never removed
     release_dir(given, False)
     assert given.is_dir() and list(given.iterdir()) == []
+
+
+def test_an_unwritable_place_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from proxy.demo import cmd_demo
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cmd_demo(SimpleNamespace(dir=str(blocker / "demo")), None) == 1  # type: ignore[arg-type]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pgseal: demo --dir ") and "\n" not in err, err
+    assert blocker.read_text() == "x"  # refused before anything was started or configured
