@@ -22,6 +22,7 @@ from proxy.session.datapath import (
 if TYPE_CHECKING:
     from proxy.audit.trail import AuditTrail
     from proxy.config import CryptoperiodConfig
+    from proxy.keys.model import DataKey
     from proxy.keys.schedule import RotationScheduler
     from proxy.keys.service import KeyService
 
@@ -46,14 +47,26 @@ class CacheKeyRing:
         self.audit_failure: PgsealError | None = None
         # tenant -> its live key ids, the active one first (see versions()).
         self._live: dict[str, tuple[int, ...]] = {}
+        # key id -> (version, kek) of every key handed out: what the data path's audit
+        # records name besides the key id (DESIGN.md 9), looked up when they are queued,
+        # even if the key has left the cache since. Bounded like the cache.
+        self.key_meta: dict[int, tuple[int, str]] = {}
+
+    def _handed_out(self, key: DataKey) -> CellKey:
+        # Set at every hit: a key unwrapped again after `keys rotate-master` names its new kek.
+        meta = self.key_meta
+        if len(meta) >= 2 * self.service.cache.max_entries and key.key_id not in meta:
+            meta.clear()
+        meta[key.key_id] = (key.version, key.kek)
+        return key.cell_key
 
     def current(self, tenant: str, uses: int) -> CellKey | None:
         hit = self.service.cache.hit_by_tenant(tenant, uses)
-        return None if hit is None else hit.cell_key
+        return None if hit is None else self._handed_out(hit)
 
     def by_id(self, key_id: int, uses: int) -> CellKey | None:
         hit = self.service.cache.hit_by_id(key_id, uses)
-        return None if hit is None else hit.cell_key
+        return None if hit is None else self._handed_out(hit)
 
     def versions(self, tenant: str, uses: int) -> list[CellKey] | None:
         """Every live key of the tenant, the active one first (a search must match the cells
@@ -63,12 +76,12 @@ class CacheKeyRing:
         ids = self._live.get(tenant)
         if active is None or ids is None or ids[0] != active.key_id:
             return None
-        keys = [active.cell_key]
+        keys = [self._handed_out(active)]
         for key_id in ids[1:]:
             hit = self.service.cache.hit_by_id(key_id, uses)
             if hit is None:
                 return None
-            keys.append(hit.cell_key)
+            keys.append(self._handed_out(hit))
         return keys
 
     async def _load_versions(self, tenant: str) -> None:
@@ -149,7 +162,7 @@ class DataPathRuntime:
         """Queue records for writing; statements do not wait for them. A failed write
         (on_failure block) makes every later key use fail until the trail is back; the
         records it could not write are kept and written then (see AuditTrail)."""
-        self._queued.extend(audit_records(notes, facts))
+        self._queued.extend(audit_records(notes, facts, self.keyring.key_meta))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_queued())
 

@@ -41,7 +41,7 @@ import re
 import struct
 from binascii import a2b_hex
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -220,21 +220,33 @@ class ConnectionFacts:
     session: str
 
 
-def audit_records(notes: Sequence[AuditNote], facts: ConnectionFacts) -> list[AuditRecord]:
+def audit_records(
+    notes: Sequence[AuditNote],
+    facts: ConnectionFacts,
+    key_meta: Mapping[int, tuple[int, str]] | None = None,
+) -> list[AuditRecord]:
     """The audit records of a connection's notes. Here rather than in the shell because it
     runs on the event loop for every statement that used a key: compiled, each record is a
     direct call of AuditRecord's constructor, without matching 16 arguments at run time.
     Validation is AuditRecord.__init__'s, as for every record; the arguments are positional,
     in its field order (tests/unit/test_audit_chain.py checks the order against keyword
-    construction)."""
+    construction). `key_meta`: key id -> (version, kek) of the keys the notes name, from
+    the key ring (the data path itself only knows key ids); a key not in it is null there."""
     user, database, app = facts.db_user, facts.database, facts.application_name
     addr, session = facts.client_addr, facts.session
     records: list[AuditRecord] = []
     for note in notes:
+        key_id = note.key_id
+        version: int | None = None
+        kek: str | None = None
+        if key_meta is not None and key_id is not None:
+            meta = key_meta.get(key_id)
+            if meta is not None:
+                version, kek = meta
         records.append(
             AuditRecord(
                 # event, tenant, key_id, key_version, kek, table, columns, count,
-                note.event, note.tenant, note.key_id, None, None, note.table, note.columns,
+                note.event, note.tenant, key_id, version, kek, note.table, note.columns,
                 note.count,
                 # db_user, database, application_name, client_addr, session,
                 user, database, app, addr, session,

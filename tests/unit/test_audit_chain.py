@@ -389,6 +389,13 @@ def test_audit_records_fill_the_fields_the_note_names() -> None:
         )
         for note in notes
     ]
+    # With the key ring's (version, kek) per key id: the records name them too; a key it
+    # does not know (and a note without a key) stays null.
+    known = {7: (3, "pgseal-master")}
+    with_meta = audit_records(notes, facts, known)
+    assert [(r.key_id, r.key_version, r.kek) for r in with_meta] == [
+        (7, 3, "pgseal-master"), (None, None, None)]
+    assert [r.key_version for r in audit_records(notes, facts, {8: (1, "k")})] == [None, None]
     with pytest.raises(ValueError, match="unknown audit event"):
         audit_records((AuditNote("data.steal", None, None, None, (), 0, "x"),), facts)
     with pytest.raises(ValueError, match="outcome"):
