@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -395,6 +396,7 @@ def load_config(
         path = environ.get("PGSEAL_CONFIG") or None
     raw: dict[str, Any] = {}
     base_dir = "."
+    text = ""
     if path is not None:
         try:
             text = Path(path).read_text()
@@ -415,5 +417,36 @@ def load_config(
     raw = _merge(raw, _env_overrides(environ))
     if overrides:
         raw = _merge(raw, {k: v for k, v in overrides.items() if v is not None})
-    config = _build(Config, raw, "")
+    try:
+        config = _build(Config, raw, "")
+    except ConfigError as exc:
+        # An unknown key can only come from the file (the environment and the flags name
+        # known keys only): say where it is, as policy errors do.
+        unknown = _UNKNOWN_KEY.match(str(exc))
+        if path is None or unknown is None:
+            raise
+        line = _key_line(text, unknown.group(1))
+        raise ConfigError(f"{path}{'' if line is None else f':{line}'}: {exc}") from None
     return replace(config, base_dir=base_dir)
+
+
+_UNKNOWN_KEY = re.compile(r"unknown config key '([^']+)'")
+
+
+def _key_line(text: str, dotted: str) -> int | None:
+    """The 1-based line of `a.b.c` in a YAML text, if it is a chain of mapping keys."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:  # pragma: no cover - it was loaded a moment ago
+        return None
+    line = None
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value == part:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            return None
+    return line

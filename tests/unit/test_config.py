@@ -33,6 +33,32 @@ def test_unknown_keys_are_errors_naming_the_key(tmp_path: Path) -> None:
         load_config(bad, environ={})
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        ("listn: '127.0.0.1:1'\n", 1, "listn"),
+        ("listen: '127.0.0.1:1'\nhsm:\n  module: m\n  modul: x\n", 4, "hsm.modul"),
+        ("# comment\ncache: {ttl_seconds: 5, max_entrys: 3}\n", 2, "cache.max_entrys"),
+    ],
+)
+def test_unknown_keys_name_the_file_and_line(
+    tmp_path: Path, text: str, line: int, key: str
+) -> None:
+    bad = tmp_path / "c.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad, environ={"PGSEAL_WORKERS": "2"})
+    assert str(caught.value) == f"{bad}:{line}: unknown config key {key!r}"
+
+
+def test_a_bad_value_from_the_environment_is_not_blamed_on_the_file(tmp_path: Path) -> None:
+    good = tmp_path / "c.yaml"
+    good.write_text("workers: 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(good, environ={"PGSEAL_WORKERS": "0"})
+    assert str(caught.value).startswith("workers: ")  # no file:line in front
+
+
 def test_secrets_must_be_references(tmp_path: Path) -> None:
     bad = tmp_path / "c.yaml"
     bad.write_text("hsm: {pin: '1234'}\n")
