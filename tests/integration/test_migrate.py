@@ -64,6 +64,17 @@ def _user_triggers(pg: Any, table: str) -> int:
                           f"'public.{table}'::regclass AND NOT tgisinternal")[0][0])
 
 
+def _status_row(out: str, job: str) -> tuple[str, str, str]:
+    """(KIND, PHASE, DONE) of `job` in `pgseal migrate status`'s table (under its header)."""
+    lines = out.splitlines()
+    assert lines[0].split() == ["JOB", "KIND", "PHASE", "DONE", "STARTED", "UPDATED"], out
+    # JOB holds a space ("column db/schema.table.col"): the row starts with it, then columns.
+    rows = [line[len(job):].split() for line in lines[1:] if line.startswith(job + " ")]
+    assert len(rows) == 1, out
+    kind, phase, done = rows[0][:3]
+    return kind, phase, done
+
+
 def test_sigkill_midway_then_resume_seals_every_value_exactly_once(env: MigEnv) -> None:
     pg = env.pg
     table = unique("mig_kill")
@@ -98,6 +109,11 @@ def test_sigkill_midway_then_resume_seals_every_value_exactly_once(env: MigEnv) 
     killed = env.job(job)
     assert killed is not None and killed["phase"] == "backfill"
     assert killed["done"] == len(before)
+    # What an operator asks after the crash: `pgseal migrate status` shows the job where the
+    # checkpoint left it.
+    status = env.pgseal("migrate", "status", "--config", cfg)
+    assert status.returncode == 0, status.stderr
+    assert _status_row(status.stdout, job) == ("encrypt", "backfill", f"{len(before):,}")
 
     done = env.pgseal("migrate", "encrypt", f"public.{table}.ssn", "--batch", "500",
                       "--config", cfg)
@@ -114,6 +130,8 @@ def test_sigkill_midway_then_resume_seals_every_value_exactly_once(env: MigEnv) 
     assert all(after[i] == cell for i, cell in before.items())
     final = env.job(job)
     assert final is not None and final["phase"] == "done" and final["done"] == 2700
+    status = env.pgseal("migrate", "status", "--config", cfg)
+    assert _status_row(status.stdout, job) == ("encrypt", "done", "2,700")
     assert pg.execute(f"SELECT count(*) FROM {table} WHERE ssn IS NULL")[0][0] == 300
 
     sealed = sum(r["count"] for r in env.audit()
