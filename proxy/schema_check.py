@@ -10,7 +10,8 @@ import asyncpg
 
 from proxy.config import Config
 from proxy.errors import PgsealError
-from proxy.keys.keystore import describe_dsn
+from proxy.keys.keystore import describe_dsn, unparsable_dsn
+from proxy.migrate.common import pg_message
 from proxy.policy.check import check_policy
 from proxy.policy.loader import load_policies
 from proxy.policy.model import PolicySet
@@ -64,11 +65,12 @@ def cmd_policy_check(args: argparse.Namespace, config: Config) -> int:
     try:
         columns, indexed = asyncio.run(_live_schema(dsn, policies))
     except (
-        TimeoutError, OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError
+        TimeoutError, OSError, ValueError, ArithmeticError, asyncpg.PostgresError,
+        asyncpg.InterfaceError,
     ) as exc:
-        # ValueError / InterfaceError: a DSN asyncpg cannot parse. Named by describe_dsn,
-        # which never repeats a password (user part, query string or keyword form).
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        # Named by describe_dsn, which never repeats a password; a DSN asyncpg cannot parse
+        # is not quoted either (unparsable_dsn).
+        reason = "the DSN cannot be parsed" if unparsable_dsn(exc) else pg_message(exc)
         raise PgsealError(f"cannot read the schema at {describe_dsn(dsn)}: {reason}") from None
     problems = check_policy(policies, columns, indexed)
     for line in problems:

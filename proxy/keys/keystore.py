@@ -128,18 +128,26 @@ KEY_COLUMNS = (
 
 
 def describe_dsn(dsn: str) -> str:
-    """host:port/database of a DSN, for messages: never the user's password (neither in
-    the user part nor in the query string, and a DSN that is no URL is not repeated)."""
-    if "://" not in dsn:  # `host=... password=...`: asyncpg takes URLs only anyway
-        return "the configured DSN"
+    """host:port/database of a DSN, for messages: never the user's password. Only a
+    postgres[ql]:// URL is described (its user part and query string left out); anything
+    else (`host=... password=...`, `jdbc:postgresql://...`, a typo) is not repeated."""
     try:
         parts = urlsplit(dsn)
+        if parts.scheme not in ("postgres", "postgresql") or not parts.netloc:
+            return "the configured DSN"
         host = parts.hostname or "localhost"
         port = parts.port or 5432
-        db = parts.path.lstrip("/") or "postgres"
+        db = parts.path.lstrip("/").split("/", 1)[0] or "postgres"
         return f"{host}:{port}/{db}"
     except ValueError:
         return "the configured DSN"
+
+
+def unparsable_dsn(exc: BaseException) -> bool:
+    """Whether connecting failed because the DSN could not be parsed (asyncpg raises
+    ValueError, ClientConfigurationError or OverflowError): its text can quote pieces of
+    the password, so a message says only that."""
+    return isinstance(exc, (ValueError, ArithmeticError))
 
 
 # {s}: the quoted schema; {cols}: KEY_COLUMNS. Values always travel as parameters.

@@ -488,7 +488,8 @@ class ColumnMigrator:
                                              deterministic=self.cpol.searchable)
             records.append(self.who.record(
                 "data.encrypt", tenant=tenant, key_id=key.key_id, key_version=key.version,
-                table=f"{self.schema}.{self.table}", column=self.column, count=len(indexes)))
+                kek=key.kek, table=f"{self.schema}.{self.table}", column=self.column,
+                count=len(indexes)))
         return cells, records
 
     async def _current_key(self, tenant: str, uses: int, address: list[str]) -> DataKey:
@@ -534,7 +535,8 @@ class ColumnMigrator:
                         "be opened (not sealed for this column, or altered)") from None
             records.append(self.who.record(
                 "data.decrypt", tenant=key.tenant, key_id=key.key_id, key_version=key.version,
-                table=f"{self.schema}.{self.table}", column=self.column, count=len(indexes)))
+                kek=key.kek, table=f"{self.schema}.{self.table}", column=self.column,
+                count=len(indexes)))
         return out, records
 
     # -- the cut-over

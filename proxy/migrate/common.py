@@ -15,7 +15,7 @@ import asyncpg
 from proxy.audit.records import AuditRecord
 from proxy.crypto.values import SessionFormat
 from proxy.errors import PgsealError
-from proxy.keys.keystore import describe_dsn
+from proxy.keys.keystore import describe_dsn, unparsable_dsn
 from proxy.migrate.plan import KeyColumn, TableShape, Throttle, render_progress
 
 _T = TypeVar("_T")
@@ -67,8 +67,10 @@ async def connect_data(dsn: str) -> asyncpg.Connection[Any]:
     try:
         conn: asyncpg.Connection[Any] = await asyncpg.connect(
             dsn, timeout=10, server_settings=SERVER_SETTINGS, statement_cache_size=64)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
-        raise MigrationError(f"cannot connect to {describe_dsn(dsn)}: {pg_message(exc)}") from None
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError,
+            ArithmeticError) as exc:
+        reason = "the DSN cannot be parsed" if unparsable_dsn(exc) else pg_message(exc)
+        raise MigrationError(f"cannot connect to {describe_dsn(dsn)}: {reason}") from None
     return conn
 
 
@@ -197,9 +199,9 @@ class Who:
         return cls(row[0], row[1], statement)
 
     def record(self, event: str, *, tenant: str, key_id: int, key_version: int | None,
-               table: str, column: str, count: int) -> AuditRecord:
+               kek: str | None, table: str, column: str, count: int) -> AuditRecord:
         return AuditRecord(
-            event, tenant=tenant, key_id=key_id, key_version=key_version, table=table,
+            event, tenant=tenant, key_id=key_id, key_version=key_version, kek=kek, table=table,
             columns=(column,), count=count, db_user=self.db_user, database=self.database,
             application_name="pgseal-migrate", statement=self.statement,
         )

@@ -291,8 +291,9 @@ class Rekeyer:
         addresses: list[list[str]] = []
         olds: list[bytes] = []
         news: list[bytes] = []
-        opened: dict[tuple[str, int, int], int] = {}  # (tenant, key id, version) -> cells
-        sealed: dict[tuple[str, int, int], int] = {}
+        # (tenant, key id, version, kek) -> cells
+        opened: dict[tuple[str, int, int, str], int] = {}
+        sealed: dict[tuple[str, int, int, str], int] = {}
         by_key: dict[int, list[int]] = {}
         cells = [bytes(r["cell"]) for r in rows]
         for i, cell in enumerate(cells):
@@ -321,18 +322,18 @@ class Rekeyer:
                 olds.append(cells[i])
                 news.append(new.cell_key.seal(target.aad, plaintext,
                                               deterministic=target.searchable))
-                ko = (old.tenant, old.key_id, old.version)
-                kn = (new.tenant, new.key_id, new.version)
+                ko = (old.tenant, old.key_id, old.version, old.kek)
+                kn = (new.tenant, new.key_id, new.version, new.kek)
                 opened[ko] = opened.get(ko, 0) + 1
                 sealed[kn] = sealed.get(kn, 0) + 1
         table = f"{shape.schema}.{shape.table}"
         column = target.aad.rsplit(".", 1)[1]
-        records = [self.who.record("data.decrypt", tenant=t, key_id=k, key_version=v,
+        records = [self.who.record("data.decrypt", tenant=t, key_id=k, key_version=v, kek=w,
                                    table=table, column=column, count=n)
-                   for (t, k, v), n in opened.items()]
-        records += [self.who.record("data.encrypt", tenant=t, key_id=k, key_version=v,
+                   for (t, k, v, w), n in opened.items()]
+        records += [self.who.record("data.encrypt", tenant=t, key_id=k, key_version=v, kek=w,
                                     table=table, column=column, count=n)
-                    for (t, k, v), n in sealed.items()]
+                    for (t, k, v, w), n in sealed.items()]
         replaced = 0
         try:
             async with self.conn.transaction():

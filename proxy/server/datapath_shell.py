@@ -36,6 +36,9 @@ AUDIT_GROUP_COMMIT = 0.02
 AUDIT_RETRY = 1.0
 # Shutdown waits this long for queued records to be written.
 AUDIT_DRAIN_WAIT = 5.0
+# CacheKeyRing.key_meta holds at most this many keys' (version, kek), ~10 MB: a record
+# names null only if this many other keys were used between its key's use and its queueing.
+KEY_META_MAX = 100_000
 
 
 class CacheKeyRing:
@@ -47,17 +50,20 @@ class CacheKeyRing:
         self.audit_failure: PgsealError | None = None
         # tenant -> its live key ids, the active one first (see versions()).
         self._live: dict[str, tuple[int, ...]] = {}
-        # key id -> (version, kek) of every key handed out: what the data path's audit
-        # records name besides the key id (DESIGN.md 9), looked up when they are queued,
-        # even if the key has left the cache since. Bounded like the cache.
+        # key id -> (version, kek) of the keys handed out: what the data path's audit records
+        # name besides the key id (DESIGN.md 9), looked up when they are queued, which for a
+        # long result is after the key may have left the cache (never the key itself: that
+        # must not outlive the cache). A key id's version never changes and ids are never
+        # reused; the kek changes with `keys rotate-master` (the key is unwrapped again).
         self.key_meta: dict[int, tuple[int, str]] = {}
 
     def _handed_out(self, key: DataKey) -> CellKey:
-        # Set at every hit: a key unwrapped again after `keys rotate-master` names its new kek.
         meta = self.key_meta
-        if len(meta) >= 2 * self.service.cache.max_entries and key.key_id not in meta:
-            meta.clear()
-        meta[key.key_id] = (key.version, key.kek)
+        known = meta.get(key.key_id)
+        if known is None or known[1] != key.kek:
+            if known is None and len(meta) >= KEY_META_MAX:
+                del meta[next(iter(meta))]  # the oldest; a key used again comes back
+            meta[key.key_id] = (key.version, key.kek)
         return key.cell_key
 
     def current(self, tenant: str, uses: int) -> CellKey | None:

@@ -293,6 +293,11 @@ async def test_rotation_during_a_workload(
     # records (create, rotate, unwrap, re-wrap) name it.
     lifecycle_keks = {r["kek"] for r in records if r["event"].startswith("key.") and r["kek"]}
     assert {r["kek"] for r in data} <= lifecycle_keks and all(r["kek"] for r in data)
+    # After the master rotation the proxy unwrapped its keys again, under the new master:
+    # what each tenant sealed last (after the "master" settle) names it.
+    for tenant in TENANTS:
+        last = [r for r in data if r["tenant"] == tenant and r["event"] == "data.encrypt"][-1]
+        assert last["kek"] == rotation.new_kek, (tenant, last)
     sealed_a = {r["key_version"] for r in data
                 if r["tenant"] == "rot-a" and r["event"] == "data.encrypt"}
     assert sealed_a == {1, 2, 3}

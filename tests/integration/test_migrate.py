@@ -134,8 +134,10 @@ def test_sigkill_midway_then_resume_seals_every_value_exactly_once(env: MigEnv) 
     assert _status_row(status.stdout, job) == ("encrypt", "done", "2,700")
     assert pg.execute(f"SELECT count(*) FROM {table} WHERE ssn IS NULL")[0][0] == 300
 
-    sealed = sum(r["count"] for r in env.audit()
-                 if r["event"] == "data.encrypt" and r["table"] == f"public.{table}")
+    records = [r for r in env.audit()
+               if r["event"] == "data.encrypt" and r["table"] == f"public.{table}"]
+    assert all(r["key_version"] == 1 and r["kek"] for r in records)
+    sealed = sum(r["count"] for r in records)
     assert 2700 <= sealed <= 2700 + 50  # the killed batch may have been audited, not committed
 
     proxy = env.proxy(policy)

@@ -125,6 +125,10 @@ def test_rekey_under_concurrent_writes_then_destroy_old(env: MigEnv) -> None:
     opened = sum(r["count"] for r in audit if r["event"] == "data.decrypt")
     assert {r["key_id"] for r in audit if r["event"] == "data.decrypt"} == {old_id}
     assert {r["key_id"] for r in audit if r["event"] == "data.encrypt"} == {new_id}
+    # Each names the key's version and the master key it is wrapped under (DESIGN.md 9).
+    assert {(r["event"], r["key_version"]) for r in audit} == {
+        ("data.decrypt", 1), ("data.encrypt", 2)}
+    assert all(r["kek"] for r in audit)
     assert 500 < opened <= 1200  # 1200 cells, minus those the writer replaced first
 
     time.sleep(max(0.0, 1.2 - (time.monotonic() - rotated_at)))
