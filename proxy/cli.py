@@ -202,6 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("pgseal keys rotate: --destroy-old needs --rekey")
         if key == "audit verify" and not (args.file or args.postgres):
             raise UsageError("pgseal audit verify: FILE or --postgres")
+        if key in ("migrate encrypt", "migrate decrypt"):
+            from proxy.migrate.plan import PlanError, parse_column_spec
+
+            try:
+                parse_column_spec(args.column)
+            except PlanError as exc:
+                raise UsageError(f"pgseal {key}: {exc}") from None
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -25,17 +25,21 @@ WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p')
   AND (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
-# Key columns of some index (a search: equality column wants one to be searchable fast).
+# Key columns of some index that can find a cell by equality (a search: equality column
+# wants one to be searchable fast): a valid, whole-table (not partial) btree or hash index.
 # Any position counts: (tenant_id, ssn) serves a tenant's searches on ssn. INCLUDE columns
 # do not (indkey lists them after the indnkeyatts key columns): they cannot be searched.
 _INDEXED_SQL = """
 SELECT n.nspname, c.relname, a.attname
 FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_catalog.pg_am am ON am.oid = ic.relam AND am.amname IN ('btree', 'hash')
 JOIN pg_catalog.pg_class c ON c.oid = i.indrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
   AND a.attnum = ANY((i.indkey::int2[])[0:i.indnkeyatts - 1])
-WHERE (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+WHERE i.indisvalid AND i.indpred IS NULL
+  AND (n.nspname, c.relname) IN (SELECT * FROM unnest($1::text[], $2::text[]))
 """
 
 

@@ -125,6 +125,27 @@ def test_policy_check_passes_a_policy_that_fits_the_schema(
     assert result.stderr == ""
 
 
+@pytest.mark.parametrize("index", [
+    "CREATE UNIQUE INDEX ON {s}.people (tenant_id, ssn)",  # a tenant's searches use it
+    "CREATE INDEX ON {s}.people USING hash (ssn)",
+])
+def test_policy_check_takes_any_index_that_finds_a_cell_by_equality(
+    pg: PgTarget, pg_dsn: str, schema: str, tmp_path: Path, index: str
+) -> None:
+    pg.execute(f"CREATE TABLE {schema}.people (tenant_id text, ssn bytea);"
+               + index.format(s=schema))
+    policy = write(tmp_path / "p.yaml", f"""
+        version: 1
+        tables:
+          {schema}.people:
+            tenant: {{column: tenant_id}}
+            columns:
+              ssn: {{type: text, search: equality}}
+    """)
+    result = pgseal("policy", "check", "--policies", str(policy), "--dsn", pg_dsn)
+    assert (result.returncode, result.stdout) == (0, "policy ok: 1 tables, 1 encrypted columns\n")
+
+
 def test_policy_check_reads_policies_and_dsn_from_the_config(
     pg: PgTarget, pg_dsn: str, schema: str, tmp_path: Path
 ) -> None:
@@ -184,14 +205,21 @@ _PROBLEMS = {
         "{column: tenant_id}",
         "{s}.people.ssn has search: equality but no index",
     ),
-    # An index that only carries ssn as an INCLUDE payload cannot find a value of it.
-    "search-with-include-only-index": pytest.param(
-        "CREATE TABLE {s}.people (id int, tenant_id text, ssn bytea);"
-        "CREATE INDEX ON {s}.people (id) INCLUDE (ssn)",
-        "ssn: {type: text, search: equality}",
-        "{column: tenant_id}",
-        "{s}.people.ssn has search: equality but no index",
-    ),
+    # Indexes that cannot find a cell by equality for every row: ssn as an INCLUDE payload,
+    # a partial index, a BRIN one.
+    **{
+        f"search-with-{name}-index": (
+            "CREATE TABLE {s}.people (id int, tenant_id text, ssn bytea);" + ddl,
+            "ssn: {type: text, search: equality}",
+            "{column: tenant_id}",
+            "{s}.people.ssn has search: equality but no index",
+        )
+        for name, ddl in (
+            ("include-only", "CREATE INDEX ON {s}.people (id) INCLUDE (ssn)"),
+            ("partial", "CREATE INDEX ON {s}.people (ssn) WHERE id > 0"),
+            ("brin", "CREATE INDEX ON {s}.people USING brin (ssn)"),
+        )
+    },
 }
 
 
