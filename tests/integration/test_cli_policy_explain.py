@@ -125,6 +125,17 @@ def test_policy_check_passes_a_policy_that_fits_the_schema(
     assert result.stderr == ""
 
 
+def people_policy(folder: Path, schema: str, tenant: str, columns: str) -> Path:
+    """A policy of `schema`.people alone; `columns` is a YAML flow mapping's body."""
+    return write(folder / "policy.yaml", f"""
+        version: 1
+        tables:
+          {schema}.people:
+            tenant: {tenant}
+            columns: {{{columns}}}
+    """)
+
+
 @pytest.mark.parametrize("index", [
     "CREATE UNIQUE INDEX ON {s}.people (tenant_id, ssn)",  # a tenant's searches use it
     "CREATE INDEX ON {s}.people USING hash (ssn)",
@@ -134,14 +145,8 @@ def test_policy_check_takes_any_index_that_finds_a_cell_by_equality(
 ) -> None:
     pg.execute(f"CREATE TABLE {schema}.people (tenant_id text, ssn bytea);"
                + index.format(s=schema))
-    policy = write(tmp_path / "p.yaml", f"""
-        version: 1
-        tables:
-          {schema}.people:
-            tenant: {{column: tenant_id}}
-            columns:
-              ssn: {{type: text, search: equality}}
-    """)
+    policy = people_policy(tmp_path, schema, "{column: tenant_id}",
+                           "ssn: {type: text, search: equality}")
     result = pgseal("policy", "check", "--policies", str(policy), "--dsn", pg_dsn)
     assert (result.returncode, result.stdout) == (0, "policy ok: 1 tables, 1 encrypted columns\n")
 
@@ -231,13 +236,7 @@ def test_policy_check_names_each_kind_of_problem(
 ) -> None:
     if ddl:
         pg.execute(ddl.format(s=schema))
-    policy = write(tmp_path / "policy.yaml", f"""
-        version: 1
-        tables:
-          {schema}.people:
-            tenant: {tenant}
-            columns: {{{columns}}}
-    """)
+    policy = people_policy(tmp_path, schema, tenant, columns)
     result = pgseal("policy", "check", "--policies", str(policy), "--dsn", pg_dsn)
     assert result.returncode == 1, (result.stdout, result.stderr)
     # The problem on stdout, where the policy defines the table; the count on stderr.
