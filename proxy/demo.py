@@ -194,10 +194,14 @@ async def _serve(config: Config, pg: LocalPostgres) -> bool:
     print(f'PostgreSQL itself (to see what is stored): psql "{direct}"')
     if config.policies:
         # The demo's token PIN lives in this process only; these two need no key.
-        policy, example = shlex.quote(config.policies[0]), shlex.quote(EXPLAIN_EXAMPLE)
+        # As this demo was started (.venv/bin/pgseal from `make run`), on PATH or not.
+        me = [sys.argv[0]]
+        if Path(sys.argv[0]).name != "pgseal":
+            me = [sys.executable, "-m", "proxy"]
+        policy = config.policies[0]
         print("What the proxy does with a statement, and the policy against the schema:")
-        print(f"    pgseal explain --policies {policy} {example}")
-        print(f"    pgseal policy check --policies {policy} --dsn {shlex.quote(direct)}")
+        print("    " + shlex.join([*me, "explain", "--policies", policy, EXPLAIN_EXAMPLE]))
+        print("    " + shlex.join([*me, "policy", "check", "--policies", policy, "--dsn", direct]))
     print(
         f"Audit trail: {config.base_dir}/audit.jsonl (the demo verifies it as `pgseal audit "
         "verify FILE` does when it stops; until then its last record is not audit.stop)"
