@@ -7,11 +7,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -48,11 +50,17 @@ def _read_until(proc: subprocess.Popen[str], needle: str, timeout: float) -> lis
     return lines
 
 
-def test_demo_shows_plaintext_through_the_proxy_and_cells_in_postgres() -> None:
+@pytest.fixture
+def scratch() -> Iterator[Path]:
     # Not under pytest's tmp_path: as root the demo runs PostgreSQL as the postgres user,
     # who cannot enter pytest's private (0700) base folder.
-    scratch = Path(tempfile.mkdtemp(prefix="pgseal-test-demo-"))
-    scratch.chmod(0o755)
+    path = Path(tempfile.mkdtemp(prefix="pgseal-test-demo-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_demo_shows_plaintext_through_the_proxy_and_cells_in_postgres(scratch: Path) -> None:
     base = scratch / "demo"  # new: the demo creates it and removes it when it stops
     port = free_port()
     proc = subprocess.Popen(
@@ -107,7 +115,7 @@ def test_demo_shows_plaintext_through_the_proxy_and_cells_in_postgres() -> None:
     assert "stopped and cleaned up" in tail
     assert not base.exists()
     assert "Traceback" not in err
-    scratch.rmdir()
+    assert list(scratch.iterdir()) == []
 
 
 def test_demo_refuses_a_folder_that_is_not_its_own(tmp_path: Path) -> None:
