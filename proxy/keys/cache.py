@@ -34,6 +34,9 @@ from aiocache import SimpleMemoryCache
 from proxy.keys.model import DataKey
 
 DEGRADED_TTL = 1.0  # seconds an entry lives while change notifications may be missed
+# TenantKeyCache.key_meta holds at most this many keys' (version, kek), ~10 MB: a record
+# names null only if this many other keys were loaded between its key's use and its queueing.
+KEY_META_MAX = 100_000
 
 
 class _MemoryBackend(SimpleMemoryCache):  # type: ignore[misc]
@@ -77,6 +80,12 @@ class TenantKeyCache:
         self.degraded = False
         self.hits = 0
         self.misses = 0
+        # key id -> (version, kek) of every key loaded: what the data path's audit records
+        # name besides the key id (DESIGN.md 9). Set once per unwrap, not per use, and kept
+        # past the key's eviction (a long result's records are queued when it ends); never
+        # key material. A key id's version never changes and ids are never reused; the kek
+        # changes with `keys rotate-master`, after which the key is unwrapped again.
+        self.key_meta: dict[int, tuple[int, str]] = {}
 
     # -- hot path
 
@@ -145,6 +154,10 @@ class TenantKeyCache:
     async def _load(self, load: Callable[[], Awaitable[DataKey]], as_active: bool) -> DataKey:
         epoch = self.epoch
         key = await load()
+        meta = self.key_meta
+        if key.key_id not in meta and len(meta) >= KEY_META_MAX:
+            del meta[next(iter(meta))]  # the oldest; a key loaded again comes back
+        meta[key.key_id] = (key.version, key.kek)
         if epoch == self.epoch:
             ttl = min(self.ttl, DEGRADED_TTL) if self.degraded else self.ttl
             await self._store.set(f"k:{key.key_id}", _Entry(key, 0), ttl=ttl)

@@ -22,7 +22,6 @@ from proxy.session.datapath import (
 if TYPE_CHECKING:
     from proxy.audit.trail import AuditTrail
     from proxy.config import CryptoperiodConfig
-    from proxy.keys.model import DataKey
     from proxy.keys.schedule import RotationScheduler
     from proxy.keys.service import KeyService
 
@@ -36,9 +35,6 @@ AUDIT_GROUP_COMMIT = 0.02
 AUDIT_RETRY = 1.0
 # Shutdown waits this long for queued records to be written.
 AUDIT_DRAIN_WAIT = 5.0
-# CacheKeyRing.key_meta holds at most this many keys' (version, kek), ~10 MB: a record
-# names null only if this many other keys were used between its key's use and its queueing.
-KEY_META_MAX = 100_000
 
 
 class CacheKeyRing:
@@ -50,29 +46,14 @@ class CacheKeyRing:
         self.audit_failure: PgsealError | None = None
         # tenant -> its live key ids, the active one first (see versions()).
         self._live: dict[str, tuple[int, ...]] = {}
-        # key id -> (version, kek) of the keys handed out: what the data path's audit records
-        # name besides the key id (DESIGN.md 9), looked up when they are queued, which for a
-        # long result is after the key may have left the cache (never the key itself: that
-        # must not outlive the cache). A key id's version never changes and ids are never
-        # reused; the kek changes with `keys rotate-master` (the key is unwrapped again).
-        self.key_meta: dict[int, tuple[int, str]] = {}
-
-    def _handed_out(self, key: DataKey) -> CellKey:
-        meta = self.key_meta
-        known = meta.get(key.key_id)
-        if known is None or known[1] != key.kek:
-            if known is None and len(meta) >= KEY_META_MAX:
-                del meta[next(iter(meta))]  # the oldest; a key used again comes back
-            meta[key.key_id] = (key.version, key.kek)
-        return key.cell_key
 
     def current(self, tenant: str, uses: int) -> CellKey | None:
         hit = self.service.cache.hit_by_tenant(tenant, uses)
-        return None if hit is None else self._handed_out(hit)
+        return None if hit is None else hit.cell_key
 
     def by_id(self, key_id: int, uses: int) -> CellKey | None:
         hit = self.service.cache.hit_by_id(key_id, uses)
-        return None if hit is None else self._handed_out(hit)
+        return None if hit is None else hit.cell_key
 
     def versions(self, tenant: str, uses: int) -> list[CellKey] | None:
         """Every live key of the tenant, the active one first (a search must match the cells
@@ -82,12 +63,12 @@ class CacheKeyRing:
         ids = self._live.get(tenant)
         if active is None or ids is None or ids[0] != active.key_id:
             return None
-        keys = [self._handed_out(active)]
+        keys = [active.cell_key]
         for key_id in ids[1:]:
             hit = self.service.cache.hit_by_id(key_id, uses)
             if hit is None:
                 return None
-            keys.append(self._handed_out(hit))
+            keys.append(hit.cell_key)
         return keys
 
     async def _load_versions(self, tenant: str) -> None:
@@ -168,7 +149,7 @@ class DataPathRuntime:
         """Queue records for writing; statements do not wait for them. A failed write
         (on_failure block) makes every later key use fail until the trail is back; the
         records it could not write are kept and written then (see AuditTrail)."""
-        self._queued.extend(audit_records(notes, facts, self.keyring.key_meta))
+        self._queued.extend(audit_records(notes, facts, self.service.cache.key_meta))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_queued())
 
