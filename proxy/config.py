@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -28,7 +27,13 @@ _T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
-    """A configuration problem, phrased for the operator (one line)."""
+    """A configuration problem, phrased for the operator (one line). `unknown_key`: the
+    dotted key that is not a config key, when that is the problem (load_config then says
+    on which line of the file it is)."""
+
+    def __init__(self, message: str, *, unknown_key: str | None = None) -> None:
+        super().__init__(message)
+        self.unknown_key = unknown_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,7 +345,7 @@ def _build(cls: type[_T], raw: Mapping[str, Any], where: str) -> _T:
     for key in raw:
         if key not in known:
             path = f"{where}.{key}" if where else str(key)
-            raise ConfigError(f"unknown config key {path!r}")
+            raise ConfigError(f"unknown config key {path!r}", unknown_key=path)
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in raw.items()}
     try:
         return cls(**kwargs)
@@ -422,15 +427,11 @@ def load_config(
     except ConfigError as exc:
         # An unknown key can only come from the file (the environment and the flags name
         # known keys only): say where it is, as policy errors do.
-        unknown = _UNKNOWN_KEY.match(str(exc))
-        if path is None or unknown is None:
+        if path is None or exc.unknown_key is None:
             raise
-        line = _key_line(text, unknown.group(1))
+        line = _key_line(text, exc.unknown_key)
         raise ConfigError(f"{path}{'' if line is None else f':{line}'}: {exc}") from None
     return replace(config, base_dir=base_dir)
-
-
-_UNKNOWN_KEY = re.compile(r"unknown config key '([^']+)'")
 
 
 def _key_line(text: str, dotted: str) -> int | None:
