@@ -10,8 +10,8 @@ import asyncpg
 
 from proxy.config import Config
 from proxy.errors import PgsealError
-from proxy.keys.keystore import describe_dsn, unparsable_dsn
-from proxy.migrate.common import pg_message
+from proxy.keys.keystore import describe_dsn
+from proxy.migrate.common import connect_failure
 from proxy.policy.check import check_policy
 from proxy.policy.loader import load_policies
 from proxy.policy.model import PolicySet
@@ -72,10 +72,10 @@ def cmd_policy_check(args: argparse.Namespace, config: Config) -> int:
         TimeoutError, OSError, ValueError, ArithmeticError, asyncpg.PostgresError,
         asyncpg.InterfaceError,
     ) as exc:
-        # Named by describe_dsn, which never repeats a password; a DSN asyncpg cannot parse
-        # is not quoted either (unparsable_dsn).
-        reason = "the DSN cannot be parsed" if unparsable_dsn(exc) else pg_message(exc)
-        raise PgsealError(f"cannot read the schema at {describe_dsn(dsn)}: {reason}") from None
+        # Neither describe_dsn nor connect_failure ever repeats a password.
+        raise PgsealError(
+            f"cannot read the schema at {describe_dsn(dsn)}: {connect_failure(exc)}"
+        ) from None
     problems = check_policy(policies, columns, indexed)
     for line in problems:
         print(line)

@@ -143,13 +143,6 @@ def describe_dsn(dsn: str) -> str:
         return "the configured DSN"
 
 
-def unparsable_dsn(exc: BaseException) -> bool:
-    """Whether connecting failed because the DSN could not be parsed (asyncpg raises
-    ValueError, ClientConfigurationError or OverflowError): its text can quote pieces of
-    the password, so a message says only that."""
-    return isinstance(exc, (ValueError, ArithmeticError))
-
-
 # {s}: the quoted schema; {cols}: KEY_COLUMNS. Values always travel as parameters.
 _SQL = {
     "create_schema": "CREATE SCHEMA IF NOT EXISTS {s}",

@@ -15,7 +15,7 @@ import asyncpg
 from proxy.audit.records import AuditRecord
 from proxy.crypto.values import SessionFormat
 from proxy.errors import PgsealError
-from proxy.keys.keystore import describe_dsn, unparsable_dsn
+from proxy.keys.keystore import describe_dsn
 from proxy.migrate.plan import KeyColumn, TableShape, Throttle, render_progress
 
 _T = TypeVar("_T")
@@ -55,6 +55,15 @@ def pg_message(exc: BaseException) -> str:
     return text
 
 
+def connect_failure(exc: BaseException) -> str:
+    """Why connecting failed, one line, for a message next to describe_dsn(dsn). A DSN that
+    could not be parsed (asyncpg raises ValueError, ClientConfigurationError or
+    OverflowError) is not quoted: asyncpg's text can hold pieces of the password."""
+    if isinstance(exc, (ValueError, ArithmeticError)):
+        return "the DSN cannot be parsed"
+    return pg_message(exc)
+
+
 async def guarded(what: str, work: Awaitable[_T]) -> _T:
     """Run `work`; a PostgreSQL or connection error becomes a MigrationError naming `what`."""
     try:
@@ -69,8 +78,8 @@ async def connect_data(dsn: str) -> asyncpg.Connection[Any]:
             dsn, timeout=10, server_settings=SERVER_SETTINGS, statement_cache_size=64)
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError,
             ArithmeticError) as exc:
-        reason = "the DSN cannot be parsed" if unparsable_dsn(exc) else pg_message(exc)
-        raise MigrationError(f"cannot connect to {describe_dsn(dsn)}: {reason}") from None
+        raise MigrationError(
+            f"cannot connect to {describe_dsn(dsn)}: {connect_failure(exc)}") from None
     return conn
 
 
