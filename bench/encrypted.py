@@ -200,7 +200,8 @@ def script_text(table: str, rows: int) -> str:
 def cells_script_text(rows: int) -> str:
     """The encrypted script's SQL as pgseal sends it upstream, with cells, straight to
     PostgreSQL: what the database itself pays for sealed columns (larger rows, a bytea
-    index, a search over every key version as `= ANY(bytea[])`), without any proxy. The
+    index; the search as `email = $1`, one cell: the narrow form, the tenant having one
+    key version), without any proxy. The
     first statement reads real cells; the search looks one up; the insert stores a fresh
     42-byte value (an email cell's size) and the cells it read."""
     fresh = "substring(sha256(:nid::text::bytea) || sha256(:nid::text::bytea) from 1 for 42)"
@@ -208,7 +209,7 @@ def cells_script_text(rows: int) -> str:
         f"\\set id random(1, {rows})\n"
         "\\set nid random(1000000000, 9999999999)\n"
         "SELECT email, name, balance FROM bench_secure WHERE id = :id \\gset p_\n"
-        "SELECT id, name, balance FROM bench_secure WHERE email = ANY(ARRAY[:p_email::bytea]);\n"
+        "SELECT id, name, balance FROM bench_secure WHERE email = :p_email::bytea;\n"
         "INSERT INTO bench_secure (tenant_id, email, name, balance) "
         f"VALUES ('{TENANT}', {fresh}, :p_name::bytea, :p_balance::bytea);\n"
     )

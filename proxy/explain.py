@@ -11,7 +11,9 @@ from proxy.policy.loader import load_policies
 from proxy.rewrite import StatementPlan, analyze
 
 
-def explain_plan(sql: str, plan: StatementPlan) -> list[str]:
+def explain_plan(
+    sql: str, plan: StatementPlan, narrow: StatementPlan | None = None
+) -> list[str]:
     text = " ".join(sql[plan.start : plan.end].split())
     lines = [f"statement: {text[:200]}"]
     if plan.kind == "refused":
@@ -37,6 +39,12 @@ def explain_plan(sql: str, plan: StatementPlan) -> list[str]:
         array = ", each array element" if target.array else ""
         versions = ", under every live key version" if target.versions else ""
         sent = "bytea[]" if target.array or target.versions else "bytea"
+        narrow_target = narrow.params.get(index) if narrow is not None else None
+        if narrow_target is not None and narrow_target.narrow:
+            sent += (
+                " (prepared with Parse: one bytea, compared as written, while the tenant "
+                "has a single live key version)"
+            )
         lines.append(
             f"  ${index}: sealed for {target.column} "
             f"({target.policy.type}, {target.use}, {mode}{array}"
@@ -116,6 +124,8 @@ def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     if not plans:
         print("empty statement: forwarded unchanged")
         return 0
+    # One statement may be prepared (Parse): its narrow form (see proxy.rewrite).
+    narrow = analyze(args.sql, policies, narrow=True)[0] if len(plans) == 1 else None
     for plan in plans:
-        print("\n".join(explain_plan(args.sql, plan)))
+        print("\n".join(explain_plan(args.sql, plan, narrow)))
     return 0

@@ -80,6 +80,16 @@ key versions (search after rotation)
     UNIQUE, ON CONFLICT) compares stored cells and only matches cells of the
     same version.
 
+    The narrow form (`analyze(..., narrow=True)`) is for prepared statements:
+    PostgreSQL plans `col = $1` better than `col = ANY($1)` (a generic plan it
+    keeps, where it plans `= ANY` again at every execution). In it a parameter
+    compared on its own with `=` or `<>` stays as written and is marked
+    `narrow`: one cell, right only while its tenant has a single live key
+    version. The data path sends this form in the Parse and switches the
+    statement to the wide one (Close, Parse) before a Bind whose tenant has
+    more. A parameter also compared in a list or with IS DISTINCT FROM keeps
+    the statement wide; constants always take every version.
+
 tenant of a read (OutputTarget.tenant)
     A cell is opened with the key named in its header; AAD binds tenant and
     column, so an opened cell is authentic for its tenant. Isolation compares

@@ -491,6 +491,8 @@ class _Analysis:
     # tenant columns: see hidden_tenant_columns).
     root: exp.Expr | None = None
     root_frame: _Frame | None = None
+    # The narrow form (see `analyze`): `col = $n` / `col <> $n` stay as they are.
+    narrow: bool = False
 
     # -- tokens and spans --
 
@@ -975,6 +977,7 @@ class _Analysis:
         array: bool = False,
         force_cast: bool = False,
         versions: bool = False,
+        narrow: bool = False,
     ) -> bool:
         """Record that `value` (a parameter or constant) is sealed for `prot`'s column.
 
@@ -1005,7 +1008,7 @@ class _Analysis:
         self.tables.add(ref.table_key)
         if kind == "param":
             index = int(node.this.this)
-            target = ParamTarget(index, ref, prot.policy, use, tenant, array, versions)
+            target = ParamTarget(index, ref, prot.policy, use, tenant, array, versions, narrow)
             self._add_param(target)
             self.consumed.add(id(node))
             span = slot or self._span(value)
@@ -1059,6 +1062,7 @@ class _Analysis:
             existing,
             use="store" if "store" in (existing.use, target.use) else "compare",
             versions=existing.versions or target.versions,
+            narrow=existing.narrow or target.narrow,
         )
 
     def finish_versions(self) -> None:
@@ -1401,9 +1405,17 @@ class _Analysis:
                 prot.ref,
             )
         column = a if la is not None else b
-        if self.seal(
-            other, prot, "compare", self.compare_tenant(prot), anchor=anchor, versions=True
+        tenant = self.compare_tenant(prot)
+        if (
+            self.narrow
+            and isinstance(node, (exp.EQ, exp.NEQ))
+            and other_core[0] == "param"
         ):
+            # One cell, compared as the client wrote it: right while the tenant has a
+            # single live key version, which Bind checks (ParamTarget.narrow).
+            self.seal(other, prot, "compare", tenant, anchor=anchor, narrow=True)
+            return
+        if self.seal(other, prot, "compare", tenant, anchor=anchor, versions=True):
             self._versions_compare(node, column, other, other is a, prot.ref)
 
     def _compare_array(
@@ -2675,9 +2687,28 @@ def _analyze_statement(
     search_path: tuple[str, ...],
     *,
     result_to_client: bool = True,
+    narrow: bool = False,
 ) -> StatementPlan:
     """One statement's plan. `result_to_client`: its rows go to the client as DataRows,
-    so the proxy may add row tenant columns it drops there (not inside EXPLAIN or COPY)."""
+    so the proxy may add row tenant columns it drops there (not inside EXPLAIN or COPY).
+    `narrow`: see `analyze`."""
+    plan = _statement_plan(sql, start, end, policies, search_path, result_to_client, narrow)
+    if narrow and any(t.narrow and (t.versions or t.array) for t in plan.params.values()):
+        # One parameter compared both ways (`ssn = $1 OR ssn IN ($1, $2)`): it can only be
+        # sent as the bytea[] of every version, so the statement keeps the wide form.
+        return _statement_plan(sql, start, end, policies, search_path, result_to_client, False)
+    return plan
+
+
+def _statement_plan(
+    sql: str,
+    start: int,
+    end: int,
+    policies: PolicySet,
+    search_path: tuple[str, ...],
+    result_to_client: bool,
+    narrow: bool,
+) -> StatementPlan:
     text = sql[start:end]
     command = first_keyword(sql, start)
     if command in ("SET", "RESET", "DISCARD"):
@@ -2745,7 +2776,7 @@ def _analyze_statement(
                 command,
             ),
         )
-    analysis = _Analysis(text, start, policies, search_path)
+    analysis = _Analysis(text, start, policies, search_path, narrow=narrow)
     try:
         analysis.tokenize()
         trees = _TOOLS.parser.parse(analysis.tokens, text)
@@ -2817,11 +2848,13 @@ def _analyze_statement(
 
 
 def _analyze(
-    sql: str, policies: PolicySet, search_path: tuple[str, ...]
+    sql: str, policies: PolicySet, search_path: tuple[str, ...], narrow: bool = False
 ) -> tuple[StatementPlan, ...]:
     plans: list[StatementPlan] = []
     for span in split_statements(sql):
-        plan = _analyze_statement(sql, span.start, span.end, policies, search_path)
+        plan = _analyze_statement(
+            sql, span.start, span.end, policies, search_path, narrow=narrow
+        )
         for setting in plan.session_settings:
             # Later statements of the same string already run under the new path.
             if setting.name == "search_path":
@@ -2836,29 +2869,36 @@ def _analyze(
 # Plans by (text, policies, search_path), least recently used first. PolicySet hashes by
 # identity and the key keeps a reference to it: a reloaded policy is a different key,
 # never a stale hit.
-_CACHE: OrderedDict[tuple[str, PolicySet, tuple[str, ...]], tuple[StatementPlan, ...]] = (
+_CACHE: OrderedDict[tuple[str, PolicySet, tuple[str, ...], bool], tuple[StatementPlan, ...]] = (
     OrderedDict()
 )
 _CACHE_LOCK = threading.Lock()
 
 
 def analyze(
-    sql: str, policies: PolicySet, search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+    sql: str,
+    policies: PolicySet,
+    search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH,
+    *,
+    narrow: bool = False,
 ) -> list[StatementPlan]:
     """One plan per statement of `sql` (see `proxy.rewrite` for the contract). Pure; cached,
     except a text with constants for protected columns (its key and its plan hold those
     plaintexts, and a text with inline values is rarely sent twice anyway), and a refused
-    one (it may hold constants the analysis could not place, e.g. `ssn LIKE '123%'`)."""
+    one (it may hold constants the analysis could not place, e.g. `ssn LIKE '123%'`).
+
+    `narrow`: the statement's narrow form (see "key versions" in `proxy.rewrite`), where a
+    parameter compared with `=` or `<>` stays `col = $n`, one cell (ParamTarget.narrow)."""
     search_path = tuple(search_path)
     if len(sql) > _CACHE_MAX_SQL:
-        return list(_analyze(sql, policies, search_path))
-    key = (sql, policies, search_path)
+        return list(_analyze(sql, policies, search_path, narrow))
+    key = (sql, policies, search_path, narrow)
     with _CACHE_LOCK:
         plans = _CACHE.get(key)
         if plans is not None:
             _CACHE.move_to_end(key)
             return list(plans)
-    plans = _analyze(sql, policies, search_path)
+    plans = _analyze(sql, policies, search_path, narrow)
     if not any(plan.literals or plan.kind == "refused" for plan in plans):
         with _CACHE_LOCK:
             _CACHE[key] = plans

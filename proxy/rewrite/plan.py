@@ -116,6 +116,10 @@ class ParamTarget:
       `proxy.rewrite`): send a bytea[] of its cells under every live key version
       of the tenant, the active version first (a NULL value: `{NULL}`); the
       parameter's type is bytea[]. With `array`: every element under every version.
+    narrow: the value is compared (`col = $n`, `col <> $n`) in the statement's narrow
+      form (`analyze(narrow=True)`): send one cell, as for a stored value, and only
+      while its tenant has a single live key version; with more, the statement must
+      be sent in its wide form (where this parameter is `versions`).
     The caller declares the parameter as bytea (OID 17, or 1001) in the Parse
     it forwards, whatever type the client gave, and reports `policy.type` (its
     array type with `array`) to the client in ParameterDescription.
@@ -128,6 +132,7 @@ class ParamTarget:
     tenant: TenantSource
     array: bool = False
     versions: bool = False
+    narrow: bool = False
 
 
 @dataclass(frozen=True, slots=True)

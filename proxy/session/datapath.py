@@ -336,6 +336,13 @@ class _Statement:
     # The text without its literals, for audit records: worked out at the first record,
     # then kept with the statement (see _statement_fingerprint).
     fingerprint: str | None = None
+    # A statement with a narrow form (plan, slots) also has a wide one (see _WideForm);
+    # which of them PostgreSQL holds (_NARROW, _WIDE, _UNKNOWN after a switch that failed
+    # or was skipped), and how many switches to it are on their way (_widen).
+    wide: _WideForm | None = None
+    upstream_form: int = 0
+    switching: int = 0
+    switched_at: int = -1  # DataPath.syncs_sent when the last switch was sent
 
     def __init__(
         self,
@@ -352,6 +359,10 @@ class _Statement:
         openers_by_formats: dict[tuple[int, ...], tuple[_Opener, ...]] | None = None,
         compiled: _Compiled | None = None,
         fingerprint: str | None = None,
+        wide: _WideForm | None = None,
+        upstream_form: int = 0,
+        switching: int = 0,
+        switched_at: int = -1,
     ) -> None:
         # Written out (see _Pending.__init__). openers_by_formats: a new dict when not given.
         self.name = name
@@ -367,6 +378,35 @@ class _Statement:
         self.openers_by_formats = {} if openers_by_formats is None else openers_by_formats
         self.compiled = compiled
         self.fingerprint = fingerprint
+        self.wide = wide
+        self.upstream_form = upstream_form
+        self.switching = switching
+        self.switched_at = switched_at
+
+
+# _Statement.upstream_form
+_NARROW: Final = 0  # as the client's Parse defined it
+_WIDE: Final = 1  # a switch (_widen) was answered
+_UNKNOWN: Final = 2  # a switch failed or was skipped: the next Bind switches again
+
+
+@dataclass(frozen=True, slots=True)
+class _WideForm:
+    """A statement's wide form, where every parameter compared with a search column is
+    the bytea[] of its cells under every live key version (see "key versions" in
+    `proxy.rewrite`). What Parse sends first is the narrow form (`col = $1`, one cell),
+    which PostgreSQL plans better; a Bind whose tenant has more than one live version
+    switches the statement to this form for good (_widen). Its plan differs from the
+    narrow one only in how those parameters are sent: the narrow plan stays the
+    statement's (outputs, parameter types, the search_path check)."""
+
+    plan: StatementPlan
+    parse: bytes  # the Parse that defines it upstream (the statement's own name)
+    slots: tuple[_ParamSlot, ...]
+
+
+class _Widen(Exception):
+    """A narrow parameter's tenant has several live key versions (see _WideForm)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,6 +453,7 @@ class _Compiled:
     openers_by_formats: dict[tuple[int, ...], tuple[_Opener, ...]] = field(default_factory=dict)
     described: dict[bytes, _Described] = field(default_factory=dict)
     fingerprint: str | None = None
+    wide: _WideForm | None = None  # see _Statement.wide
 
     def statement(self) -> _Statement:
         return _Statement(
@@ -427,6 +468,7 @@ class _Compiled:
             openers_by_formats=self.openers_by_formats,
             compiled=self,
             fingerprint=self.fingerprint,
+            wide=self.wide,
         )
 
 
@@ -655,6 +697,7 @@ class DataPath:
         # they belong to a statement that will not read them (see client_frame).
         self.copy_discarding = False
         self.copy_ends_sent = 0  # CopyDone / CopyFail messages from the client (_Pending)
+        self.syncs_sent = 0  # Syncs from the client: segments, as an error skips them (_bind)
         self.copy_out: _CopyOutJob | None = None
         self.ignored_syncs = 0  # Syncs and Queries PostgreSQL will not answer (the session counts)
         self._segment_open = False  # an Execute was sent since the last Sync
@@ -696,8 +739,8 @@ class DataPath:
             raise Refused("0A000", f"pgseal: no policy for {table[0]}.{table[1]}")
         return policy
 
-    def _analyze(self, sql: str) -> list[StatementPlan]:
-        return analyze(sql, self.policies, self.search_path)
+    def _analyze(self, sql: str, narrow: bool = False) -> list[StatementPlan]:
+        return analyze(sql, self.policies, self.search_path, narrow=narrow)
 
     # -- startup: learn the OIDs of protected tables in this database ----------------------
 
@@ -840,6 +883,7 @@ class DataPath:
             self.pending.append(_Pending(_Kind.CLOSE, close_target=(c.kind, c.name), closed=closed))
             return frame.raw
         if t == 0x53:  # Sync
+            self.syncs_sent += 1
             self._expect_ready(_Pending(_Kind.SYNC, copy_ends=self.copy_ends_sent))
             self._segment_open = False
             return frame.raw
@@ -914,24 +958,22 @@ class DataPath:
         # may be a parameter. Each literal becomes a parameter of our own after the
         # client's; Bind appends its sealed value and ParameterDescription hides it.
         n_client = parameter_count(parse.sql, len(parse.param_types))
-        edits = list(plan.edits)
+        extra: list[TextEdit] = []
         if plan.copy is not None:
             try:
-                edits.extend(self._copy_edits(plan, plans, extended=True))
+                extra = self._copy_edits(plan, plans, extended=True)
             except Refused as exc:
                 return self._refuse_parse(parse, exc.sqlstate, str(exc))
-        for k, literal in enumerate(plan.literals):
-            edits.append(literal.edit(f"${n_client + 1 + k}"))
-        sql = apply_edits(parse.sql, edits) if edits else parse.sql
-        types = list(parse.param_types) + [0] * (
-            n_client + len(plan.literals) - len(parse.param_types)
-        )
-        for index, target in plan.params.items():
-            types[index - 1] = BYTEA_ARRAY_OID if target.array or target.versions else BYTEA_OID
-        for k in range(len(plan.literals)):
-            types[n_client + k] = BYTEA_ARRAY_OID if plan.literals[k].versions else BYTEA_OID
-        forwarded = m.Parse(parse.name, sql, tuple(types)).encode()
-        compiled = self._compile(frame, parse, plan, forwarded, n_client)
+        forwarded = _forwarded_parse(parse, plan, n_client, extra)
+        wide = None
+        if plan.copy is None and any(
+            t.versions and not t.array for t in plan.params.values()
+        ):
+            narrow = self._analyze(parse.sql, narrow=True)[0]
+            if any(t.narrow for t in narrow.params.values()):
+                wide = _WideForm(plan, forwarded, _compile_params(plan))
+                plan, forwarded = narrow, _forwarded_parse(parse, narrow, n_client, extra)
+        compiled = self._compile(frame, parse, plan, forwarded, n_client, wide)
         self._parse_entry(parse.name, compiled.statement())
         return forwarded
 
@@ -942,6 +984,7 @@ class DataPath:
         plan: StatementPlan,
         forwarded: bytes | None,
         n_client: int = 0,
+        wide: _WideForm | None = None,
     ) -> _Compiled:
         """What this Parse became, remembered for the next Parse of the same bytes (unless it
         is too large to keep, or a COPY)."""
@@ -955,6 +998,7 @@ class DataPath:
             n_client=n_client,
             synthetic=plan.literals,
             slots=_compile_params(plan),
+            wide=wide,
         )
         if len(frame.body) > _COMPILED_MAX_BYTES or plan.copy is not None or plan.literals:
             # Too large to pin; or a COPY, whose column list may come from the catalog
@@ -1016,6 +1060,13 @@ class DataPath:
             if entry.kind is not _Kind.PARSE or entry.parsed is None:
                 continue
             name = entry.parsed
+            switched = entry.statement
+            if entry.swallow and switched is not None:
+                # A _widen Parse skipped, or failed (its Close may have run: in an aborted
+                # transaction it does): PostgreSQL holds the narrow form, or nothing.
+                switched.switching -= 1
+                switched.upstream_form = _UNKNOWN
+                continue
             if entry.previous is None or (entry is failed and not name):
                 self.statements.pop(name, None)  # a failed unnamed Parse dropped the old one
                 self.unconfirmed.discard(name)
@@ -1061,7 +1112,11 @@ class DataPath:
             )
         if statement.search_path != self.search_path:
             # PostgreSQL re-analyses the statement under the new search_path.
-            plans = self._analyze(statement.sql) if statement.sql.strip() else [statement.plan]
+            plans = (
+                self._analyze(statement.sql, narrow=statement.wide is not None)
+                if statement.sql.strip()
+                else [statement.plan]
+            )
             if len(plans) != 1 or not _same_plan(plans[0], statement.plan):
                 self._audit_deny(statement.sql, "search_path changed since Parse")
                 return self._refuse_bind(
@@ -1095,11 +1150,19 @@ class DataPath:
             bind = m.Bind(
                 bind.portal, bind.statement, bind.param_formats, bind.params, sent_formats
             )
+        wide = statement.wide
+        switch = False  # the Bind must follow a switch to the wide form (_widen)
+        params: tuple[bytes | None, ...] = bind.params
+        formats: tuple[int, ...] = ()
+        notes: list[AuditNote] = []
         try:
             self._check_key_service()
-            params, formats, notes = (
-                self._seal_params(bind, statement) if seals else (bind.params, (), [])
-            )
+            if seals:
+                params, formats, notes, switch = self._seal_bind(bind, statement)
+            if switch and self._closing(statement.name):
+                raise Refused(
+                    "26000", f'pgseal: prepared statement "{statement.name}" is being closed'
+                )
         except Refused as exc:
             self._audit_deny(statement.sql, str(exc))
             return self._refuse_bind(bind, exc.sqlstate, str(exc))
@@ -1133,11 +1196,14 @@ class DataPath:
             self._audit_deny(statement.sql, str(exc))
             return self._refuse_bind(bind, exc.sqlstate, str(exc))
         self.audit.extend(notes)
+        before = self._widen(statement, wide) if switch and wide is not None else b""
         portal = _Portal(statement, bind.result_formats, self.tenant.current, openers, bind)
         self.portals[bind.portal] = portal
         self.pending.append(_Pending(_Kind.BIND))
         if seals:
-            out = m.encode_bind(bind.portal, bind.statement, formats, params, sent_formats)
+            out = before + m.encode_bind(
+                bind.portal, bind.statement, formats, params, sent_formats
+            )
         elif sent_formats is not frame_formats:
             out = bind.encode()
         else:
@@ -1149,6 +1215,56 @@ class DataPath:
             out += m.Describe("P", bind.portal).encode()
         return out
 
+    def _seal_bind(
+        self, bind: m.Bind, statement: _Statement
+    ) -> tuple[tuple[bytes | None, ...], tuple[int, ...], list[AuditNote], bool]:
+        """_seal_params in the form PostgreSQL will hold when the Bind arrives, and whether
+        the Bind must be preceded by a switch to the wide form (_widen)."""
+        wide = statement.wide
+        if wide is None:
+            params, formats, notes = self._seal_params(bind, statement, statement.slots)
+            return params, formats, notes, False
+        if statement.upstream_form == _NARROW and not statement.switching:
+            try:
+                params, formats, notes = self._seal_params(bind, statement, statement.slots)
+                return params, formats, notes, False
+            except _Widen:
+                params, formats, notes = self._seal_params(bind, statement, wide.slots)
+                return params, formats, notes, True
+        # Wide upstream, or not known to be narrow: a switch still on its way may be
+        # skipped (an error ahead of it), and a failed one may have left no statement at
+        # all. A Bind is sure of the form it meets right behind its own switch, or behind
+        # one in its own segment (if that one fails or is skipped, so is the Bind:
+        # PostgreSQL skips to the Sync).
+        switch = (
+            statement.upstream_form != _WIDE or statement.switching > 0
+        ) and statement.switched_at != self.syncs_sent
+        params, formats, notes = self._seal_params(bind, statement, wide.slots)
+        return params, formats, notes, switch
+
+    def _widen(self, statement: _Statement, wide: _WideForm) -> bytes:
+        """The messages that put `statement`'s wide form upstream right before a Bind sealed
+        for it: a Close (a named statement cannot be parsed over; closing a missing one is
+        no error) and a Parse of the same name, answered to the proxy alone (an error goes
+        to the client: its Bind is skipped with it). The portals PostgreSQL made from the
+        narrow form keep their plans. The answer sets upstream_form (server_frame,
+        _unwind). Later Parses of the same text go wide at once (the compiled entry
+        changes), so a connection switches a statement about once."""
+        out = b""
+        if statement.name:
+            self.pending.append(_Pending(_Kind.CLOSE, swallow=True))
+            out = m.Close("S", statement.name).encode()
+        self.pending.append(
+            _Pending(_Kind.PARSE, swallow=True, statement=statement, parsed=statement.name)
+        )
+        statement.switching += 1
+        statement.switched_at = self.syncs_sent
+        compiled = statement.compiled
+        if compiled is not None and compiled.wide is wide:
+            compiled.plan, compiled.slots, compiled.forwarded = wide.plan, wide.slots, wide.parse
+            compiled.wide = None
+        return out + wide.parse
+
     def _refuse_bind(self, bind: m.Bind, sqlstate: str, message: str) -> bytes:
         # The portal is not (re)created: forget an older one of that name, so a following
         # Execute is never taken for it (its SET re-applied, its openers used).
@@ -1157,8 +1273,11 @@ class DataPath:
         return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
 
     def _seal_params(
-        self, bind: m.Bind, statement: _Statement
+        self, bind: m.Bind, statement: _Statement, slots: tuple[_ParamSlot, ...]
     ) -> tuple[tuple[bytes | None, ...], tuple[int, ...], list[AuditNote]]:
+        """The Bind's values with the protected ones sealed (their formats now binary), and
+        the audit notes. Raises _Widen for a narrow parameter whose tenant has several live
+        key versions, before any key is used (the caller seals with the wide slots)."""
         values = list(bind.params)
         n_values = len(values)
         param_formats = bind.param_formats
@@ -1172,7 +1291,7 @@ class DataPath:
         tenant_of_group: dict[int, str] = {}
         to_seal: list[tuple[_ParamSlot, str, bytes]] = []
         uses: dict[tuple[str, bool], int] = {}
-        for slot in statement.slots:
+        for slot in slots:
             target = slot.target
             if slot.position >= n_values:
                 raise Refused("08P01", f"pgseal: Bind has no value for ${target.index}")
@@ -1189,11 +1308,20 @@ class DataPath:
                 )
                 tenant_of_group[slot.group] = tenant
             to_seal.append((slot, tenant, raw))
-            wanted = (tenant, target.versions)
+            # A narrow value takes the tenant's live versions too, to see there is one.
+            wanted = (tenant, target.versions or target.narrow)
             uses[wanted] = uses.get(wanted, 0) + 1
-        # 2. The keys (a miss: NeedKeys after the rest is checked).
+        # 2. The keys (a miss: NeedKeys after the rest is checked). A narrow value's tenant
+        #    must have one live version: looked at first, without using a key.
         keys_of: dict[tuple[str, bool], Sequence[CellKey]] = {}
         need: set[str] = set()
+        for slot, tenant, _ in to_seal:
+            if slot.target.narrow:
+                live = self.keys.versions(tenant, 0)
+                if live is None:
+                    need.add(tenant)
+                elif len(live) > 1:
+                    raise _Widen()
         for (tenant, versions), n in uses.items():
             keys = self._sealing_keys(tenant, versions, n)
             if keys is None:
@@ -1205,9 +1333,11 @@ class DataPath:
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
         for slot, tenant, raw in to_seal:
             target = slot.target
-            keys = keys_of.get((tenant, target.versions))
+            keys = keys_of.get((tenant, target.versions or target.narrow))
             if keys is None:
                 continue
+            if target.narrow and len(keys) != 1:  # pragma: no cover - checked in step 2
+                raise Refused("XX000", "pgseal: key versions changed during a Bind")
             position = slot.position
             client_type = (
                 statement.client_param_types[position]
@@ -1760,7 +1890,11 @@ class DataPath:
             return self._ready(frame, head)
         out = b"" if head.swallow or head.failed else frame.raw
         if t == 0x31:  # ParseComplete
-            self._pop(_Kind.PARSE)
+            parsed = self._pop(_Kind.PARSE)
+            switched = parsed.statement
+            if parsed.swallow and switched is not None:  # a _widen Parse
+                switched.switching -= 1
+                switched.upstream_form = _WIDE
         elif t == 0x32:  # BindComplete
             self._pop(_Kind.BIND)
         elif t == 0x33:  # CloseComplete
@@ -1818,7 +1952,8 @@ class DataPath:
 
     def _error(self, frame: Frame, head: _Pending) -> bytes:
         out = head.refusal if head.refusal is not None else frame.raw
-        if head.failed or head.swallow:
+        if head.failed or (head.swallow and head.kind not in (_Kind.PARSE, _Kind.CLOSE)):
+            # (The error of a _widen Close or Parse is the client's: its Bind is skipped.)
             out = b""
         skipped = 0
         if head.kind not in (_Kind.QUERY, _Kind.CATALOG, _Kind.FUNCTION):
@@ -2764,6 +2899,26 @@ def _plain_result(head: _Pending) -> bool:
         index = head.result_index
         return index >= len(head.plans) or head.plans[index].kind != "protected"
     return False
+
+
+def _forwarded_parse(
+    parse: m.Parse, plan: StatementPlan, n_client: int, extra: Sequence[TextEdit]
+) -> bytes:
+    """The Parse sent upstream for a protected statement: the plan's edits (and `extra`)
+    applied, each literal to seal made a parameter after the client's own, every sealed
+    parameter declared bytea (bytea[] for a bytea[] of cells)."""
+    edits = [*plan.edits, *extra]
+    for k, literal in enumerate(plan.literals):
+        edits.append(literal.edit(f"${n_client + 1 + k}"))
+    sql = apply_edits(parse.sql, edits) if edits else parse.sql
+    types = list(parse.param_types) + [0] * (
+        n_client + len(plan.literals) - len(parse.param_types)
+    )
+    for index, target in plan.params.items():
+        types[index - 1] = BYTEA_ARRAY_OID if target.array or target.versions else BYTEA_OID
+    for k in range(len(plan.literals)):
+        types[n_client + k] = BYTEA_ARRAY_OID if plan.literals[k].versions else BYTEA_OID
+    return m.Parse(parse.name, sql, tuple(types)).encode()
 
 
 def _compile_params(plan: StatementPlan) -> tuple[_ParamSlot, ...]:

@@ -463,7 +463,9 @@ def test_explain_equality_search_compares_under_every_key_version(
         f"statement: {sql}",
         # sealed under every live version and sent as an array: `ssn = ANY($1)`
         "  $1: sealed for shop.people.ssn (text, compare, deterministic (AES-SIV), "
-        "under every live key version); tenant from session; sent as bytea[]",
+        "under every live key version); tenant from session; sent as bytea[] (prepared "
+        "with Parse: one bytea, compared as written, while the tenant has a single live "
+        "key version)",
         "  output 1 (name): opened from shop.people.name as text; "
         "tenant check: row tenant column shop.people.tenant_id (output 3)",
         "  output 2 (dob): opened from shop.people.dob as date; "

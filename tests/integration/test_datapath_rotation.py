@@ -348,3 +348,54 @@ async def test_destroy_shreds_one_tenant_only(rotation_proxy: ProxyThread, servi
         assert tuple(row) == (f"payload {SENT}", Decimal("1.5"))
     finally:
         await conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_search_prepared_before_a_rotation_finds_the_rows_of_both_versions(
+        rotation_proxy: ProxyThread, service: KeyService, pg: Any) -> None:
+    """A prepared search goes to PostgreSQL as `secret_ref = $1` with one cell while its
+    tenant has one key version. Bound again after a rotation, the proxy switches it to
+    `secret_ref = ANY($1)` (a Close and a Parse of the same name, before the Bind): the
+    search finds the rows of both versions, and a cursor opened on the narrow statement
+    before the switch reads on."""
+    log_start = pg.log_path.stat().st_size if pg.log_path is not None else 0
+    dsn = rotation_proxy.dsn()
+    insert = ("INSERT INTO vault_items (tenant_id, secret_ref, payload, amount) "
+              "VALUES ($1, $2, $3, $4) RETURNING id")
+    conn = await asyncpg.connect(dsn, server_settings={"pgseal.tenant": "rot-b"})
+    writer = await asyncpg.connect(dsn, server_settings={"pgseal.tenant": "rot-b"})
+    try:
+        old_id = await conn.fetchval(insert, "rot-b", "ref-both", f"old {SENT}", Decimal(1))
+        search = await conn.prepare(
+            "SELECT id FROM vault_items WHERE secret_ref = $1 ORDER BY id")
+        assert [r[0] for r in await search.fetch("ref-both")] == [old_id]
+        async with conn.transaction():
+            cursor = await search.cursor("ref-both")  # a portal of the narrow statement
+            await service.rotate("rot-b")
+            version_of = await versions(service, "rot-b")
+            inserted = [old_id]
+            for _ in range(200):  # until the proxy has heard of the new version
+                inserted.append(await writer.fetchval(
+                    insert, "rot-b", "ref-both", f"new {SENT}", Decimal(2)))
+                if version_of[cell_key_ids(pg, "rot-b")[inserted[-1]][0]] == 2:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("the proxy never sealed under the new version")
+            found = [r[0] for r in await search.fetch("ref-both")]  # the switch
+            assert found == inserted
+            # The cursor's portal was made from the narrow statement: it reads on.
+            assert [r[0] for r in await cursor.fetch(100)] == [old_id]
+        # Still wide: every later Bind takes both versions.
+        assert [r[0] for r in await search.fetch("ref-both")] == inserted
+    finally:
+        await conn.close()
+        await writer.close()
+
+    if pg.log_path is not None:
+        with open(pg.log_path, "rb") as f:
+            f.seek(log_start)
+            log = f.read()
+        assert SENT.encode() not in log
+        assert b"WHERE secret_ref = $1 ORDER BY id" in log
+        assert b"WHERE secret_ref = ANY($1) ORDER BY id" in log

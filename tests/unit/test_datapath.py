@@ -81,6 +81,17 @@ def server(dp: DataPath, raw: bytes) -> bytes:
 
 PARSE_COMPLETE = b"1\0\0\0\4"
 BIND_COMPLETE = b"2\0\0\0\4"
+CLOSE_COMPLETE = b"3\0\0\0\4"
+
+
+def _split(raw: bytes) -> tuple[list[tuple[bytes, bytes]], tuple[bytes, bytes]]:
+    """The messages in `raw` (type, body): all but the last, and the last."""
+    out = []
+    while raw:
+        (length,) = struct.unpack_from("!i", raw, 1)
+        out.append((raw[:1], raw[5 : 1 + length]))
+        raw = raw[1 + length :]
+    return out[:-1], out[-1]
 
 
 def test_bind_seals_protected_parameters_as_binary_bytea(policies) -> None:  # type: ignore[no-untyped-def]
@@ -324,12 +335,18 @@ def test_compared_values_match_every_key_version(policies) -> None:  # type: ign
     new = ring.add(7, "acme")  # rotated: 7 active, 1 retired
     sql = "UPDATE patients SET ssn = $1 WHERE ssn = $2 AND ssn IN ($3, NULL)"
     parse = m.decode_parse(client(dp, m.Parse("", sql))[5:])
+    # The narrow form goes first (`ssn = $2`: one cell)...
+    assert parse.param_types == (17, 17, 1001)
+    # ...and acme's two versions switch the statement to the wide one before the Bind.
+    switch, (kind, body) = _split(client(dp, m.Bind("", "", (), (b"new", b"old", None), ())))
+    assert [k for k, _ in switch] == [b"P"] and kind == b"B"
+    parse = m.decode_parse(switch[0][1])
     assert parse.param_types == (17, 1001, 1001)
     assert parse.sql == (
         "UPDATE patients SET ssn = $1 WHERE ssn = ANY($2) "
         "AND ssn = ANY ($3 || ARRAY[NULL]::bytea[])"
     )
-    bind = m.decode_bind(client(dp, m.Bind("", "", (), (b"new", b"old", None), ()))[5:])
+    bind = m.decode_bind(body)
     stored, compared, missing = bind.params
     assert stored is not None and read_cell_header(stored).key_id == 7
     assert compared is not None and b"old" not in compared
@@ -342,6 +359,135 @@ def test_compared_values_match_every_key_version(policies) -> None:  # type: ign
     assert missing is not None and missing.endswith(b"\xff\xff\xff\xff")  # {NULL}: one NULL element
     notes = dp.take_audit()
     assert {(n.event, n.key_id) for n in notes} == {("data.encrypt", 7), ("data.encrypt", 1)}
+
+
+SEARCH = "SELECT name FROM patients WHERE ssn = $1"
+
+
+def test_a_search_parameter_goes_as_one_cell_while_its_tenant_has_one_key_version(policies) -> None:  # type: ignore[no-untyped-def]
+    """The narrow form: `ssn = $1` stays as written and takes one cell (PostgreSQL plans
+    it better than `= ANY($1)`, and keeps a generic plan for a prepared statement)."""
+    dp, ring = make(policies, tenant="acme")
+    parse = m.decode_parse(client(dp, m.Parse("s1", SEARCH))[5:])
+    assert parse.param_types == (17,)
+    assert parse.sql.endswith("WHERE ssn = $1")
+    out = client(dp, m.Bind("", "s1", (), (b"123",), ()))
+    assert out[:1] == b"B"  # nothing injected
+    cell = m.decode_bind(out[5:]).params[0]
+    assert cell == ring.keys[1].seal("public.patients.ssn", b"\x01123", deterministic=True)
+    assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE
+    assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
+    assert not dp.pending
+
+
+def test_a_named_statement_goes_wide_once_its_tenant_has_two_versions(policies) -> None:  # type: ignore[no-untyped-def]
+    """A Bind under a tenant with several live key versions: the proxy closes the narrow
+    statement and parses the wide one under the same name first, answered to itself; the
+    statement stays wide after that (one switch per connection)."""
+    dp, ring = make(policies, tenant="acme")
+    client(dp, m.Parse("s1", SEARCH))
+    assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE
+    client(dp, m.Bind("", "s1", (), (b"1",), ()))  # acme: one version, narrow
+    assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
+    old = ring.keys[1]
+    new = ring.add(7, "acme")
+    injected, (kind, body) = _split(client(dp, m.Bind("", "s1", (), (b"123",), ())))
+    assert [k for k, _ in injected] == [b"C", b"P"] and kind == b"B"
+    assert m.decode_close(injected[0][1]) == m.Close("S", "s1")
+    wide = m.decode_parse(injected[1][1])
+    assert (wide.name, wide.param_types) == ("s1", (1001,))
+    assert wide.sql.endswith("WHERE ssn = ANY($1)")
+    sent = m.decode_bind(body).params[0]
+    ssn = "public.patients.ssn"
+    assert sent is not None
+    for key in (new, old):
+        assert key.seal(ssn, b"\x01123", deterministic=True) in sent
+    # The proxy's Close and Parse are answered to it alone.
+    assert server(dp, CLOSE_COMPLETE) == b""
+    assert server(dp, PARSE_COMPLETE) == b""
+    assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
+    assert not dp.pending
+    # Wide from now on, also for a tenant with one version; Describe reports text.
+    out = client(dp, m.Bind("", "s1", (), (b"9",), ()))
+    assert out[:1] == b"B" and m.decode_bind(out[5:]).param_formats == (1,)
+    assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
+    client(dp, m.Describe("S", "s1"))
+    pd = server(dp, m.ParameterDescription((1001,)).encode())
+    assert m.decode_parameter_description(pd[5:]).type_oids == (25,)
+
+
+def test_an_unnamed_statement_parsed_again_goes_wide_at_once_after_a_switch(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies, tenant="acme")
+    ring.add(7, "acme")
+    assert m.decode_parse(client(dp, m.Parse("", SEARCH))[5:]).param_types == (17,)
+    injected, (kind, _) = _split(client(dp, m.Bind("", "", (), (b"123",), ())))
+    assert [k for k, _ in injected] == [b"P"] and kind == b"B"  # no Close for ""
+    assert server(dp, PARSE_COMPLETE) == PARSE_COMPLETE  # the client's Parse
+    assert server(dp, PARSE_COMPLETE) == b""  # the proxy's
+    assert server(dp, BIND_COMPLETE) == BIND_COMPLETE
+    # The driver sends the same Parse again: the wide form, no switch before the Bind.
+    parse = m.decode_parse(client(dp, m.Parse("", SEARCH))[5:])
+    assert parse.param_types == (1001,)
+    assert client(dp, m.Bind("", "", (), (b"123",), ()))[:1] == b"B"
+
+
+def test_a_search_tenant_from_a_parameter_decides_the_form_at_each_bind(policies) -> None:  # type: ignore[no-untyped-def]
+    """Trusted isolation: the row tenant pinned by `tenant_id = $1` seals `card_number`."""
+    dp, ring = make(policies, tenant="acme")
+    ring.add(8, "globex")  # globex: 8 active, 2 retired
+    sql = "SELECT amount FROM payments WHERE tenant_id = $1 AND card_number = $2"
+    assert m.decode_parse(client(dp, m.Parse("p", sql))[5:]).param_types[1] == 17
+    assert client(dp, m.Bind("", "p", (), (b"acme", b"4111"), ()))[:1] == b"B"
+    injected, _ = _split(client(dp, m.Bind("", "p", (), (b"globex", b"4111"), ())))
+    assert [k for k, _ in injected] == [b"C", b"P"]
+
+
+def test_a_failed_switch_is_the_clients_error_and_the_next_bind_switches_again(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies, tenant="acme")
+    client(dp, m.Parse("s1", SEARCH))
+    server(dp, PARSE_COMPLETE)
+    ring.add(7, "acme")
+    client(dp, m.Bind("", "s1", (), (b"123",), ()))
+    client(dp, m.Execute(""))
+    dp.client_frame(frame_of(m.SYNC))
+    assert server(dp, CLOSE_COMPLETE) == b""
+    error = m.ErrorResponse.make("42P01", 'relation "patients" does not exist').encode()
+    assert server(dp, error) == error  # the client's Bind is skipped with it
+    assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
+    assert not dp.pending
+    assert "s1" not in dp.unconfirmed
+    # PostgreSQL may hold nothing under "s1" now (the Close ran): the next Bind switches
+    # again, whatever its tenant.
+    ring.keys.pop(7)
+    ring.by_tenant["acme"] = ring.keys[1]
+    injected, _ = _split(client(dp, m.Bind("", "s1", (), (b"123",), ())))
+    assert [k for k, _ in injected] == [b"C", b"P"]
+
+
+def test_a_switch_skipped_after_an_earlier_error_leaves_the_narrow_statement(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, ring = make(policies, tenant="acme")
+    client(dp, m.Parse("s1", SEARCH))
+    server(dp, PARSE_COMPLETE)
+    client(dp, m.Parse("", "SELECT nosuch FROM patients_x"))
+    ring.add(7, "acme")
+    client(dp, m.Bind("", "s1", (), (b"123",), ()))
+    dp.client_frame(frame_of(m.SYNC))
+    error = m.ErrorResponse.make("42P01", 'relation "patients_x" does not exist').encode()
+    assert server(dp, error) == error
+    assert server(dp, m.ReadyForQuery("I").encode()) == m.ReadyForQuery("I").encode()
+    assert "s1" not in dp.unconfirmed
+    # The next Bind switches it again.
+    injected, _ = _split(client(dp, m.Bind("", "s1", (), (b"123",), ())))
+    assert [k for k, _ in injected] == [b"C", b"P"]
+
+
+def test_a_narrow_statement_survives_a_search_path_change_that_changes_nothing(policies) -> None:  # type: ignore[no-untyped-def]
+    dp, _ = make(policies, tenant="acme")
+    client(dp, m.Parse("s1", SEARCH))
+    server(dp, PARSE_COMPLETE)
+    client(dp, m.Query("SET search_path = public"))
+    out = client(dp, m.Bind("", "s1", (), (b"123",), ()))
+    assert out[:1] == b"B" and m.decode_bind(out[5:]).params[0] != b"123"
 
 
 def test_compared_literal_in_a_query_becomes_an_array_of_versions(policies) -> None:  # type: ignore[no-untyped-def]

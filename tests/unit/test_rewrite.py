@@ -14,7 +14,7 @@ from __future__ import annotations
 
 # ruff: noqa: E501 - statements and expected messages read best one per line
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -1487,6 +1487,73 @@ def test_statement(case: Case, policies: PolicySet) -> None:
     _check(case, plans)
 
 
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_statement_narrow_form_differs_only_in_parameters_compared_alone(
+    case: Case, policies: PolicySet
+) -> None:
+    """analyze(narrow=True): the same statement, but a parameter compared with `=` or `<>`
+    on its own stays `col = $n` (ParamTarget.narrow, one cell) instead of `col = ANY($n)`."""
+    wide = analyze(case.sql, policies, case.search_path)
+    narrow = analyze(case.sql, policies, case.search_path, narrow=True)
+    assert [p.kind for p in narrow] == [p.kind for p in wide]
+    for n, w in zip(narrow, wide, strict=True):
+        if w.kind == "refused":
+            continue
+        assert (n.outputs, n.literals, n.tenant_writes, n.session_settings, n.hidden_outputs) == (
+            w.outputs, w.literals, w.tenant_writes, w.session_settings, w.hidden_outputs
+        )
+        assert n.params.keys() == w.params.keys()
+        for index, target in n.params.items():
+            if target.narrow:
+                assert w.params[index].versions and not w.params[index].array
+                assert replace(target, narrow=False) == replace(w.params[index], versions=False)
+            else:
+                assert target == w.params[index]
+
+
+NARROW_FORMS = [
+    ("SELECT id FROM patients WHERE ssn = $1", "SELECT id FROM patients WHERE ssn = $1", {1}),
+    (
+        "SELECT id FROM patients WHERE $1::text = ssn AND ssn <> ($2)",
+        "SELECT id FROM patients WHERE $1::bytea = ssn AND ssn <> $2::bytea",
+        {1, 2},
+    ),
+    (
+        # IS [NOT] DISTINCT FROM, IN and = ANY keep every version.
+        "SELECT id FROM patients WHERE ssn = $1 AND email IN ($2) AND ssn IS DISTINCT FROM $3",
+        "SELECT id FROM patients WHERE ssn = $1 AND email = ANY ($2) AND (NOT ((ssn = ANY($3)) "
+        "IS TRUE OR (ssn IS NULL AND ($3::bytea[])[1] IS NULL)))",
+        {1},
+    ),
+    (
+        # A parameter compared both alone and in a list: the statement stays wide.
+        "SELECT id FROM patients WHERE ssn = $1 OR ssn IN ($1, $2)",
+        "SELECT id FROM patients WHERE ssn = ANY($1) OR ssn = ANY ($1 || $2)",
+        set(),
+    ),
+    (
+        # Stored and compared: one cell for both (the wide form stores `($1::bytea[])[1]`).
+        "UPDATE patients SET ssn = $1 WHERE ssn = $1 AND tenant_id = $2",
+        "UPDATE patients SET ssn = $1 WHERE ssn = $1 AND tenant_id = $2",
+        {1},
+    ),
+    (
+        # Constants are sealed by the proxy itself: always every version.
+        "SELECT id FROM patients WHERE ssn = 'x'",
+        "SELECT id FROM patients WHERE ssn = ANY('x')",
+        set(),
+    ),
+]
+
+
+@pytest.mark.parametrize(("sql", "rewritten", "narrowed"), NARROW_FORMS)
+def test_narrow_forms(sql: str, rewritten: str, narrowed: set[int], policies: PolicySet) -> None:
+    (plan,) = analyze(sql, policies, narrow=True)
+    own = [e for e in plan.edits if not _adds_hidden_tenant(e)]
+    assert apply_edits(sql, own) == rewritten
+    assert {i for i, t in plan.params.items() if t.narrow} == narrowed
+
+
 def test_table_is_large_enough() -> None:
     statements = sum(max(1, c.kind.count(",") + 1) for c in CASES)
     assert len(CASES) >= 150 and statements >= 150
@@ -1791,12 +1858,22 @@ _WORDS = st.sampled_from(
 def test_any_text_gets_a_plan_and_never_an_internal_error(words: list[str]) -> None:
     policies = _fuzz_policies()
     sql = " ".join(words)
-    for plan in _analyze(sql, policies, ("public",)):
+    wide = _analyze(sql, policies, ("public",))
+    narrow = _analyze(sql, policies, ("public",), narrow=True)
+    for plan in (*wide, *narrow):
         assert plan.kind in ("passthrough", "protected", "refused")
         if plan.refusal is not None:
             assert "internal error" not in plan.refusal.message, (sql, plan.refusal.message)
         for t in plan.literals:
             assert plan.start <= t.start < t.end <= plan.end
+    # The narrow form differs only in how compared parameters are sent.
+    assert [p.kind for p in narrow] == [p.kind for p in wide], sql
+    for n, w in zip(narrow, wide, strict=True):
+        assert (n.outputs, n.literals, n.tenant_writes) == (w.outputs, w.literals, w.tenant_writes)
+        assert n.params.keys() == w.params.keys()
+        for i, t in n.params.items():
+            assert not (t.narrow and (t.versions or t.array))
+            assert t.narrow or t == w.params[i]
 
 
 _FUZZ: list[PolicySet] = []
