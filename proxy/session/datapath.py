@@ -838,9 +838,18 @@ class DataPath:
             if d.name == _REFUSED_STATEMENT:
                 return self._refuse_reserved()
             if d.kind == "S":
-                self.pending.append(
-                    _Pending(_Kind.DESCRIBE_S, statement=self.statements.get(d.name))
-                )
+                statement = self.statements.get(d.name)
+                wide = statement.wide if statement is not None else None
+                before = b""
+                if (
+                    statement is not None
+                    and wide is not None
+                    and self._unsure_upstream(statement)
+                    and not self._closing(d.name)
+                ):
+                    before = self._widen(statement, wide)  # it may be missing (_seal_bind)
+                self.pending.append(_Pending(_Kind.DESCRIBE_S, statement=statement))
+                return before + frame.raw if before else frame.raw
             else:
                 self.pending.append(_Pending(_Kind.DESCRIBE_P, portal=self.portals.get(d.name)))
             return frame.raw
@@ -1231,16 +1240,19 @@ class DataPath:
             except _Widen:
                 params, formats, notes = self._seal_params(bind, statement, wide.slots)
                 return params, formats, notes, True
-        # Wide upstream, or not known to be narrow: a switch still on its way may be
-        # skipped (an error ahead of it), and a failed one may have left no statement at
-        # all. A Bind is sure of the form it meets right behind its own switch, or behind
-        # one in its own segment (if that one fails or is skipped, so is the Bind:
-        # PostgreSQL skips to the Sync).
-        switch = (
-            statement.upstream_form != _WIDE or statement.switching > 0
-        ) and statement.switched_at != self.syncs_sent
         params, formats, notes = self._seal_params(bind, statement, wide.slots)
-        return params, formats, notes, switch
+        return params, formats, notes, self._unsure_upstream(statement)
+
+    def _unsure_upstream(self, statement: _Statement) -> bool:
+        """Whether what PostgreSQL holds under `statement`'s name is not known for sure
+        (a message for it must then follow a switch of its own): a switch still on its way
+        may be skipped (an error ahead of it), and a failed one may have left no statement
+        at all. A message is sure of the form it meets right behind its own switch, or
+        behind one in its own segment (if that one fails or is skipped, so is the message:
+        PostgreSQL skips to the Sync)."""
+        if not statement.switching and statement.upstream_form != _UNKNOWN:
+            return False  # the client's Parse, or an answered switch, and nothing since
+        return statement.switched_at != self.syncs_sent
 
     def _widen(self, statement: _Statement, wide: _WideForm) -> bytes:
         """The messages that put `statement`'s wide form upstream right before a Bind sealed

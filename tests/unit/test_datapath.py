@@ -82,6 +82,7 @@ def server(dp: DataPath, raw: bytes) -> bytes:
 PARSE_COMPLETE = b"1\0\0\0\4"
 BIND_COMPLETE = b"2\0\0\0\4"
 CLOSE_COMPLETE = b"3\0\0\0\4"
+NO_DATA = b"n\0\0\0\4"
 
 
 def _split(raw: bytes) -> tuple[list[tuple[bytes, bytes]], tuple[bytes, bytes]]:
@@ -462,6 +463,28 @@ def test_a_failed_switch_is_the_clients_error_and_the_next_bind_switches_again(p
     ring.by_tenant["acme"] = ring.keys[1]
     injected, _ = _split(client(dp, m.Bind("", "s1", (), (b"123",), ())))
     assert [k for k, _ in injected] == [b"C", b"P"]
+
+
+def test_a_describe_after_a_failed_switch_switches_first(policies) -> None:  # type: ignore[no-untyped-def]
+    """After a failed switch PostgreSQL may hold nothing under the name: a Describe of the
+    statement brings a switch of its own (a Describe of a narrow one does not)."""
+    dp, ring = make(policies, tenant="acme")
+    client(dp, m.Parse("s1", SEARCH))
+    server(dp, PARSE_COMPLETE)
+    assert client(dp, m.Describe("S", "s1"))[:1] == b"D"
+    server(dp, m.ParameterDescription((17,)).encode())
+    server(dp, NO_DATA)
+    ring.add(7, "acme")
+    client(dp, m.Bind("", "s1", (), (b"123",), ()))
+    dp.client_frame(frame_of(m.SYNC))
+    server(dp, CLOSE_COMPLETE)
+    server(dp, m.ErrorResponse.make("25P02", "current transaction is aborted").encode())
+    server(dp, m.ReadyForQuery("E").encode())
+    injected, (kind, _) = _split(client(dp, m.Describe("S", "s1")))
+    assert [k for k, _ in injected] == [b"C", b"P"] and kind == b"D"
+    assert server(dp, CLOSE_COMPLETE) == b"" and server(dp, PARSE_COMPLETE) == b""
+    pd = server(dp, m.ParameterDescription((1001,)).encode())
+    assert m.decode_parameter_description(pd[5:]).type_oids == (25,)
 
 
 def test_a_switch_skipped_after_an_earlier_error_leaves_the_narrow_statement(policies) -> None:  # type: ignore[no-untyped-def]
