@@ -698,6 +698,8 @@ class DataPath:
         self.copy_discarding = False
         self.copy_ends_sent = 0  # CopyDone / CopyFail messages from the client (_Pending)
         self.syncs_sent = 0  # Syncs from the client: segments, as an error skips them (_bind)
+        # The transaction status of the last ReadyForQuery with nothing in flight after it.
+        self.ready_status = "I"
         self.copy_out: _CopyOutJob | None = None
         self.ignored_syncs = 0  # Syncs and Queries PostgreSQL will not answer (the session counts)
         self._segment_open = False  # an Execute was sent since the last Sync
@@ -846,6 +848,7 @@ class DataPath:
                     and wide is not None
                     and self._unsure_upstream(statement)
                     and not self._closing(d.name)
+                    and not self._known_aborted()
                 ):
                     before = self._widen(statement, wide)  # it may be missing (_seal_bind)
                 self.pending.append(_Pending(_Kind.DESCRIBE_S, statement=statement))
@@ -897,6 +900,10 @@ class DataPath:
             self._segment_open = False
             return frame.raw
         if t == 0x51:  # Query
+            # PostgreSQL drops the unnamed statement at a Query: a Bind of "" must not find
+            # it here either (a switch to its wide form would bring it back).
+            self.statements.pop("", None)
+            self.unconfirmed.discard("")
             # Behind an Execute with no Sync yet, it runs in (and commits) that segment's
             # transaction: no new segment starts.
             segment_open = self._segment_open
@@ -1239,9 +1246,17 @@ class DataPath:
                 return params, formats, notes, False
             except _Widen:
                 params, formats, notes = self._seal_params(bind, statement, wide.slots)
-                return params, formats, notes, True
+                return params, formats, notes, not self._known_aborted()
         params, formats, notes = self._seal_params(bind, statement, wide.slots)
-        return params, formats, notes, self._unsure_upstream(statement)
+        return params, formats, notes, (
+            self._unsure_upstream(statement) and not self._known_aborted()
+        )
+
+    def _known_aborted(self) -> bool:
+        """Whether the next message surely runs in a failed transaction block, where
+        PostgreSQL refuses a Bind (25P02) before reading its values, but would run a
+        switch's Close and fail its Parse, leaving nothing under the statement's name."""
+        return self.ready_status == "E" and self._segments_in_flight() == 0
 
     def _unsure_upstream(self, statement: _Statement) -> bool:
         """Whether what PostgreSQL holds under `statement`'s name is not known for sure
@@ -2037,6 +2052,8 @@ class DataPath:
         self._flush_opened(head)
         status = chr(frame.body[0]) if frame.body else "I"
         last = self._segments_in_flight() == 0
+        if last:
+            self.ready_status = status
         for tracker in self._trackers():
             tracker.ready(status, last=last)
         if head.kind is _Kind.CATALOG:

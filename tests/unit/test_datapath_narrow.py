@@ -325,13 +325,10 @@ def test_a_failed_switch_of_the_unnamed_statement_does_not_lose_it(policies) -> 
     assert [m.decode_error_response(b).sqlstate for t, b in _messages(got) if t == b"E"] == [
         "25P02"
     ]
-    roundtrip(dp, pg, m.Query("ROLLBACK"))
-    roundtrip(dp, pg, m.Query("SET pgseal.tenant = 'globex'"))  # one live version
-    got = roundtrip(dp, pg, bind("", b"123"), m.Execute(""), m.SYNC)
-    # Without the proxy the unnamed statement is still there (only the Bind failed).
-    assert _types(got) == [b"2", b"C", b"Z"], [
-        m.decode_error_response(b).message for t, b in _messages(got) if t == b"E"
-    ]
+    # Known to meet a failed block, the Bind brought no switch: the unnamed statement
+    # PostgreSQL holds is the client's, narrow, as the proxy's record says.
+    assert "" in pg.statements and pg.statements[""].param_types == (17,)
+    assert dp.statements[""].upstream_form == 0 and not dp.statements[""].switching
 
 
 class CountingRing(FakeKeyRing):
@@ -676,3 +673,263 @@ def test_a_search_path_change_after_a_switch_is_judged_on_the_wide_form(policies
     assert _types(out) == [b"B", b"E", b"S"] and b"pgseal.refused" not in out
     assert _types(answer(dp, pg, out)) == [b"2", b"C", b"Z"]
     assert pg.wrong_form == []
+
+
+# --- second review: probes ------------------------------------------------------------------
+
+
+class StrictPG(FakePG):
+    """FakePG with two more of PostgreSQL's rules: a simple Query drops the unnamed
+    statement first (exec_simple_query: drop_unnamed_stmt, even in an aborted block), and
+    DEALLOCATE of a name it does not hold fails (DropPreparedStatement(name, true))."""
+
+    def _query(self, sql: str, out: list[bytes]) -> None:
+        self.statements.pop("", None)
+        words = sql.replace(";", " ").split()
+        upper = [w.upper() for w in words]
+        if (
+            not self.aborted
+            and upper[:1] == ["DEALLOCATE"]
+            and upper[-1] != "ALL"
+            and words[-1] not in self.statements
+        ):
+            self._error(out, "26000", f'prepared statement "{words[-1]}" does not exist')
+            out.append(self._status())
+            return
+        super()._query(sql, out)
+
+
+def drive(dp: DataPath, pg: FakePG, *msgs: object) -> bytes:
+    """roundtrip(), except that a frame waiting for answers (NeedAnswers) is processed
+    again once PostgreSQL has answered what was sent before it, as the session does."""
+    got = b""
+    upstream = b""
+    for msg in msgs:
+        raw = msg if isinstance(msg, bytes) else msg.encode()  # type: ignore[attr-defined]
+        while True:
+            try:
+                upstream += dp.client_frame(frame_of(raw))
+                break
+            except NeedKeys as need:
+                if not need.answers or not upstream:
+                    raise
+                got += answer(dp, pg, upstream)
+                upstream = b""
+    return got + answer(dp, pg, upstream)
+
+
+def _prepare_pay_in_an_aborted_block(dp: DataPath, pg: FakePG) -> None:
+    roundtrip(dp, pg, m.Query("BEGIN"))
+    roundtrip(dp, pg, m.Parse("p", PAY), m.SYNC)
+    roundtrip(dp, pg, m.Parse("x", "SELECT nosuch FROM t"), m.SYNC)  # aborts the block
+
+
+def _sqlstates(got: bytes) -> list[str | None]:
+    return [m.decode_error_response(b).sqlstate for t, b in _messages(got) if t == b"E"]
+
+
+# Was: in an aborted block the switch's Close runs and its Parse fails (25P02): PostgreSQL
+# no longer held the client's statement, and after ROLLBACK `DEALLOCATE p` failed (26000).
+# Now a Bind known to meet a failed block (its ReadyForQuery said so, nothing in flight)
+# brings no switch: PostgreSQL refuses it before reading its values.
+def test_a_failed_switch_leaves_the_statement_for_deallocate(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = StrictPG()
+    roundtrip(dp, pg, m.Query("BEGIN"))
+    roundtrip(dp, pg, m.Parse("p", PAY), m.SYNC)
+    roundtrip(dp, pg, m.Parse("x", "SELECT nosuch FROM t"), m.SYNC)  # the block is aborted
+    ring.add(8, "globex")
+    got = roundtrip(dp, pg, bind("p", b"globex", b"4111"), m.Execute(""), m.SYNC)
+    assert _sqlstates(got) == ["25P02"]  # as without the proxy (the Bind's own error)
+    roundtrip(dp, pg, m.Query("ROLLBACK"))
+    got = roundtrip(dp, pg, m.Query("DEALLOCATE p"))
+    assert _types(got) == [b"C", b"Z"], _sqlstates(got)
+
+
+# Was: same root cause, seen from the protocol: in an aborted block PostgreSQL describes a
+# statement that returns no rows (exec_describe_statement_message refuses only those with a
+# result); the Describe of a statement left _UNKNOWN brought a switch whose Parse failed.
+def test_describe_in_an_aborted_block_after_a_failed_switch(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = FakePG()  # its Describe S answers in an aborted block: right for an UPDATE
+    sql = "UPDATE patients SET ssn = $1 WHERE ssn <> $1 AND tenant_id = $2"
+    roundtrip(dp, pg, m.Query("BEGIN"))
+    roundtrip(dp, pg, m.Parse("u", sql), m.SYNC)
+    roundtrip(dp, pg, m.Parse("x", "SELECT nosuch FROM t"), m.SYNC)  # the block is aborted
+    ring.add(7, "acme")
+    got = roundtrip(dp, pg, bind("u", b"1", b"acme"), m.Execute(""), m.SYNC)
+    assert _sqlstates(got) == ["25P02"]
+    got = roundtrip(dp, pg, m.Describe("S", "u"), m.SYNC)
+    assert _types(got) == [b"t", b"n", b"Z"], _sqlstates(got)
+
+
+# Known limit (README): "A Bind whose switch would re-create a statement the client is
+# closing is refused" also when the client's Close is in an earlier segment that
+# PostgreSQL skips (an error ahead of it): PostgreSQL keeps "s1" and would run the Bind,
+# the proxy refuses it with 26000 (under a tenant with one version the same Bind goes
+# through narrow). Not knowing yet whether the Close runs, it cannot seal for either form.
+@pytest.mark.xfail(strict=True, reason="a Close that may be skipped refuses a switching Bind")
+def test_a_close_in_a_skipped_segment_does_not_refuse_the_next_bind(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = FakePG()
+    roundtrip(dp, pg, m.Parse("s1", SEARCH), m.SYNC)
+    ring.add(7, "acme")
+    got = drive(
+        dp, pg,
+        m.Parse("", "SELECT nosuch FROM x"), m.Close("S", "s1"), m.SYNC,  # all skipped
+        bind("s1", b"123"), m.Execute(""), m.SYNC,
+    )
+    assert "s1" in pg.statements
+    assert pg.wrong_form == []
+    assert _types(got) == [b"E", b"Z", b"2", b"C", b"Z"], _sqlstates(got)
+
+
+# Was: a simple Query drops the unnamed statement in PostgreSQL (drop_unnamed_stmt); the
+# proxy kept its record, and a Bind "" that needs the wide form re-created the statement
+# with its injected Parse "". Now the proxy drops its record at the Query too.
+def test_a_query_dropped_unnamed_statement_is_not_brought_back(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = StrictPG()
+    roundtrip(dp, pg, m.Parse("", SEARCH), m.SYNC)
+    roundtrip(dp, pg, m.Query("SET application_name = 'x'"))
+    assert "" not in pg.statements
+    got = roundtrip(dp, pg, bind("", b"123"), m.Execute(""), m.SYNC)  # one version: narrow
+    assert _sqlstates(got) == ["26000"]
+    ring.add(7, "acme")
+    got = roundtrip(dp, pg, bind("", b"123"), m.Execute(""), m.SYNC)
+    assert "" not in pg.statements, "the proxy re-created the unnamed statement"
+    assert _sqlstates(got) == ["26000"]
+
+
+# --- second review: what holds ---------------------------------------------------------------
+
+
+def test_flush_answers_interleaved_with_a_switch_stay_in_step(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = FakePG()
+    roundtrip(dp, pg, m.Parse("s1", SEARCH), m.SYNC)
+    ring.add(7, "acme")
+    up = send(dp, bind("s1", b"1"), m.FLUSH)
+    assert _types(up) == [b"C", b"P", b"B", b"H"]
+    assert _types(answer(dp, pg, up)) == [b"2"]  # the switch's answers are the proxy's
+    assert dp.statements["s1"].upstream_form == _WIDE
+    up = send(dp, m.Execute(""), bind("s1", b"2"), m.Execute(""), m.FLUSH)
+    assert _types(up) == [b"E", b"B", b"E", b"H"]  # answered: no second switch
+    got = answer(dp, pg, up) + roundtrip(dp, pg, m.SYNC)
+    assert _types(got) == [b"C", b"2", b"C", b"Z"]
+    assert pg.wrong_form == [] and not dp.pending
+
+
+def test_a_switch_failing_before_the_clients_sync_skips_to_it(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = FakePG()
+    _prepare_pay_in_an_aborted_block(dp, pg)
+    ring.add(8, "globex")
+    got = roundtrip(dp, pg, bind("p", b"globex", b"4111"), m.FLUSH)
+    assert _sqlstates(got) == ["25P02"] and _types(got) == [b"E"]
+    # Sent before the client saw the error: PostgreSQL discards them up to the Sync.
+    assert send(dp, m.Execute(""), bind("p", b"globex", b"4111"), m.Execute("")) == b""
+    assert _types(roundtrip(dp, pg, m.SYNC)) == [b"Z"]
+    roundtrip(dp, pg, m.Query("ROLLBACK"))
+    got = roundtrip(dp, pg, bind("p", b"globex", b"4111"), m.Execute(""), m.SYNC)
+    assert _types(got) == [b"2", b"C", b"Z"]
+    assert pg.wrong_form == [] and not dp.pending
+
+
+def test_a_bind_pipelined_behind_a_failed_switch_brings_its_own(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = FakePG()
+    roundtrip(dp, pg, m.Query("BEGIN"))
+    roundtrip(dp, pg, m.Parse("p", PAY), m.SYNC)
+    ring.add(8, "globex")
+    up = send(
+        dp,
+        # Not answered yet when the Binds go: the block is not known to be aborted.
+        m.Parse("x", "SELECT nosuch FROM t"), m.SYNC,  # aborts the block
+        bind("p", b"globex", b"4111"), m.Execute(""), m.SYNC,  # its switch fails
+        bind("p", b"acme", b"4111"), m.Execute(""), m.SYNC,  # acme: one version
+    )
+    assert len(_injected_parses(up, "p")) == 2  # not narrow: "p" may be gone upstream
+    got = answer(dp, pg, up)
+    assert _sqlstates(got) == ["42P01", "25P02", "25P02"] and _types(got) == [b"E", b"Z"] * 3
+    roundtrip(dp, pg, m.Query("ROLLBACK"))
+    got = roundtrip(dp, pg, bind("p", b"acme", b"4111"), m.Execute(""), m.SYNC)
+    assert _types(got) == [b"2", b"C", b"Z"]
+    assert pg.wrong_form == [] and not dp.pending
+    assert pg.statements["p"].param_types[1] == 1001
+
+
+def test_a_query_between_a_failed_switch_and_a_bind_of_its_segment(policies: object) -> None:
+    # PostgreSQL discards a Query after an extended-protocol error, up to the Sync: the Bind
+    # behind it may rely on the switch of its segment.
+    dp, ring = make(policies)
+    pg = FakePG()
+    _prepare_pay_in_an_aborted_block(dp, pg)
+    ring.add(8, "globex")
+    up = send(
+        dp, bind("p", b"globex", b"4111"), m.Query("SELECT 1"), bind("p", b"globex", b"4111"),
+        m.Execute(""), m.SYNC,
+    )
+    assert len(_injected_parses(up, "p")) == 1
+    got = answer(dp, pg, up)
+    assert _types(got) == [b"E", b"Z"]
+    assert pg.wrong_form == [] and not dp.pending and dp.ignored_syncs == 1
+
+
+def test_describe_switch_then_a_bind_waiting_for_keys_switches_once(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = FakePG()
+    roundtrip(dp, pg, m.Parse("s1", SEARCH), m.SYNC)
+    ring.add(7, "acme")
+    roundtrip(dp, pg, m.Parse("", "SELECT nosuch FROM x"), bind("s1", b"1"), m.SYNC)  # skipped
+    up = send(dp, m.Describe("S", "s1"))
+    assert _types(up) == [b"C", b"P", b"D"]
+    acme = ring.by_tenant.pop("acme")
+    pending = list(dp.pending)
+    with pytest.raises(NeedKeys):
+        send(dp, bind("s1", b"2"))
+    assert list(dp.pending) == pending
+    ring.by_tenant["acme"] = acme
+    up += send(dp, bind("s1", b"2"), m.Execute(""), m.SYNC)
+    assert len(_injected_parses(up, "s1")) == 1
+    got = answer(dp, pg, up)
+    assert _types(got) == [b"t", b"n", b"2", b"C", b"Z"]
+    assert pg.wrong_form == [] and not dp.pending
+
+
+def test_deallocate_pipelined_behind_a_switch_then_the_same_parse(policies: object) -> None:
+    for skipped in (False, True):
+        dp, ring = make(policies)
+        pg = StrictPG()
+        roundtrip(dp, pg, m.Parse("s1", SEARCH), m.SYNC)
+        ring.add(7, "acme")
+        head = [m.Parse("", "SELECT nosuch FROM x")] if skipped else []
+        up = send(
+            dp, *head, bind("s1", b"1"), m.Execute(""), m.SYNC,
+            m.Query("DEALLOCATE s1"),
+            m.Parse("s1", SEARCH), bind("s1", b"2"), m.Execute(""), m.SYNC,
+        )
+        got = answer(dp, pg, up)
+        first = [b"E", b"Z"] if skipped else [b"2", b"C", b"Z"]
+        assert _types(got) == [*first, b"C", b"Z", b"1", b"2", b"C", b"Z"]
+        assert pg.wrong_form == [] and not dp.pending
+        assert pg.statements["s1"].param_types == (1001,)
+
+
+def test_the_unnamed_statement_reparsed_before_its_switch_is_answered(policies: object) -> None:
+    dp, ring = make(policies)
+    pg = FakePG()
+    roundtrip(dp, pg, m.Parse("", SEARCH), m.SYNC)
+    ring.add(7, "acme")
+    other = "SELECT id FROM patients WHERE ssn <> $1"
+    up = send(
+        dp,
+        bind("", b"1"), m.Execute(""),  # switch of the first record
+        m.Parse("", other), bind("", b"2"), m.Execute(""),  # a new narrow one, switched
+        m.Parse("", SEARCH), bind("", b"3"), m.Execute(""),  # the cached text: wide at once
+        m.SYNC,
+    )
+    assert len(_injected_parses(up, "")) == 4
+    got = answer(dp, pg, up)
+    assert _types(got) == [b"2", b"C", b"1", b"2", b"C", b"1", b"2", b"C", b"Z"]
+    assert pg.wrong_form == [] and not dp.pending
