@@ -189,6 +189,19 @@ def cell_key_ids(pg: Any, tenant: str) -> dict[int, tuple[int, int]]:
     return out
 
 
+def check_server_log(pg: Any, start: int, *wanted: bytes) -> None:
+    """What the server logged (log_statement=all) from `start`: no plaintext, and every one
+    of `wanted` (statement texts as PostgreSQL got them)."""
+    if pg.log_path is None:
+        return
+    with open(pg.log_path, "rb") as f:
+        f.seek(start)
+        log = f.read()
+    assert SENT.encode() not in log
+    for text in wanted:
+        assert text in log, text
+
+
 async def versions(service: KeyService, tenant: str) -> dict[int, int]:
     """key id -> version for the tenant's keys."""
     return {k.key_id: k.version for k in await service.list_keys(tenant)}
@@ -275,10 +288,7 @@ async def test_rotation_during_a_workload(
     between = a_rows[marks["a-v2"]["rot-a"]:marks["pre-v3"]["rot-a"]]
     assert between and all(a_ids[cells[w.id][0]] == 2 for w in between)
 
-    if pg.log_path is not None:
-        with open(pg.log_path, "rb") as f:
-            f.seek(log_start)
-            assert SENT.encode() not in f.read()
+    check_server_log(pg, log_start)
 
     # The data path's audit records name the version and kek of the key each statement
     # used (DESIGN.md 9), not only its id: every version rot-a sealed under shows up.
@@ -392,10 +402,47 @@ async def test_a_search_prepared_before_a_rotation_finds_the_rows_of_both_versio
         await conn.close()
         await writer.close()
 
-    if pg.log_path is not None:
-        with open(pg.log_path, "rb") as f:
-            f.seek(log_start)
-            log = f.read()
-        assert SENT.encode() not in log
-        assert b"WHERE secret_ref = $1 ORDER BY id" in log
-        assert b"WHERE secret_ref = ANY($1) ORDER BY id" in log
+    check_server_log(pg, log_start, b"WHERE secret_ref = $1 ORDER BY id",
+                     b"WHERE secret_ref = ANY($1) ORDER BY id")
+
+
+@pytest.mark.asyncio
+async def test_psycopg_pipelined_prepared_searches_switch_across_a_rotation(
+        rotation_proxy: ProxyThread, service: KeyService, pg: Any) -> None:
+    """psycopg (text format) with server-side prepared statements in pipeline mode: the
+    searches prepared under one key version are switched to the wide form in the middle
+    of a pipeline after the rotation, and every result is right."""
+    log_start = pg.log_path.stat().st_size if pg.log_path is not None else 0
+    dsn = rotation_proxy.dsn()
+    insert = ("INSERT INTO vault_items (tenant_id, secret_ref, payload, amount) "
+              "VALUES (%s, %s, %s, %s) RETURNING id")
+    search = "SELECT id, payload FROM vault_items WHERE secret_ref = %s ORDER BY id"
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, prepare_threshold=0)
+    try:
+        await conn.execute("SET pgseal.tenant = 'rot-a'")
+        cur = await conn.execute(insert, ["rot-a", "ref-pipe", f"old {SENT}", Decimal(1)])
+        old = (await cur.fetchone() or (0,))[0]
+        cur = await conn.execute(search, ["ref-pipe"])
+        assert await cur.fetchall() == [(old, f"old {SENT}")]
+        await service.rotate("rot-a")
+        version_of = await versions(service, "rot-a")
+        for _ in range(200):  # until the proxy has heard of the new version
+            cur = await conn.execute(insert, ["rot-a", "ref-pipe", f"new {SENT}", Decimal(2)])
+            new = (await cur.fetchone() or (0,))[0]
+            if version_of[cell_key_ids(pg, "rot-a")[new][0]] == 2:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            pytest.fail("the proxy never sealed under the new version")
+        async with conn.pipeline():
+            cursors = [await conn.execute(search, ["ref-pipe"]) for _ in range(3)]
+        results = [await c.fetchall() for c in cursors]
+        ids = [r[0] for r in results[0]]
+        assert ids[0] == old and ids[-1] == new and len(ids) >= 2
+        assert results == [results[0]] * 3
+        cur = await conn.execute(search, ["ref-pipe"])  # after the pipeline: still wide
+        assert await cur.fetchall() == results[0]
+    finally:
+        await conn.close()
+    check_server_log(pg, log_start, b"FROM vault_items WHERE secret_ref = $1 ORDER BY id",
+                     b"FROM vault_items WHERE secret_ref = ANY($1) ORDER BY id")
