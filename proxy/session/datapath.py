@@ -405,10 +405,6 @@ class _WideForm:
     slots: tuple[_ParamSlot, ...]
 
 
-class _Widen(Exception):
-    """A narrow parameter's tenant has several live key versions (see _WideForm)."""
-
-
 @dataclass(frozen=True, slots=True)
 class _ParamSlot:
     """How Bind seals one protected parameter: compiled once per statement text."""
@@ -1236,21 +1232,17 @@ class DataPath:
     ) -> tuple[tuple[bytes | None, ...], tuple[int, ...], list[AuditNote], bool]:
         """_seal_params in the form PostgreSQL will hold when the Bind arrives, and whether
         the Bind must be preceded by a switch to the wide form (_widen)."""
-        wide = statement.wide
-        if wide is None:
-            params, formats, notes = self._seal_params(bind, statement, statement.slots)
-            return params, formats, notes, False
-        if statement.upstream_form == _NARROW and not statement.switching:
-            try:
-                params, formats, notes = self._seal_params(bind, statement, statement.slots)
-                return params, formats, notes, False
-            except _Widen:
-                params, formats, notes = self._seal_params(bind, statement, wide.slots)
-                return params, formats, notes, not self._known_aborted()
-        params, formats, notes = self._seal_params(bind, statement, wide.slots)
-        return params, formats, notes, (
-            self._unsure_upstream(statement) and not self._known_aborted()
+        # The narrow form only where PostgreSQL surely holds it: the client's Parse, and no
+        # switch since (see _unsure_upstream).
+        sure_narrow = statement.upstream_form == _NARROW and not statement.switching
+        params, formats, notes, wide = self._seal_params(bind, statement, sure_narrow)
+        switch = (
+            wide
+            and statement.wide is not None
+            and (sure_narrow or self._unsure_upstream(statement))
+            and not self._known_aborted()
         )
+        return params, formats, notes, switch
 
     def _known_aborted(self) -> bool:
         """Whether the next message surely runs in a failed transaction block, where
@@ -1300,11 +1292,12 @@ class DataPath:
         return m.Bind(bind.portal, _REFUSED_STATEMENT, (), (), ()).encode()
 
     def _seal_params(
-        self, bind: m.Bind, statement: _Statement, slots: tuple[_ParamSlot, ...]
-    ) -> tuple[tuple[bytes | None, ...], tuple[int, ...], list[AuditNote]]:
-        """The Bind's values with the protected ones sealed (their formats now binary), and
-        the audit notes. Raises _Widen for a narrow parameter whose tenant has several live
-        key versions, before any key is used (the caller seals with the wide slots)."""
+        self, bind: m.Bind, statement: _Statement, narrow_ok: bool
+    ) -> tuple[tuple[bytes | None, ...], tuple[int, ...], list[AuditNote], bool]:
+        """The Bind's values with the protected ones sealed (their formats now binary), the
+        audit notes, and whether they are sealed for the statement's wide form: its narrow
+        parameters (one cell each) are sealed as the wide form's bytea[] of every live
+        version when `narrow_ok` is False or a narrow value's tenant has more than one."""
         values = list(bind.params)
         n_values = len(values)
         param_formats = bind.param_formats
@@ -1318,13 +1311,16 @@ class DataPath:
         tenant_of_group: dict[int, str] = {}
         to_seal: list[tuple[_ParamSlot, str, bytes]] = []
         uses: dict[tuple[str, bool], int] = {}
-        for slot in slots:
+        narrow_nulls: list[int] = []
+        for slot in statement.slots:
             target = slot.target
             if slot.position >= n_values:
                 raise Refused("08P01", f"pgseal: Bind has no value for ${target.index}")
             raw = values[slot.position]
             if raw is None:
-                if target.versions and not target.array:
+                if target.narrow:
+                    narrow_nulls.append(slot.position)  # NULL, or {NULL} if sealed wide
+                elif target.versions and not target.array:
                     values[slot.position] = _bytea_array([None])  # compares as NULL does
                 formats[slot.position] = 1
                 continue
@@ -1335,26 +1331,31 @@ class DataPath:
                 )
                 tenant_of_group[slot.group] = tenant
             to_seal.append((slot, tenant, raw))
-            # A narrow value takes the tenant's live versions too, to see there is one.
+            # A narrow value takes the tenant's live versions: one cell if there is one.
             wanted = (tenant, target.versions or target.narrow)
             uses[wanted] = uses.get(wanted, 0) + 1
-        # 2. The keys (a miss: NeedKeys after the rest is checked). A narrow value's tenant
-        #    must have one live version: looked at first, without using a key.
+        # 2. The keys (a miss: NeedKeys after the rest is checked).
         keys_of: dict[tuple[str, bool], Sequence[CellKey]] = {}
         need: set[str] = set()
-        for slot, tenant, _ in to_seal:
-            if slot.target.narrow:
-                live = self.keys.versions(tenant, 0)
-                if live is None:
-                    need.add(tenant)
-                elif len(live) > 1:
-                    raise _Widen()
         for (tenant, versions), n in uses.items():
             keys = self._sealing_keys(tenant, versions, n)
             if keys is None:
                 need.add(tenant)
             else:
                 keys_of[(tenant, versions)] = keys
+        # The wide form when a narrow value's tenant has several live versions: its keys
+        # are already those the wide form seals with (no key is used twice).
+        wide = not narrow_ok or (
+            statement.wide is not None
+            and any(
+                len(keys_of.get((tenant, True), ())) > 1
+                for slot, tenant, _ in to_seal
+                if slot.target.narrow
+            )
+        )
+        if wide:
+            for position in narrow_nulls:
+                values[position] = _bytea_array([None])
         # 3. Seal.
         session = self.session_format
         sealed: dict[tuple[str, int, str], tuple[set[str], list[int]]] = {}
@@ -1363,8 +1364,6 @@ class DataPath:
             keys = keys_of.get((tenant, target.versions or target.narrow))
             if keys is None:
                 continue
-            if target.narrow and len(keys) != 1:  # pragma: no cover - checked in step 2
-                raise Refused("XX000", "pgseal: key versions changed during a Bind")
             position = slot.position
             client_type = (
                 statement.client_param_types[position]
@@ -1391,7 +1390,7 @@ class DataPath:
                 ]
                 values[position] = _bytea_array(cells)
                 count = sum(1 for c in canonicals if c is not None)
-            elif target.versions:
+            elif target.versions or (wide and target.narrow):
                 canonical = self._canonical(target, raw, fmt, client_type, session)
                 values[position] = _bytea_array(
                     [k.seal(column, canonical, deterministic=True) for k in keys]
@@ -1430,7 +1429,7 @@ class DataPath:
             )
             for (tenant, key_id, table), (cols, n) in sealed.items()
         ]
-        return tuple(values), tuple(formats), notes
+        return tuple(values), tuple(formats), notes, wide
 
     def _seal_literal(
         self,
