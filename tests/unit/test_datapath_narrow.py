@@ -442,8 +442,8 @@ def test_pipelined_binds_switch_once_per_segment_and_stay_in_step(policies) -> N
 
 def test_a_key_miss_before_a_switch_changes_nothing_and_the_retry_switches(policies) -> None:  # type: ignore[no-untyped-def]
     """payments' card_number under globex (two versions, from $1) and tickets' subject under
-    the session tenant acme, whose keys are missing: the narrow pass stops at _Widen, the
-    wide one at NeedKeys; nothing of the frame may have happened."""
+    the session tenant acme, whose keys are missing: the Bind needs the wide form and stops
+    at NeedKeys; nothing of the frame may have happened."""
     dp, ring = make(policies)
     sql = (
         "SELECT p.id FROM payments p, tickets t "
